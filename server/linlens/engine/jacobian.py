@@ -1,0 +1,91 @@
+"""Jacobians of the linear twin: the full matrix in memory-bounded batches, or just the products an answer needs.
+
+The twin's output y (d numbers) is an exact linear function of the input embeddings X (n x d). Row k of the full
+Jacobian — dy_k/dX for every position at once — is one vector-Jacobian product (VJP) with the basis vector e_k, so
+the whole of J costs d VJPs however long the prompt is. They run against one retained forward graph, ``chunk`` at a
+time as one batched backward (``is_grads_batched``, i.e. vmap over the backward), which bounds peak memory by the
+chunk rather than by d. Attributions need far less: w . J_i x_i for all i is the single VJP with cotangent w.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.autograd.forward_ad as forward_ad
+
+
+class ExplanationCancelled(RuntimeError):
+    """The caller asked to stop (cancelled RPC, passed deadline) before the explanation finished."""
+
+
+ShouldStop = Callable[[], bool]
+OnProgress = Callable[[int, int], None]
+
+#: Default memory budget of one batched backward, in bytes (override per Explainer).
+DEFAULT_VJP_MEMORY_BYTES = 1 << 30
+
+
+def vjp_chunk_size(
+    *, n_tokens: int, hidden: int, intermediate: int, layers: int, heads: int, itemsize: int, budget: int
+) -> int:
+    """How many VJPs to batch so that one batched backward stays within ``budget`` bytes.
+
+    Per cotangent, the backward holds gradients of every saved activation: per layer and token about 6 hidden-size
+    vectors (residual, norms, q/k/v/o), 3 intermediate-size ones (gate, up, product) and a row of attention weights
+    per head. The estimate is deliberately generous; the budget, not the estimate, is what a deployment tunes.
+    """
+    per_vjp = n_tokens * layers * (6 * hidden + 3 * intermediate + 2 * heads * n_tokens) * itemsize
+    return max(1, min(hidden, budget // max(per_vjp, 1)))
+
+
+def full_jacobian(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    *,
+    chunk: int,
+    should_stop: ShouldStop | None = None,
+    on_progress: OnProgress | None = None,
+    retain_graph: bool = False,
+) -> torch.Tensor:
+    """Return J with J[k, i, :] = dy_k / dx_i, shape (d_out, n, d_in), from d_out VJPs in batches of ``chunk``.
+
+    ``y`` must be the (d_out,) output of a graph built from ``x`` (which requires grad). ``should_stop`` is polled
+    between batches; when it returns True the graph is released and :class:`ExplanationCancelled` is raised.
+    """
+    d_out = y.shape[0]
+    jacobian = torch.empty((d_out, *x.shape), dtype=x.dtype, device=x.device)
+    for start in range(0, d_out, chunk):
+        if should_stop is not None and should_stop():
+            raise ExplanationCancelled("explanation cancelled while computing the Jacobian")
+        stop = min(start + chunk, d_out)
+        basis = torch.zeros((stop - start, d_out), dtype=y.dtype, device=y.device)
+        basis[torch.arange(stop - start), torch.arange(start, stop)] = 1
+        last = stop == d_out
+        (rows,) = torch.autograd.grad(
+            y, x, grad_outputs=basis, is_grads_batched=True, retain_graph=retain_graph or not last
+        )
+        jacobian[start:stop] = rows
+        if on_progress is not None:
+            on_progress(stop, d_out)
+    return jacobian
+
+
+def cotangent_products(
+    y: torch.Tensor, x: torch.Tensor, cotangents: torch.Tensor, *, retain_graph: bool
+) -> torch.Tensor:
+    """Return w_t^T J_i for each row w_t of ``cotangents`` (T, d_out): shape (T, n, d_in), one batched backward."""
+    (products,) = torch.autograd.grad(
+        y, x, grad_outputs=cotangents.to(y.dtype), is_grads_batched=True, retain_graph=retain_graph
+    )
+    return products
+
+
+def jacobian_vector_product(function: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """J x through forward-mode AD: for an affine y = J x + c this gives J x, and so c = y - J x exactly."""
+    with forward_ad.dual_level():
+        dual = forward_ad.make_dual(x.detach(), x.detach())
+        tangent = forward_ad.unpack_dual(function(dual)).tangent
+    if tangent is None:
+        return torch.zeros_like(function(x.detach()))
+    return tangent
