@@ -37,7 +37,7 @@ class TokenDecoder:
         return [
             tuple(
                 TokenScore(token_id=int(i), text=self.text(int(i)), score=float(v))
-                for v, i in zip(values[:, column], indices[:, column])
+                for v, i in zip(values[:, column], indices[:, column], strict=True)
             )
             for column in range(scores.shape[1])
         ]

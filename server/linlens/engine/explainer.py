@@ -191,7 +191,7 @@ class Explainer:
             products = jac.cotangent_products(y, x, directions, retain_graph=need_full)
         per_token = (products * x.detach()[None]).sum(dim=-1)  # (T, n)
         attributions = []
-        for target, direction, row in zip(targets, directions, per_token):
+        for target, direction, row in zip(targets, directions, per_token, strict=True):
             total = float(direction.to(y_model.dtype) @ y_model)
             constant_part = float(direction @ constant)
             error = abs(float(row.sum()) + constant_part - total) / max(abs(total), 1e-30)
@@ -306,7 +306,7 @@ class Explainer:
 
         tick = time.perf_counter()
         results = []
-        for position, spectrum in zip(positions, decomposed):
+        for position, spectrum in zip(positions, decomposed, strict=True):
             left_tokens = self.decoder.output_tokens(spectrum.left, options.tokens_per_vector)
             right_tokens = self.decoder.input_tokens(spectrum.right, options.tokens_per_vector)
             components = tuple(

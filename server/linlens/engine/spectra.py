@@ -71,7 +71,8 @@ def truncated_relative_errors(
     errors = []
     for k in range(1, top_k + 1):
         truncated = sum(
-            spectrum.left[:, :k] @ (spectrum.left[:, :k].T @ term) for spectrum, term in zip(spectra, terms)
+            spectrum.left[:, :k] @ (spectrum.left[:, :k].T @ term)
+            for spectrum, term in zip(spectra, terms, strict=True)
         )
         errors.append(float((truncated + constant - y).norm() / y.norm()))
     return errors
