@@ -1,0 +1,354 @@
+"""The client's request options and result types.
+
+They mirror the engine's ``linlens.engine.results`` dataclasses field for field where the concept is the same (so
+code written against a local Explainer reads the same against the service), with three differences forced by the
+wire: timings are milliseconds (``Timings.*_ms``), an Explanation knows which generation ``step`` it belongs to, and
+the generation itself has result types of its own. Vectors and matrices are read-only numpy arrays in the precision
+the explanation ran in. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal, TypeAlias
+
+import numpy as np
+import numpy.typing as npt
+
+FloatArray = npt.NDArray[np.floating]
+
+
+class GateMode(str, enum.Enum):
+    """Which factor of a gated MLP (SwiGLU, GeGLU) is frozen; both make the network exactly linear."""
+
+    FREEZE_GATE = "freeze_gate"
+    FREEZE_UP = "freeze_up"
+
+
+class Precision(str, enum.Enum):
+    """Floating-point type the explanation pass computes in."""
+
+    FLOAT32 = "float32"
+    FLOAT64 = "float64"
+    #: Accelerators only; the server may reject it.
+    BFLOAT16 = "bfloat16"
+
+
+class PositionSelection(str, enum.Enum):
+    """Which input positions get a singular-value decomposition of their Jacobian."""
+
+    LAST = "last"
+    ALL = "all"
+
+
+class FinishReason(str, enum.Enum):
+    """Why a generation stopped."""
+
+    UNSPECIFIED = "unspecified"
+    LENGTH = "length"
+    STOP_SEQUENCE = "stop_sequence"
+    EOS = "eos"
+    CONTEXT_LENGTH = "context_length"
+    CANCELLED = "cancelled"
+
+
+class HealthStatus(str, enum.Enum):
+    """A grpc.health.v1 serving status."""
+
+    UNKNOWN = "UNKNOWN"
+    SERVING = "SERVING"
+    NOT_SERVING = "NOT_SERVING"
+    SERVICE_UNKNOWN = "SERVICE_UNKNOWN"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Request side
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    """One turn of a conversation; ``role`` is what the model's chat template knows ("system", "user", ...)."""
+
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class AttributionTarget:
+    """A direction in logit space to attribute: one token's logit, or the difference of two tokens' logits."""
+
+    token_id: int
+    contrast_token_id: int | None = None
+
+
+#: Which generation steps to explain: "first" (step 0), "all", or explicit step indices (0 = first token).
+StepSelection: TypeAlias = Literal["first", "all"] | tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ExplainOptions:
+    """What an explanation computes. ``None`` fields leave the choice to the server (whose defaults are noted).
+
+    ``targets`` accepts AttributionTarget, a bare token id, or a (token_id, contrast_token_id) pair; ``steps``
+    accepts "first", "all" or any sequence of step indices. Both are normalised to tuples.
+    """
+
+    #: Generation steps to explain (Generate only; Explain always explains its single prediction).
+    steps: StepSelection = "first"
+    #: Singular components per selected position; server default 3. 0 computes attributions only (fast).
+    top_k: int | None = None
+    #: Tokens each singular vector is decoded to; server default 8.
+    tokens_per_vector: int | None = None
+    positions: PositionSelection = PositionSelection.LAST
+    #: Extra attribution targets besides the explained token.
+    targets: tuple[AttributionTarget, ...] = ()
+    #: Return the (n, d, d) Jacobians themselves (large).
+    include_jacobians: bool = False
+    precision: Precision = Precision.FLOAT32
+    #: Also report how badly the ordinary (not detached) Jacobian reconstructs y.
+    ordinary_contrast: bool = False
+    gate_mode: GateMode = GateMode.FREEZE_GATE
+    #: Explain only: the token to explain instead of the top prediction.
+    explained_token_id: int | None = None
+    #: Vector-Jacobian products per batch; None lets the server bound memory.
+    vjp_chunk_size: int | None = None
+
+    def __post_init__(self) -> None:
+        steps: object = self.steps
+        if isinstance(steps, str):
+            if steps not in ("first", "all"):
+                raise ValueError(f"steps must be 'first', 'all' or a sequence of step indices, not {steps!r}")
+        elif isinstance(steps, Sequence):
+            indices = tuple(int(i) for i in steps)
+            if any(i < 0 for i in indices):
+                raise ValueError(f"step indices must be >= 0, got {indices}")
+            object.__setattr__(self, "steps", indices)
+        else:
+            raise TypeError(f"steps must be 'first', 'all' or a sequence of step indices, not {type(steps).__name__}")
+        normalised: list[AttributionTarget] = []
+        raw_targets: object = self.targets
+        if not isinstance(raw_targets, Sequence):
+            raise TypeError("targets must be a sequence")
+        for target in raw_targets:
+            if isinstance(target, AttributionTarget):
+                normalised.append(target)
+            elif isinstance(target, int):
+                normalised.append(AttributionTarget(target))
+            elif isinstance(target, Sequence) and len(target) == 2:
+                normalised.append(AttributionTarget(int(target[0]), int(target[1])))
+            else:
+                raise TypeError(f"cannot use {target!r} as an attribution target")
+        object.__setattr__(self, "targets", tuple(normalised))
+        object.__setattr__(self, "positions", PositionSelection(self.positions))
+        object.__setattr__(self, "precision", Precision(self.precision))
+        object.__setattr__(self, "gate_mode", GateMode(self.gate_mode))
+        for name in ("top_k", "tokens_per_vector", "vjp_chunk_size"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Explanation results (mirroring linlens.engine.results)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TokenScore:
+    """A vocabulary token with a score (a logit or a cosine, depending on where it appears)."""
+
+    token_id: int
+    text: str
+    score: float
+
+
+@dataclass(frozen=True)
+class PredictedToken:
+    """A next-token candidate: its raw logit w . y and its probability under the model."""
+
+    token_id: int
+    text: str
+    logit: float
+    probability: float
+
+
+@dataclass(frozen=True)
+class Reconstruction:
+    """How well y = sum_i J_i x_i + c holds for the Jacobian the server computed."""
+
+    relative_error_vs_model: float
+    relative_error_vs_detached: float
+    max_abs_logit_error: float
+    predicts_same_token: bool
+    linear_token_id: int
+
+
+@dataclass(frozen=True)
+class Attribution:
+    """Exact split of a logit (or logit difference) over input tokens: sum(per_token) + constant == total."""
+
+    target: AttributionTarget
+    label: str
+    per_token: FloatArray
+    constant: float
+    total: float
+    completeness_error: float
+
+
+@dataclass(frozen=True)
+class SingularComponent:
+    """One singular triple (s, u, v) of J_i; u decoded through the LM head, v to the nearest input embeddings."""
+
+    rank: int
+    value: float
+    left: FloatArray
+    right: FloatArray
+    left_tokens: tuple[TokenScore, ...]
+    right_tokens: tuple[TokenScore, ...]
+
+
+@dataclass(frozen=True)
+class PositionSpectrum:
+    """The singular-value picture of one input position's Jacobian J_i."""
+
+    position: int
+    token_id: int
+    token_text: str
+    components: tuple[SingularComponent, ...]
+    singular_values: FloatArray
+    captured_share: tuple[float, ...]
+    stable_rank: float
+    term_norm: float
+
+
+@dataclass(frozen=True)
+class OrdinaryContrast:
+    """The ordinary (not detached) Jacobian's reconstruction, for contrast."""
+
+    relative_error_vs_model: float
+    predicts_same_token: bool
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Milliseconds per phase; phases that did not run are 0. ``total_ms`` is wall-clock, queueing included."""
+
+    queue_ms: float = 0.0
+    generation_ms: float = 0.0
+    forward_ms: float = 0.0
+    jacobian_ms: float = 0.0
+    attribution_ms: float = 0.0
+    svd_ms: float = 0.0
+    decode_ms: float = 0.0
+    ordinary_ms: float = 0.0
+    total_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """The explanation of one next-token prediction (generation step ``step``)."""
+
+    step: int
+    input_ids: tuple[int, ...]
+    input_tokens: tuple[str, ...]
+    predicted: PredictedToken
+    explained: PredictedToken
+    y: FloatArray
+    constant: FloatArray
+    has_bias: bool
+    reconstruction: Reconstruction | None
+    attributions: tuple[Attribution, ...]
+    spectra: tuple[PositionSpectrum, ...]
+    truncated_relative_error: tuple[float, ...]
+    jacobians: FloatArray | None
+    ordinary: OrdinaryContrast | None
+    precision: Precision
+    gate_mode: GateMode
+    timings: Timings = field(default_factory=Timings)
+    vjp_count: int = 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Generation results
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GeneratedToken:
+    """One generated token; ``logprob`` is its natural-log probability under the model (temperature 1)."""
+
+    index: int
+    token_id: int
+    text: str
+    logprob: float
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Token counts of one request."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    explained_steps: int = 0
+
+
+@dataclass(frozen=True)
+class Generation:
+    """A finished generation: the continuation (not the prompt), its tokens and any explanations."""
+
+    model: str
+    text: str
+    tokens: tuple[GeneratedToken, ...]
+    finish_reason: FinishReason
+    usage: Usage
+    explanations: tuple[Explanation, ...]
+    timings: Timings
+    #: The input as the model saw it, after chat templating.
+    prompt_text: str
+
+
+@dataclass(frozen=True)
+class GenerationDone:
+    """The last event of a stream: the summary of the finished generation."""
+
+    model: str
+    text: str
+    finish_reason: FinishReason
+    usage: Usage
+    timings: Timings
+    prompt_text: str
+
+
+#: What ``generate_stream`` yields: tokens as they are generated, explanations as they are computed, then done.
+StreamEvent: TypeAlias = GeneratedToken | Explanation | GenerationDone
+
+
+@dataclass(frozen=True)
+class ExplainResult:
+    """The answer of ``explain``: the explanation plus which model served it and the rendered input."""
+
+    model: str
+    prompt_text: str
+    explanation: Explanation
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A model the server can serve. When ``loaded`` is False only name, source and is_default are meaningful."""
+
+    name: str
+    family: str
+    architecture: str
+    hidden_size: int
+    num_layers: int
+    vocab_size: int
+    dtype: str
+    device: str
+    load_seconds: float
+    max_positions: int
+    source: str
+    is_default: bool
+    loaded: bool
