@@ -180,7 +180,7 @@ def explain_options_to_proto(options: ExplainOptions) -> pb.ExplainOptions:
         message.explained_token_id = options.explained_token_id
     if options.vjp_chunk_size is not None:
         message.vjp_chunk_size = options.vjp_chunk_size
-    for target in options.targets:
+    for target in options.attribution_targets:
         entry = message.targets.add(token_id=target.token_id)
         if target.contrast_token_id is not None:
             entry.contrast_token_id = target.contrast_token_id

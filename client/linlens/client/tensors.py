@@ -66,5 +66,5 @@ def tensor_from_array(array: npt.ArrayLike, dtype: str | None = None) -> pb.Tens
         wire, code = np.dtype("<f8"), pb.TENSOR_DTYPE_FLOAT64
     else:
         raise ValueError(f"tensor dtype must be 'float32' or 'float64', not {dtype!r}")
-    encoded = np.ascontiguousarray(values, dtype=wire)
+    encoded = np.asarray(values, dtype=wire, order="C")  # not ascontiguousarray: it turns scalars into (1,)
     return pb.Tensor(shape=list(encoded.shape), dtype=code, data=encoded.tobytes(order="C"))

@@ -85,7 +85,9 @@ class AttributionTarget:
 
 
 #: Which generation steps to explain: "first" (step 0), "all", or explicit step indices (0 = first token).
-StepSelection: TypeAlias = Literal["first", "all"] | tuple[int, ...]
+StepSelection: TypeAlias = Literal["first", "all"] | Sequence[int]
+#: What ``ExplainOptions.targets`` accepts per entry: a target, a bare token id, or (token_id, contrast_token_id).
+TargetLike: TypeAlias = AttributionTarget | int | tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -96,15 +98,16 @@ class ExplainOptions:
     accepts "first", "all" or any sequence of step indices. Both are normalised to tuples.
     """
 
-    #: Generation steps to explain (Generate only; Explain always explains its single prediction).
+    #: Generation steps to explain (Generate only; Explain always explains its single prediction). Normalised to
+    #: "first", "all" or a tuple of ints.
     steps: StepSelection = "first"
     #: Singular components per selected position; server default 3. 0 computes attributions only (fast).
     top_k: int | None = None
     #: Tokens each singular vector is decoded to; server default 8.
     tokens_per_vector: int | None = None
     positions: PositionSelection = PositionSelection.LAST
-    #: Extra attribution targets besides the explained token.
-    targets: tuple[AttributionTarget, ...] = ()
+    #: Extra attribution targets besides the explained token (normalised to a tuple of AttributionTarget).
+    targets: Sequence[TargetLike] = ()
     #: Return the (n, d, d) Jacobians themselves (large).
     include_jacobians: bool = False
     precision: Precision = Precision.FLOAT32
@@ -149,6 +152,15 @@ class ExplainOptions:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
+
+    @property
+    def attribution_targets(self) -> tuple[AttributionTarget, ...]:
+        """``targets`` as AttributionTarget objects (what __post_init__ normalised them to)."""
+        return tuple(t if isinstance(t, AttributionTarget) else AttributionTarget(*_pair(t)) for t in self.targets)
+
+
+def _pair(target: int | tuple[int, int]) -> tuple[int, int | None]:
+    return (target, None) if isinstance(target, int) else (int(target[0]), int(target[1]))
 
 
 # ----------------------------------------------------------------------------------------------------------------

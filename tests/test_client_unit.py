@@ -1,0 +1,747 @@
+"""Unit tests of the client SDK: message conversion, error mapping, retries, streaming and health.
+
+No model is involved. The transport tests run a real gRPC server in-process on a free localhost port with a small
+scripted LinlensService (the request says which status to abort with, how often to fail first, ...), so the client is
+exercised through real channels, real status codes and real deadlines. Nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from concurrent import futures
+from dataclasses import FrozenInstanceError
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from linlens.client import (
+    AsyncClient,
+    AttributionTarget,
+    CancelledError,
+    ChatMessage,
+    Client,
+    DeadlineExceededError,
+    ExplainOptions,
+    Explanation,
+    FinishReason,
+    GateMode,
+    GeneratedToken,
+    GenerationDone,
+    HealthStatus,
+    InternalError,
+    InvalidArgumentError,
+    LinlensError,
+    NotFoundError,
+    PositionSelection,
+    Precision,
+    ResourceExhaustedError,
+    RetryPolicy,
+    UnavailableError,
+    array_from_tensor,
+    tensor_from_array,
+)
+from linlens.client._base import decode_health_response, encode_health_request
+from linlens.client.convert import (
+    build_input,
+    build_sampling,
+    explain_options_to_proto,
+    explanation_from_proto,
+    generation_from_proto,
+    stream_event_from_proto,
+)
+from linlens.client.tensors import TensorDecodeError
+from linlens.v1 import linlens_pb2 as pb
+from linlens.v1 import linlens_pb2_grpc as pb_grpc
+
+FAST_RETRY = RetryPolicy(max_attempts=4, initial_backoff=0.01, max_backoff=0.05, multiplier=2.0, jitter=0.5)
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tensors
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("shape", [(), (0,), (5,), (2, 3), (2, 3, 4)])
+def test_tensor_round_trip_keeps_values_shape_and_precision(dtype: str, shape: tuple[int, ...]) -> None:
+    rng = np.random.default_rng(0)
+    array = rng.standard_normal(shape).astype(dtype)
+    message = tensor_from_array(array)
+    assert list(message.shape) == list(shape)
+    assert message.dtype == (pb.TENSOR_DTYPE_FLOAT32 if dtype == "float32" else pb.TENSOR_DTYPE_FLOAT64)
+    # The wire bytes are little-endian and row-major whatever the host is.
+    assert message.data == array.astype("<f4" if dtype == "float32" else "<f8").tobytes(order="C")
+    # Through real serialisation, as it travels.
+    decoded = array_from_tensor(pb.Tensor.FromString(message.SerializeToString()))
+    assert decoded.dtype == np.dtype(dtype)
+    assert decoded.shape == shape
+    np.testing.assert_array_equal(decoded, array)
+    assert not decoded.flags.writeable
+
+
+def test_tensor_decodes_hand_written_little_endian_bytes() -> None:
+    data = b"".join(np.array([v], dtype="<f8").tobytes() for v in (1.0, -2.5, 3.25, 0.0, 1e-300, 7.0))
+    decoded = array_from_tensor(pb.Tensor(shape=[2, 3], dtype=pb.TENSOR_DTYPE_FLOAT64, data=data))
+    np.testing.assert_array_equal(decoded, [[1.0, -2.5, 3.25], [0.0, 1e-300, 7.0]])
+    big_endian = np.array([1.5, 2.5], dtype=">f4")
+    message = tensor_from_array(big_endian)
+    assert message.data == np.array([1.5, 2.5], dtype="<f4").tobytes()
+
+
+def test_tensor_defaults_and_forced_dtype() -> None:
+    assert tensor_from_array(np.arange(3, dtype=np.float16)).dtype == pb.TENSOR_DTYPE_FLOAT32
+    assert tensor_from_array([1, 2, 3]).dtype == pb.TENSOR_DTYPE_FLOAT32
+    forced = tensor_from_array(np.ones(2, dtype=np.float32), dtype="float64")
+    assert forced.dtype == pb.TENSOR_DTYPE_FLOAT64 and len(forced.data) == 16
+    with pytest.raises(ValueError, match="float32"):
+        tensor_from_array([1.0], dtype="int8")
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        pb.Tensor(shape=[3], dtype=pb.TENSOR_DTYPE_FLOAT32, data=b"\x00" * 8),
+        pb.Tensor(shape=[2], dtype=pb.TENSOR_DTYPE_UNSPECIFIED, data=b"\x00" * 8),
+        pb.Tensor(shape=[-1], dtype=pb.TENSOR_DTYPE_FLOAT32, data=b""),
+    ],
+)
+def test_malformed_tensors_are_rejected(message: pb.Tensor) -> None:
+    with pytest.raises(TensorDecodeError):
+        array_from_tensor(message)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Message conversion
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _component(rank: int, d: int) -> pb.SingularComponent:
+    return pb.SingularComponent(
+        rank=rank,
+        value=10.0 / rank,
+        left=tensor_from_array(np.full(d, rank, dtype=np.float32)),
+        right=tensor_from_array(np.full(d, -rank, dtype=np.float32)),
+        left_tokens=[pb.TokenScore(token_id=7, text=" the", score=3.5)],
+        right_tokens=[pb.TokenScore(token_id=8, text=" a", score=0.9), pb.TokenScore(token_id=9, text="b", score=0.1)],
+    )
+
+
+def sample_explanation(step: int = 0, d: int = 4, with_jacobians: bool = True) -> pb.Explanation:
+    """A fully populated Explanation message (what a server would send for a 3-token input, top_k 2)."""
+    rng = np.random.default_rng(step)
+    message = pb.Explanation(
+        step=step,
+        input_ids=[1, 2, 3],
+        input_tokens=["<s>", "The", " bridge"],
+        predicted=pb.PredictedToken(token_id=7, text=" the", logit=12.5, probability=0.4),
+        explained=pb.PredictedToken(token_id=8, text=" a", logit=11.0, probability=0.2),
+        y=tensor_from_array(rng.standard_normal(d).astype(np.float32)),
+        constant=tensor_from_array(np.zeros(d, dtype=np.float32)),
+        has_bias=False,
+        reconstruction=pb.Reconstruction(
+            relative_error_vs_model=1e-6,
+            relative_error_vs_detached=2e-7,
+            max_abs_logit_error=3e-5,
+            predicts_same_token=True,
+            linear_token_id=7,
+        ),
+        attributions=[
+            pb.Attribution(
+                target=pb.AttributionTarget(token_id=8),
+                label="' a'",
+                per_token=[1.0, 2.0, 8.0],
+                constant=0.0,
+                total=11.0,
+                completeness_error=1e-7,
+            ),
+            pb.Attribution(
+                target=pb.AttributionTarget(token_id=7, contrast_token_id=8),
+                label="' the' - ' a'",
+                per_token=[0.5, -0.25, 1.25],
+                constant=0.0,
+                total=1.5,
+                completeness_error=0.0,
+            ),
+        ],
+        spectra=[
+            pb.PositionSpectrum(
+                position=2,
+                token_id=3,
+                token_text=" bridge",
+                components=[_component(1, d), _component(2, d)],
+                singular_values=tensor_from_array(np.array([5.0, 2.0, 1.0, 0.5], dtype=np.float32)),
+                captured_share=[0.7, 0.9],
+                stable_rank=1.2,
+                term_norm=4.5,
+            )
+        ],
+        truncated_relative_error=[0.3, 0.1],
+        ordinary=pb.OrdinaryContrast(relative_error_vs_model=0.8, predicts_same_token=False),
+        precision=pb.PRECISION_FLOAT32,
+        gate_mode=pb.GATE_MODE_FREEZE_UP,
+        vjp_count=4,
+        timings=pb.Timings(forward_ms=1.0, jacobian_ms=2.0, svd_ms=0.5, total_ms=3.5),
+    )
+    if with_jacobians:
+        message.jacobians.CopyFrom(tensor_from_array(np.arange(3 * d * d, dtype=np.float32).reshape(3, d, d)))
+    return message
+
+
+def test_explanation_conversion_carries_every_field() -> None:
+    exp = explanation_from_proto(pb.Explanation.FromString(sample_explanation(step=2).SerializeToString()))
+    assert isinstance(exp, Explanation)
+    assert exp.step == 2
+    assert exp.input_ids == (1, 2, 3) and exp.input_tokens == ("<s>", "The", " bridge")
+    assert (exp.predicted.token_id, exp.predicted.text, exp.predicted.logit, exp.predicted.probability) == (
+        7,
+        " the",
+        12.5,
+        0.4,
+    )
+    assert exp.explained.token_id == 8
+    assert exp.y.shape == (4,) and exp.y.dtype == np.float32
+    assert exp.constant.shape == (4,) and not exp.has_bias
+    assert exp.reconstruction is not None
+    assert exp.reconstruction.predicts_same_token and exp.reconstruction.linear_token_id == 7
+    assert exp.reconstruction.relative_error_vs_detached == pytest.approx(2e-7)
+    first, second = exp.attributions
+    assert first.target == AttributionTarget(8) and first.label == "' a'"
+    np.testing.assert_array_equal(first.per_token, [1.0, 2.0, 8.0])
+    assert first.per_token.sum() + first.constant == pytest.approx(first.total)
+    assert second.target == AttributionTarget(7, 8)
+    (spectrum,) = exp.spectra
+    assert (spectrum.position, spectrum.token_id, spectrum.token_text) == (2, 3, " bridge")
+    assert [c.rank for c in spectrum.components] == [1, 2]
+    np.testing.assert_array_equal(spectrum.components[1].left, np.full(4, 2.0))
+    np.testing.assert_array_equal(spectrum.components[1].right, np.full(4, -2.0))
+    assert [t.text for t in spectrum.components[0].right_tokens] == [" a", "b"]
+    assert spectrum.components[0].left_tokens[0].score == 3.5
+    np.testing.assert_array_equal(spectrum.singular_values, [5.0, 2.0, 1.0, 0.5])
+    assert spectrum.captured_share == (0.7, 0.9)
+    assert (spectrum.stable_rank, spectrum.term_norm) == (1.2, 4.5)
+    assert exp.truncated_relative_error == (0.3, 0.1)
+    assert exp.jacobians is not None and exp.jacobians.shape == (3, 4, 4)
+    assert exp.jacobians[1, 2, 3] == 1 * 16 + 2 * 4 + 3
+    assert exp.ordinary is not None and not exp.ordinary.predicts_same_token
+    assert exp.precision is Precision.FLOAT32 and exp.gate_mode is GateMode.FREEZE_UP
+    assert exp.vjp_count == 4
+    assert exp.timings.jacobian_ms == 2.0 and exp.timings.total_ms == 3.5
+    with pytest.raises(FrozenInstanceError):
+        exp.step = 3  # type: ignore[misc]
+
+
+def test_absent_optional_parts_become_none() -> None:
+    message = sample_explanation(with_jacobians=False)
+    message.ClearField("reconstruction")
+    message.ClearField("ordinary")
+    exp = explanation_from_proto(message)
+    assert exp.jacobians is None and exp.reconstruction is None and exp.ordinary is None
+
+
+def test_float64_explanations_stay_float64() -> None:
+    message = sample_explanation()
+    message.precision = pb.PRECISION_FLOAT64
+    message.y.CopyFrom(tensor_from_array(np.array([1.0 + 1e-12, 2.0])))
+    exp = explanation_from_proto(message)
+    assert exp.precision is Precision.FLOAT64
+    assert exp.y.dtype == np.float64 and exp.y[0] == 1.0 + 1e-12
+
+
+def test_generation_and_stream_events_convert() -> None:
+    response = pb.GenerateResponse(
+        model="smollm2-135m",
+        text=" only one",
+        tokens=[
+            pb.GeneratedToken(index=0, token_id=885, text=" only", logprob=-1.5),
+            pb.GeneratedToken(index=1, token_id=582, text=" one", logprob=-0.5),
+        ],
+        finish_reason=pb.FINISH_REASON_LENGTH,
+        usage=pb.Usage(prompt_tokens=8, completion_tokens=2, explained_steps=1),
+        explanations=[sample_explanation()],
+        timings=pb.Timings(queue_ms=1.0, generation_ms=20.0, total_ms=25.0),
+        prompt_text="The bridge",
+    )
+    generation = generation_from_proto(response)
+    assert generation.text == " only one" and generation.model == "smollm2-135m"
+    assert generation.tokens[1] == GeneratedToken(index=1, token_id=582, text=" one", logprob=-0.5)
+    assert generation.finish_reason is FinishReason.LENGTH
+    assert generation.usage.completion_tokens == 2 and generation.usage.explained_steps == 1
+    assert len(generation.explanations) == 1 and generation.timings.generation_ms == 20.0
+    assert generation.prompt_text == "The bridge"
+
+    token = stream_event_from_proto(pb.GenerateStreamResponse(token=response.tokens[0]))
+    assert isinstance(token, GeneratedToken) and token.text == " only"
+    explanation = stream_event_from_proto(pb.GenerateStreamResponse(explanation=sample_explanation(step=1)))
+    assert isinstance(explanation, Explanation) and explanation.step == 1
+    done = stream_event_from_proto(
+        pb.GenerateStreamResponse(done=pb.GenerateDone(text="x", finish_reason=pb.FINISH_REASON_EOS))
+    )
+    assert isinstance(done, GenerationDone) and done.finish_reason is FinishReason.EOS
+    assert stream_event_from_proto(pb.GenerateStreamResponse()) is None
+
+
+def test_explain_options_map_to_the_message() -> None:
+    default = explain_options_to_proto(ExplainOptions())
+    assert default.steps == pb.EXPLAIN_STEPS_FIRST
+    # Unset optionals stay unset so that the server's defaults apply.
+    for name in ("top_k", "tokens_per_vector", "explained_token_id", "vjp_chunk_size"):
+        assert not default.HasField(name)
+    assert default.precision == pb.PRECISION_FLOAT32 and default.gate_mode == pb.GATE_MODE_FREEZE_GATE
+    assert default.positions == pb.POSITION_SELECTION_LAST
+
+    options = ExplainOptions(
+        steps=[0, 3],
+        top_k=0,
+        tokens_per_vector=5,
+        positions="all",  # type: ignore[arg-type]
+        targets=(AttributionTarget(5), 6, (7, 8)),
+        include_jacobians=True,
+        precision=Precision.FLOAT64,
+        ordinary_contrast=True,
+        gate_mode=GateMode.FREEZE_UP,
+        explained_token_id=42,
+        vjp_chunk_size=64,
+    )
+    assert options.positions is PositionSelection.ALL and options.steps == (0, 3)
+    message = explain_options_to_proto(options)
+    assert message.steps == pb.EXPLAIN_STEPS_LIST and list(message.step_indices) == [0, 3]
+    assert message.HasField("top_k") and message.top_k == 0
+    assert message.tokens_per_vector == 5 and message.positions == pb.POSITION_SELECTION_ALL
+    assert [(t.token_id, t.HasField("contrast_token_id")) for t in message.targets] == [
+        (5, False),
+        (6, False),
+        (7, True),
+    ]
+    assert message.targets[2].contrast_token_id == 8
+    assert message.include_jacobians and message.ordinary_contrast
+    assert message.precision == pb.PRECISION_FLOAT64 and message.gate_mode == pb.GATE_MODE_FREEZE_UP
+    assert message.explained_token_id == 42 and message.vjp_chunk_size == 64
+    assert explain_options_to_proto(ExplainOptions(steps="all")).steps == pb.EXPLAIN_STEPS_ALL
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"steps": "some"}, ValueError),
+        ({"steps": [-1]}, ValueError),
+        ({"top_k": -1}, ValueError),
+        ({"targets": ["x"]}, TypeError),
+        ({"precision": "float16"}, ValueError),
+    ],
+)
+def test_bad_explain_options_fail_locally(kwargs: dict[str, Any], error: type[Exception]) -> None:
+    with pytest.raises(error):
+        ExplainOptions(**kwargs)
+
+
+def test_inputs_need_exactly_one_form() -> None:
+    assert build_input("hi").text == "hi"
+    assert list(build_input(token_ids=[1, 2]).token_ids.ids) == [1, 2]
+    chat = build_input(
+        messages=[ChatMessage("system", "be brief"), {"role": "user", "content": "hi"}, ("assistant", "hello")]
+    ).chat
+    assert [(m.role, m.content) for m in chat.messages] == [
+        ("system", "be brief"),
+        ("user", "hi"),
+        ("assistant", "hello"),
+    ]
+    assert not chat.omit_generation_prompt
+    assert build_input(messages=[("user", "x")], add_generation_prompt=False).chat.omit_generation_prompt
+    with pytest.raises(ValueError, match="exactly one"):
+        build_input()
+    with pytest.raises(ValueError, match="exactly one"):
+        build_input("a", token_ids=[1])
+    with pytest.raises(ValueError, match="role"):
+        build_input(messages=[{"content": "no role"}])
+
+
+def test_sampling_defaults_and_validation() -> None:
+    default = build_sampling()
+    assert not default.HasField("max_new_tokens") and not default.HasField("seed")
+    assert default.temperature == 0.0
+    sampling = build_sampling(max_new_tokens=4, temperature=0.7, top_p=0.9, top_k=40, seed=0, stop="\n")
+    assert sampling.max_new_tokens == 4 and sampling.HasField("seed") and sampling.seed == 0
+    assert list(sampling.stop_sequences) == ["\n"]
+    assert list(build_sampling(stop=["a", "b"]).stop_sequences) == ["a", "b"]
+    for bad in ({"max_new_tokens": 0}, {"temperature": -1.0}, {"top_p": 1.5}, {"top_k": -2}, {"stop": [""]}):
+        with pytest.raises(ValueError):
+            build_sampling(**bad)
+
+
+def test_health_wire_encoding_matches_grpc_health() -> None:
+    health_pb2 = pytest.importorskip("grpc_health.v1.health_pb2")
+    for service in ("", "smollm2-135m", "é" * 200):
+        assert health_pb2.HealthCheckRequest.FromString(encode_health_request(service)).service == service
+    for status, expected in ((0, "UNKNOWN"), (1, "SERVING"), (2, "NOT_SERVING"), (3, "SERVICE_UNKNOWN")):
+        data = health_pb2.HealthCheckResponse(status=status).SerializeToString()
+        assert decode_health_response(data) is HealthStatus(expected)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A real in-process server with scripted behaviour
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class ScriptedService(pb_grpc.LinlensServiceServicer):
+    """Behaviour chosen by the request, so that one server serves every test.
+
+    GetModel name: "abort:CODE" aborts with CODE; "flaky:KEY:N:CODE" fails N times with CODE, then answers;
+    "sleep:SECONDS" answers late; "echo-metadata" returns the x-* metadata in ``source``. GenerateStream prompt:
+    "tokens:N" streams N tokens, an explanation and done; "flaky-stream:KEY" fails once with UNAVAILABLE first;
+    "fail-after-first" aborts after one token; "endless" streams until cancelled.
+    """
+
+    def __init__(self) -> None:
+        self.attempts: defaultdict[str, int] = defaultdict(int)
+        self.lock = threading.Lock()
+        self.cancelled = threading.Event()
+        self.last_generate: pb.GenerateRequest | None = None
+
+    def _count(self, key: str) -> int:
+        with self.lock:
+            self.attempts[key] += 1
+            return self.attempts[key]
+
+    def GetModel(self, request: pb.GetModelRequest, context: grpc.ServicerContext) -> pb.GetModelResponse:
+        kind, _, rest = request.name.partition(":")
+        if kind == "abort":
+            context.abort(grpc.StatusCode[rest], f"scripted {rest}")
+        if kind == "flaky":
+            key, failures, code = rest.split(":")
+            if self._count(key) <= int(failures):
+                context.abort(grpc.StatusCode[code], f"attempt {self.attempts[key]} fails")
+            return pb.GetModelResponse(model=pb.ModelInfo(name=key, loaded=True))
+        if kind == "sleep":
+            time.sleep(float(rest))
+        if kind == "echo-metadata":
+            pairs = sorted(f"{k}={v}" for k, v in context.invocation_metadata() if k.startswith("x-"))
+            return pb.GetModelResponse(model=pb.ModelInfo(name=request.name, source=",".join(pairs)))
+        return pb.GetModelResponse(model=pb.ModelInfo(name=request.name or "default", is_default=not request.name))
+
+    def ListModels(self, request: pb.ListModelsRequest, context: grpc.ServicerContext) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(
+            models=[
+                pb.ModelInfo(name="smollm2-135m", family="llama", hidden_size=576, is_default=True, loaded=True),
+                pb.ModelInfo(name="gemma-3-270m", family="gemma3", source="pkg"),
+            ],
+            default_model="smollm2-135m",
+        )
+
+    def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> pb.GenerateResponse:
+        self.last_generate = request
+        return pb.GenerateResponse(
+            model=request.model or "smollm2-135m",
+            text=" ok",
+            tokens=[pb.GeneratedToken(index=0, token_id=3, text=" ok", logprob=-0.1)],
+            finish_reason=pb.FINISH_REASON_LENGTH,
+            usage=pb.Usage(
+                prompt_tokens=2, completion_tokens=1, explained_steps=1 if request.HasField("explain") else 0
+            ),
+            explanations=[sample_explanation()] if request.HasField("explain") else [],
+            prompt_text=request.input.text,
+        )
+
+    def Explain(self, request: pb.ExplainRequest, context: grpc.ServicerContext) -> pb.ExplainResponse:
+        if not request.input.WhichOneof("kind"):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "input is required")
+        return pb.ExplainResponse(model="smollm2-135m", explanation=sample_explanation(), prompt_text="x")
+
+    def GenerateStream(
+        self, request: pb.GenerateStreamRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.GenerateStreamResponse]:
+        kind, _, rest = request.input.text.partition(":")
+        if kind == "flaky-stream" and self._count(rest) == 1:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "draining")
+        if kind == "endless":
+            context.add_callback(self.cancelled.set)
+            index = 0
+            while context.is_active():
+                yield pb.GenerateStreamResponse(token=pb.GeneratedToken(index=index, token_id=1, text="x"))
+                index += 1
+                time.sleep(0.01)
+            return
+        count = int(rest) if kind == "tokens" else 2
+        for index in range(count):
+            yield pb.GenerateStreamResponse(token=pb.GeneratedToken(index=index, token_id=10 + index, text=f"t{index}"))
+            if kind == "fail-after-first":
+                context.abort(grpc.StatusCode.UNAVAILABLE, "lost the model")
+        yield pb.GenerateStreamResponse(explanation=sample_explanation(step=0))
+        yield pb.GenerateStreamResponse(
+            done=pb.GenerateDone(model="smollm2-135m", text="".join(f"t{i}" for i in range(count)))
+        )
+
+
+@pytest.fixture(scope="module")
+def scripted() -> Iterator[tuple[str, ScriptedService]]:
+    service = ScriptedService()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    pb_grpc.add_LinlensServiceServicer_to_server(service, server)
+    _add_health_service(server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}", service
+    finally:
+        server.stop(grace=None)
+
+
+def _add_health_service(server: grpc.Server) -> None:
+    """The real grpc.health.v1 servicer, when grpcio-health-checking is installed (the health tests skip if not)."""
+    try:
+        from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+    except ImportError:
+        return
+    servicer = health.HealthServicer()
+    servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    servicer.set("gemma-3-270m", health_pb2.HealthCheckResponse.NOT_SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+
+
+ERROR_CLASSES = {
+    "INVALID_ARGUMENT": InvalidArgumentError,
+    "FAILED_PRECONDITION": InvalidArgumentError,
+    "OUT_OF_RANGE": InvalidArgumentError,
+    "NOT_FOUND": NotFoundError,
+    "RESOURCE_EXHAUSTED": ResourceExhaustedError,
+    "DEADLINE_EXCEEDED": DeadlineExceededError,
+    "CANCELLED": CancelledError,
+    "UNAVAILABLE": UnavailableError,
+    "INTERNAL": InternalError,
+    "UNKNOWN": InternalError,
+    "DATA_LOSS": InternalError,
+    "ALREADY_EXISTS": LinlensError,
+    "PERMISSION_DENIED": LinlensError,
+    "ABORTED": LinlensError,
+    "UNIMPLEMENTED": LinlensError,
+    "UNAUTHENTICATED": LinlensError,
+}
+
+
+@pytest.mark.parametrize(("code", "error_class"), sorted(ERROR_CLASSES.items()))
+def test_status_codes_map_to_exceptions(scripted: tuple[str, ScriptedService], code: str, error_class: type) -> None:
+    target, _ = scripted
+    with Client(target, retry=None, timeout=10) as client, pytest.raises(LinlensError) as caught:
+        client.get_model(f"abort:{code}")
+    assert type(caught.value) is error_class
+    assert caught.value.code is grpc.StatusCode[code]
+    assert caught.value.details == f"scripted {code}"
+    assert isinstance(caught.value.__cause__, grpc.RpcError)
+
+
+def test_async_status_codes_map_to_exceptions(scripted: tuple[str, ScriptedService]) -> None:
+    target, _ = scripted
+
+    async def run() -> list[tuple[type, grpc.StatusCode]]:
+        seen = []
+        async with AsyncClient(target, retry=None, timeout=10) as client:
+            for code in ("NOT_FOUND", "INVALID_ARGUMENT", "INTERNAL", "UNIMPLEMENTED"):
+                try:
+                    await client.get_model(f"abort:{code}")
+                except LinlensError as error:
+                    seen.append((type(error), error.code))
+        return seen
+
+    assert asyncio.run(run()) == [
+        (NotFoundError, grpc.StatusCode.NOT_FOUND),
+        (InvalidArgumentError, grpc.StatusCode.INVALID_ARGUMENT),
+        (InternalError, grpc.StatusCode.INTERNAL),
+        (LinlensError, grpc.StatusCode.UNIMPLEMENTED),
+    ]
+
+
+# -- retries ------------------------------------------------------------------------------------------------------
+
+
+def test_unavailable_twice_then_success_is_retried(scripted: tuple[str, ScriptedService]) -> None:
+    target, service = scripted
+    with Client(target, retry=FAST_RETRY, timeout=10) as client:
+        model = client.get_model("flaky:retry-ok:2:UNAVAILABLE")
+    assert model.name == "retry-ok" and model.loaded
+    assert service.attempts["retry-ok"] == 3
+
+
+def test_resource_exhausted_is_retried_too(scripted: tuple[str, ScriptedService]) -> None:
+    target, service = scripted
+    with Client(target, retry=FAST_RETRY, timeout=10) as client:
+        assert client.get_model("flaky:queue-full:1:RESOURCE_EXHAUSTED").name == "queue-full"
+    assert service.attempts["queue-full"] == 2
+
+
+def test_other_codes_are_not_retried(scripted: tuple[str, ScriptedService]) -> None:
+    target, service = scripted
+    with Client(target, retry=FAST_RETRY, timeout=10) as client, pytest.raises(InvalidArgumentError):
+        client.get_model("flaky:bad-input:2:INVALID_ARGUMENT")
+    assert service.attempts["bad-input"] == 1
+
+
+def test_retries_stop_after_max_attempts(scripted: tuple[str, ScriptedService]) -> None:
+    target, service = scripted
+    with Client(target, retry=FAST_RETRY, timeout=10) as client, pytest.raises(UnavailableError):
+        client.get_model("flaky:always-down:100:UNAVAILABLE")
+    assert service.attempts["always-down"] == FAST_RETRY.max_attempts
+
+
+def test_retries_do_not_outlive_the_deadline(scripted: tuple[str, ScriptedService]) -> None:
+    target, service = scripted
+    slow = RetryPolicy(max_attempts=10, initial_backoff=0.4, max_backoff=0.4, jitter=0.0)
+    started = time.monotonic()
+    with Client(target, retry=slow) as client, pytest.raises(UnavailableError):
+        client.get_model("flaky:deadline:100:UNAVAILABLE", timeout=1.0)
+    assert time.monotonic() - started < 1.5
+    assert 2 <= service.attempts["deadline"] <= 3
+
+
+def test_async_client_retries(scripted: tuple[str, ScriptedService]) -> None:
+    target, service = scripted
+
+    async def run() -> str:
+        async with AsyncClient(target, retry=FAST_RETRY, timeout=10) as client:
+            return (await client.get_model("flaky:async-retry:2:UNAVAILABLE")).name
+
+    assert asyncio.run(run()) == "async-retry"
+    assert service.attempts["async-retry"] == 3
+
+
+def test_backoff_grows_caps_and_jitters() -> None:
+    policy = RetryPolicy(initial_backoff=0.1, max_backoff=1.0, multiplier=3.0, jitter=0.0)
+    assert [policy.backoff(n) for n in (1, 2, 3, 4)] == pytest.approx([0.1, 0.3, 0.9, 1.0])
+    jittered = RetryPolicy(initial_backoff=1.0, max_backoff=1.0, jitter=0.25)
+    waits = {jittered.backoff(1) for _ in range(50)}
+    assert len(waits) > 1 and all(0.75 <= w <= 1.25 for w in waits)
+    with pytest.raises(ValueError):
+        RetryPolicy(max_attempts=0)
+
+
+# -- deadlines, metadata, unary methods -----------------------------------------------------------------------------
+
+
+def test_per_call_timeout_raises_deadline_exceeded(scripted: tuple[str, ScriptedService]) -> None:
+    target, _ = scripted
+    with Client(target, timeout=30) as client, pytest.raises(DeadlineExceededError):
+        client.get_model("sleep:1.0", timeout=0.2)
+
+
+def test_metadata_is_merged_into_every_call(scripted: tuple[str, ScriptedService]) -> None:
+    target, _ = scripted
+    with Client(target, metadata={"X-Tenant": "lab"}) as client:
+        info = client.get_model("echo-metadata", metadata=[("x-request-id", "42")])
+    assert info.source == "x-request-id=42,x-tenant=lab"
+
+
+def test_unary_methods_return_typed_results(scripted: tuple[str, ScriptedService]) -> None:
+    target, service = scripted
+    with Client(target) as client:
+        client.wait_until_ready(timeout=5)
+        models = client.list_models()
+        assert [m.name for m in models] == ["smollm2-135m", "gemma-3-270m"]
+        assert models[0].is_default and models[0].hidden_size == 576 and not models[1].loaded
+        assert client.get_model().is_default
+
+        generation = client.generate(
+            "The bridge", model="smollm2-135m", max_new_tokens=3, temperature=0.5, seed=7, stop=["\n"], explain=True
+        )
+        assert generation.text == " ok" and generation.finish_reason is FinishReason.LENGTH
+        assert generation.prompt_text == "The bridge" and len(generation.explanations) == 1
+        request = service.last_generate
+        assert request is not None and request.model == "smollm2-135m"
+        assert request.sampling.max_new_tokens == 3 and request.sampling.seed == 7
+        assert request.HasField("explain") and request.explain.steps == pb.EXPLAIN_STEPS_FIRST
+
+        client.generate(token_ids=[1, 2, 3])
+        assert service.last_generate is not None and not service.last_generate.HasField("explain")
+
+        result = client.explain(messages=[("user", "hi")], options=ExplainOptions(top_k=0))
+        assert result.model == "smollm2-135m" and result.explanation.attributions[0].total == 11.0
+
+
+def test_health_reports_serving_status(scripted: tuple[str, ScriptedService]) -> None:
+    pytest.importorskip("grpc_health.v1.health")
+    target, _ = scripted
+    with Client(target) as client:
+        assert client.health() is HealthStatus.SERVING
+        assert client.health("gemma-3-270m") is HealthStatus.NOT_SERVING
+        with pytest.raises(NotFoundError):
+            client.health(service="no-such-service")
+
+    async def run() -> HealthStatus:
+        async with AsyncClient(target) as client:
+            return await client.health()
+
+    assert asyncio.run(run()) is HealthStatus.SERVING
+
+
+def test_unreachable_server_is_unavailable() -> None:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with Client(f"127.0.0.1:{port}", retry=RetryPolicy(max_attempts=2, initial_backoff=0.01)) as client:
+        with pytest.raises(UnavailableError):
+            client.list_models(timeout=5)
+        with pytest.raises(UnavailableError):
+            client.wait_until_ready(timeout=0.2)
+
+
+# -- streaming ----------------------------------------------------------------------------------------------------
+
+
+def test_stream_yields_tokens_explanation_then_done(scripted: tuple[str, ScriptedService]) -> None:
+    target, _ = scripted
+    with Client(target) as client:
+        events = list(client.generate_stream("tokens:3", explain=True))
+    assert [type(e) for e in events] == [GeneratedToken] * 3 + [Explanation, GenerationDone]
+    assert [e.index for e in events[:3] if isinstance(e, GeneratedToken)] == [0, 1, 2]
+    done = events[-1]
+    assert isinstance(done, GenerationDone) and done.text == "t0t1t2"
+
+
+def test_stream_failure_before_first_event_is_retried(scripted: tuple[str, ScriptedService]) -> None:
+    target, service = scripted
+    with Client(target, retry=FAST_RETRY) as client:
+        events = list(client.generate_stream("flaky-stream:s1"))
+    assert service.attempts["s1"] == 2
+    assert isinstance(events[-1], GenerationDone)
+
+
+def test_stream_failure_after_an_event_is_raised_not_retried(scripted: tuple[str, ScriptedService]) -> None:
+    target, _ = scripted
+    received = []
+    with Client(target, retry=FAST_RETRY) as client, pytest.raises(UnavailableError, match="lost the model"):
+        for event in client.generate_stream("fail-after-first"):
+            received.append(event)
+    assert len(received) == 1
+
+
+def test_cancelling_a_stream_reaches_the_server(scripted: tuple[str, ScriptedService]) -> None:
+    target, service = scripted
+    service.cancelled.clear()
+    with Client(target) as client:
+        with client.generate_stream("endless") as stream:
+            first = next(stream)
+            assert isinstance(first, GeneratedToken)
+        assert service.cancelled.wait(timeout=5)
+        with pytest.raises(StopIteration):
+            next(stream)
+
+
+def test_async_stream(scripted: tuple[str, ScriptedService]) -> None:
+    target, service = scripted
+    service.cancelled.clear()
+
+    async def run() -> tuple[list[type], bool]:
+        async with AsyncClient(target, retry=FAST_RETRY) as client:
+            kinds = [type(event) async for event in client.generate_stream("tokens:2")]
+            async with client.generate_stream("endless") as stream:
+                async for _event in stream:
+                    break
+            cancelled = await asyncio.get_running_loop().run_in_executor(None, service.cancelled.wait, 5)
+            return kinds, cancelled
+
+    kinds, cancelled = asyncio.run(run())
+    assert kinds == [GeneratedToken, GeneratedToken, Explanation, GenerationDone]
+    assert cancelled
