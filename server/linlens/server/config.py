@@ -1,0 +1,357 @@
+"""The server's configuration and where it comes from.
+
+One ``ServerConfig`` value holds every setting. It is assembled from four layers, each overriding the one before:
+
+1. the defaults written in :class:`ServerConfig`;
+2. a config file (TOML, or YAML when PyYAML is installed), named by ``--config`` or ``LINLENS_CONFIG``; its keys are
+   the field names, either at the top level or inside a ``[server]`` table;
+3. environment variables ``LINLENS_<FIELD>`` (for example ``LINLENS_PORT=50052``, ``LINLENS_MODELS=a,b``);
+4. command-line flags (``--port 50052``, ``--model a --model b``).
+
+This order lets a container image ship a config file, a Kubernetes manifest adjust it through the environment, and a
+person at a terminal override either with a flag, which is the precedence operators expect from most servers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10 reads TOML with the tomli backport
+    import tomli as tomllib
+
+ENV_PREFIX = "LINLENS_"
+DEFAULT_MODEL = "smollm2-135m"
+
+_LOG_FORMATS = ("text", "json")
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+_DTYPES = ("float32", "float64", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A setting is missing, malformed or out of range; the message names the setting and where it came from."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Every setting of one linlens server process.
+
+    Limits exist so that one request cannot take the process down: each is checked before any model work starts and a
+    request over a limit is refused with INVALID_ARGUMENT naming the limit.
+    """
+
+    #: Address the gRPC server binds; 0.0.0.0 so that a container is reachable, 127.0.0.1 for local-only use.
+    host: str = "0.0.0.0"
+    #: gRPC port; 0 picks a free port (the chosen one is logged and available from ``RunningServer.port``).
+    port: int = 50051
+    #: Port of the Prometheus ``/metrics`` HTTP endpoint; 0 turns it off. 9464 is the port deploy/ scrapes (the
+    #: OpenTelemetry Prometheus-exporter convention); it must equal metrics.DEFAULT_METRICS_PORT.
+    metrics_port: int = 9464
+    #: Address the metrics endpoint binds.
+    metrics_host: str = "0.0.0.0"
+    #: Models to load at start-up: registry names, Hugging Face folders or .gguf paths. The first is the default
+    #: model, used when a request leaves ``model`` empty.
+    models: tuple[str, ...] = (DEFAULT_MODEL,)
+    #: Weight dtype the models are loaded in.
+    dtype: str = "float32"
+    #: torch device the models run on ("cpu", "cuda", "cuda:1", ...).
+    device: str = "cpu"
+    #: Model jobs (generations and explanations) that run at the same time. Each job uses all the threads torch has,
+    #: so on a CPU machine 1 is usually fastest overall; raise it on accelerators with memory to spare.
+    max_concurrent_jobs: int = 1
+    #: Jobs that may wait for a free worker; one more is refused with RESOURCE_EXHAUSTED so that clients back off
+    #: instead of piling up latency.
+    max_queue: int = 16
+    #: Longest accepted input, in tokens, after the chat template is applied.
+    max_prompt_tokens: int = 2048
+    #: Largest accepted ``max_new_tokens``.
+    max_new_tokens: int = 512
+    #: Largest accepted number of singular components per explained position.
+    max_top_k: int = 32
+    #: Largest number of generated steps one request may ask to explain.
+    max_explained_steps: int = 16
+    #: Largest number of tokens each singular vector may be decoded to.
+    max_tokens_per_vector: int = 64
+    #: Largest number of extra attribution targets per request.
+    max_attribution_targets: int = 16
+    #: Seconds that in-flight requests get to finish after SIGTERM before the process exits anyway.
+    grace_period_s: float = 30.0
+    #: Threads serving gRPC calls. They only wait on the job queue, so this bounds open calls, not model work.
+    grpc_threads: int = 32
+    #: torch intra-op threads; 0 leaves torch's own default (one per core).
+    torch_threads: int = 0
+    #: "text" for people, "json" for one JSON object per line (log collectors).
+    log_format: str = "text"
+    log_level: str = "info"
+    #: Whether request logs may contain prompt text. Off by default: prompts can hold personal data.
+    log_prompts: bool = False
+
+    @property
+    def default_model(self) -> str:
+        return self.models[0]
+
+    def validate(self) -> ServerConfig:
+        """Raise ConfigError naming the first setting that is out of range; return self so calls can chain."""
+        _check_port("port", self.port)
+        _check_port("metrics_port", self.metrics_port)
+        if not self.models:
+            raise ConfigError("models: at least one model is needed (a registry name, a folder or a .gguf path)")
+        if any(not m.strip() for m in self.models):
+            raise ConfigError("models: a model name is empty")
+        if self.dtype not in _DTYPES:
+            raise ConfigError(f"dtype: {self.dtype!r} is not one of {', '.join(_DTYPES)}")
+        positive = (
+            "max_concurrent_jobs",
+            "max_prompt_tokens",
+            "max_new_tokens",
+            "max_top_k",
+            "max_explained_steps",
+            "max_tokens_per_vector",
+            "grpc_threads",
+        )
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be at least 1, got {getattr(self, name)}")
+        for name in ("max_queue", "max_attribution_targets", "torch_threads"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must be 0 or more, got {getattr(self, name)}")
+        if self.grace_period_s < 0:
+            raise ConfigError(f"grace_period_s: must be 0 or more seconds, got {self.grace_period_s}")
+        if self.log_format not in _LOG_FORMATS:
+            raise ConfigError(f"log_format: {self.log_format!r} is not one of {', '.join(_LOG_FORMATS)}")
+        if self.log_level not in _LOG_LEVELS:
+            raise ConfigError(f"log_level: {self.log_level!r} is not one of {', '.join(_LOG_LEVELS)}")
+        return self
+
+
+def _check_port(name: str, port: int) -> None:
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"{name}: {port} is not a TCP port (0-65535)")
+
+
+# --- converting raw values -------------------------------------------------------------------------------------------
+
+_FIELD_TYPES: dict[str, str] = {f.name: str(f.type) for f in fields(ServerConfig)}
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _coerce(name: str, value: Any, origin: str) -> Any:
+    """Turn a value from a file, the environment or a flag into the field's type, or say precisely what is wrong."""
+    kind = _FIELD_TYPES[name]
+    try:
+        if kind == "bool":
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in _TRUE:
+                return True
+            if text in _FALSE:
+                return False
+            raise ValueError("expected true or false")
+        if kind == "int":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError("expected an integer")
+            return int(value)
+        if kind == "float":
+            if isinstance(value, bool):
+                raise ValueError("expected a number")
+            return float(value)
+        if kind == "tuple[str, ...]":
+            if isinstance(value, str):
+                items = [v.strip() for v in value.split(",")]
+            elif isinstance(value, (list, tuple)):
+                items = [str(v).strip() for v in value]
+            else:
+                raise ValueError("expected a list of strings or a comma-separated string")
+            return tuple(v for v in items if v)
+        if kind == "str":
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise ValueError("expected a string")
+            return str(value).strip()
+    except ValueError as exc:
+        raise ConfigError(f"{name} (from {origin}): {value!r}: {exc}") from None
+    raise AssertionError(f"unhandled field type {kind}")  # pragma: no cover - every field type is listed above
+
+
+def _apply(values: dict[str, Any], updates: Mapping[str, Any], origin: str) -> None:
+    for key, raw in updates.items():
+        name = key.replace("-", "_").lower()
+        if name == "model":  # a singular spelling is natural in files and the environment
+            name = "models"
+        if name not in _FIELD_TYPES:
+            known = ", ".join(sorted(_FIELD_TYPES))
+            raise ConfigError(f"{key} (from {origin}): unknown setting; known settings are: {known}")
+        values[name] = _coerce(name, raw, origin)
+
+
+def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a TOML or YAML config file into a flat dict of settings (a ``server`` table is unwrapped)."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"config file {p}: {exc.strerror or exc}") from None
+    data: Any
+    if p.suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:  # pragma: no cover - pyyaml is installed with the dev extra
+            raise ConfigError(f"config file {p}: YAML needs PyYAML (pip install pyyaml) or use TOML") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {p}: invalid YAML: {exc}") from None
+    else:
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {p}: invalid TOML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p}: expected a table of settings at the top level")
+    if "server" in data and isinstance(data["server"], dict):
+        rest = {k: v for k, v in data.items() if k != "server"}
+        if rest:
+            raise ConfigError(f"config file {p}: settings outside the [server] table: {', '.join(sorted(rest))}")
+        data = data["server"]
+    return dict(data)
+
+
+def env_settings(environ: Mapping[str, str]) -> dict[str, str]:
+    """The ``LINLENS_<FIELD>`` variables that name a setting (others, such as LINLENS_CONFIG, are left alone)."""
+    out: dict[str, str] = {}
+    for key, value in environ.items():
+        if not key.startswith(ENV_PREFIX):
+            continue
+        name = key[len(ENV_PREFIX) :].lower()
+        if name == "model":
+            name = "models"
+        if name in _FIELD_TYPES:
+            out[name] = value
+    return out
+
+
+def load_config(
+    config_file: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> ServerConfig:
+    """Assemble a validated ServerConfig: defaults < config file < environment < overrides (flags).
+
+    ``config_file`` defaults to ``$LINLENS_CONFIG`` when that is set; ``environ`` defaults to ``os.environ``.
+    """
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    path = config_file if config_file is not None else env.get(ENV_PREFIX + "CONFIG") or None
+    if path:
+        _apply(values, read_config_file(path), f"config file {path}")
+    for name, raw in env_settings(env).items():
+        _apply(values, {name: raw}, f"environment variable {ENV_PREFIX}{name.upper()}")
+    if overrides:
+        _apply(values, {k: v for k, v in overrides.items() if v is not None}, "command line")
+    return dataclasses.replace(ServerConfig(), **values).validate()
+
+
+# --- command line ----------------------------------------------------------------------------------------------------
+
+_HELP: dict[str, str] = {
+    "host": "address the gRPC server binds",
+    "port": "gRPC port (0 = pick a free one)",
+    "metrics_port": "Prometheus /metrics port (0 = off)",
+    "metrics_host": "address the metrics endpoint binds",
+    "dtype": "weight dtype",
+    "device": "torch device, e.g. cpu or cuda",
+    "max_concurrent_jobs": "model jobs running at once",
+    "max_queue": "jobs allowed to wait; more are refused with RESOURCE_EXHAUSTED",
+    "max_prompt_tokens": "longest accepted input in tokens",
+    "max_new_tokens": "largest accepted max_new_tokens",
+    "max_top_k": "largest accepted explanation top_k",
+    "max_explained_steps": "most generated steps one request may explain",
+    "max_tokens_per_vector": "largest accepted tokens_per_vector",
+    "max_attribution_targets": "most extra attribution targets per request",
+    "grace_period_s": "seconds in-flight requests get after SIGTERM",
+    "grpc_threads": "threads serving gRPC calls",
+    "torch_threads": "torch intra-op threads (0 = torch default)",
+    "log_format": "text or json (one JSON object per line)",
+    "log_level": "debug, info, warning or error",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the server's flags to ``parser`` (the CLI's ``serve`` subcommand reuses this).
+
+    Every flag defaults to None, meaning "not given", so that only flags the user typed override the layers below.
+    """
+    parser.add_argument("--config", metavar="FILE", help="TOML or YAML config file (default: $LINLENS_CONFIG)")
+    parser.add_argument(
+        "--model",
+        dest="models",
+        action="append",
+        metavar="NAME",
+        help=f"model to load (repeatable; the first is the default; default: {DEFAULT_MODEL})",
+    )
+    defaults = ServerConfig()
+    for f in fields(ServerConfig):
+        if f.name in ("models", "log_prompts"):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = {"int": int, "float": float, "str": str}[str(f.type)]
+        parser.add_argument(
+            flag,
+            dest=f.name,
+            type=kind,
+            default=None,
+            help=f"{_HELP.get(f.name, f.name)} (default: {getattr(defaults, f.name)})",
+        )
+    parser.add_argument(
+        "--log-prompts",
+        dest="log_prompts",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="allow prompt text in request logs (default: off)",
+    )
+
+
+def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> ServerConfig:
+    """Build the config from parsed flags (see :func:`add_arguments`), the environment and the config file."""
+    overrides = {f.name: getattr(args, f.name, None) for f in fields(ServerConfig)}
+    return load_config(getattr(args, "config", None), environ, overrides)
+
+
+def build_parser(prog: str = "linlens-server") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Run the linlens gRPC server. Settings: defaults < config file < LINLENS_* environment < flags.",
+    )
+    add_arguments(parser)
+    return parser
+
+
+def build_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> ServerConfig:
+    """Parse ``argv`` (default: sys.argv[1:]) into a validated ServerConfig, applying the documented precedence."""
+    args = build_parser().parse_args(argv)
+    return config_from_args(args, environ)
+
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "ENV_PREFIX",
+    "ConfigError",
+    "ServerConfig",
+    "add_arguments",
+    "build_config",
+    "build_parser",
+    "config_from_args",
+    "env_settings",
+    "load_config",
+    "read_config_file",
+]

@@ -1,0 +1,380 @@
+"""Text generation with a transformers causal LM: greedy or sampled, streamed token by token, stoppable.
+
+Generation goes through ``model.generate(do_sample=False)`` itself, so greedy output is transformers' own greedy
+output by construction (not a re-implementation that could drift). Two hooks are passed in:
+
+- a logits processor, which records the model's log-probabilities at each step (for the per-token logprob) and, when
+  sampling, draws the token itself from a per-request ``torch.Generator`` and hands generate a distribution with all
+  mass on that token. transformers would otherwise sample with the *global* torch RNG, which concurrent requests
+  share, so a seed could not make a sampled generation repeatable;
+- a stopping criterion, called after each token is appended, which reports the token to the caller at once (the
+  stream), checks stop sequences, and stops generation when the request was cancelled or its deadline passed.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from linlens.server.scheduler import StopReason
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+
+#: max_new_tokens when a request leaves it unset.
+DEFAULT_MAX_NEW_TOKENS = 16
+
+
+class InputError(ValueError):
+    """The request's input or parameters are unusable; the message says what to change (INVALID_ARGUMENT)."""
+
+
+class GenerationStopped(Exception):
+    """Generation stopped early because the caller cancelled or its deadline passed."""
+
+    def __init__(self, reason: StopReason, tokens: Sequence[GeneratedToken]) -> None:
+        super().__init__(f"generation stopped after {len(tokens)} token(s): {reason.value}")
+        self.reason = reason
+        self.tokens = tuple(tokens)
+
+
+class FinishReason(str, enum.Enum):
+    LENGTH = "length"
+    STOP_SEQUENCE = "stop_sequence"
+    EOS = "eos"
+    CONTEXT_LENGTH = "context_length"
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How tokens are chosen. temperature 0 is greedy decoding; top_p, top_k and seed then do nothing."""
+
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop_sequences: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def validate(self, max_new_tokens_limit: int) -> Sampling:
+        """Raise InputError for an out-of-range parameter, naming it and the accepted range."""
+        if self.max_new_tokens < 1:
+            raise InputError("sampling.max_new_tokens must be at least 1 (leave it unset for the default)")
+        if self.max_new_tokens > max_new_tokens_limit:
+            raise InputError(
+                f"sampling.max_new_tokens is {self.max_new_tokens}, above this server's limit of "
+                f"{max_new_tokens_limit}; ask for fewer tokens"
+            )
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise InputError(f"sampling.temperature must be 0 (greedy) or positive, got {self.temperature}")
+        if not math.isfinite(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            raise InputError(f"sampling.top_p must lie in (0, 1] (0 or 1 turn it off), got {self.top_p}")
+        if self.top_k < 0:
+            raise InputError(f"sampling.top_k must be 0 (off) or positive, got {self.top_k}")
+        if any(s == "" for s in self.stop_sequences):
+            raise InputError("sampling.stop_sequences contains an empty string; remove it")
+        if self.seed is not None and not 0 <= self.seed < 2**64:
+            raise InputError("sampling.seed must fit in an unsigned 64-bit integer")
+        return self
+
+
+@dataclass(frozen=True)
+class GeneratedToken:
+    index: int
+    token_id: int
+    #: The text this token adds to the generation (incremental decoding: the pieces concatenate to the text, which
+    #: decoding tokens one by one does not guarantee for tokenizers that merge spaces or split UTF-8 characters).
+    text: str
+    #: Natural-log probability under the model's own distribution (temperature 1, no truncation).
+    logprob: float
+
+
+@dataclass(frozen=True)
+class Generation:
+    prompt_ids: tuple[int, ...]
+    tokens: tuple[GeneratedToken, ...]
+    #: The generated text, cut before the first stop sequence.
+    text: str
+    finish_reason: FinishReason
+    #: Seconds of generation (all forward passes and sampling).
+    seconds: float
+    #: Seconds from the start of generation to the first token, or None when no token was produced.
+    first_token_seconds: float | None
+    #: The seed a sampled generation used (drawn at random when the request gave none), so it can be repeated.
+    seed: int | None = None
+
+    @property
+    def token_ids(self) -> tuple[int, ...]:
+        return tuple(t.token_id for t in self.tokens)
+
+
+# --- input -----------------------------------------------------------------------------------------------------------
+
+
+def encode_text(tokenizer: Any, text: str) -> list[int]:
+    """Tokenise plain text with the tokenizer's usual special tokens (a BOS where the model expects one)."""
+    if not text:
+        raise InputError("input.text is empty; send the prompt text, token ids or chat messages")
+    ids = list(tokenizer(text)["input_ids"])
+    if not ids:
+        raise InputError("input.text tokenised to no tokens at all")
+    return [int(i) for i in ids]
+
+
+def encode_chat(tokenizer: Any, messages: Sequence[tuple[str, str]], add_generation_prompt: bool) -> list[int]:
+    """Render ``(role, content)`` turns with the model's chat template and tokenise them."""
+    if not messages:
+        raise InputError("input.chat.messages is empty; send at least one message")
+    for i, (role, _content) in enumerate(messages):
+        if not role:
+            raise InputError(f"input.chat.messages[{i}].role is empty; use e.g. 'system', 'user' or 'assistant'")
+    if not getattr(tokenizer, "chat_template", None):
+        raise InputError("this model has no chat template; send input.text or input.token_ids instead")
+    try:
+        rendered = tokenizer.apply_chat_template(
+            [{"role": r, "content": c} for r, c in messages],
+            add_generation_prompt=add_generation_prompt,
+            tokenize=True,
+        )
+    except Exception as exc:  # templates raise arbitrary errors (e.g. "roles must alternate")
+        raise InputError(f"the model's chat template rejected the messages: {exc}") from None
+    ids = rendered["input_ids"] if not isinstance(rendered, list) else rendered
+    if ids and isinstance(ids[0], list):  # a batch of one
+        ids = ids[0]
+    return [int(i) for i in ids]
+
+
+def check_token_ids(ids: Sequence[int], vocab_size: int) -> list[int]:
+    """Refuse an empty id list or an id outside the vocabulary, naming the first bad position."""
+    if not ids:
+        raise InputError("input.token_ids.ids is empty; send at least one token id")
+    for pos, tid in enumerate(ids):
+        if not 0 <= tid < vocab_size:
+            raise InputError(
+                f"input.token_ids.ids[{pos}] = {tid} is not a token id of this model (valid: 0..{vocab_size - 1})"
+            )
+    return [int(i) for i in ids]
+
+
+# --- generation ------------------------------------------------------------------------------------------------------
+
+
+class _StepLogits(LogitsProcessor):
+    """Records each step's log-probabilities and, when sampling, picks the token with a private generator."""
+
+    def __init__(self, sampling: Sampling, generator: torch.Generator | None) -> None:
+        self.sampling = sampling
+        self.generator = generator
+        self.logprobs: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self.logprobs = torch.log_softmax(scores[0].float(), dim=-1)
+        if self.sampling.greedy:
+            return scores
+        token = _sample(scores[0].float(), self.sampling, self.generator)
+        chosen = torch.full_like(scores, -math.inf)
+        chosen[0, token] = 0.0
+        return chosen  # type: ignore[return-value]
+
+
+def _sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:
+    """Temperature, then top-k, then top-p (nucleus), then one draw: the usual order, as in most servers."""
+    scores = logits / sampling.temperature
+    if 0 < sampling.top_k < scores.numel():
+        kth = torch.topk(scores, sampling.top_k).values[-1]
+        scores = scores.masked_fill(scores < kth, -math.inf)
+    if sampling.top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=True)
+        probs = torch.softmax(sorted_scores, dim=-1)
+        # drop a token when the tokens before it already reach top_p; the most likely token always stays
+        before = torch.cumsum(probs, dim=-1) - probs
+        drop = before >= sampling.top_p
+        drop[0] = False
+        scores = scores.scatter(0, order[drop], -math.inf)
+    probs = torch.softmax(scores, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator).item())
+
+
+class _TokenHook(StoppingCriteria):
+    """Runs after every generated token: record it, hand it on, and decide whether to stop."""
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        prompt_len: int,
+        step_logits: _StepLogits,
+        stop_sequences: tuple[str, ...],
+        should_stop: Callable[[], bool],
+        on_token: Callable[[GeneratedToken], None] | None,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.prompt_len = prompt_len
+        self.step_logits = step_logits
+        self.stop_sequences = stop_sequences
+        self.should_stop = should_stop
+        self.on_token = on_token
+        self.ids: list[int] = []
+        self.tokens: list[GeneratedToken] = []
+        self.text = ""
+        self.stop_at: int | None = None  # where the first stop sequence starts in self.text
+        self.cancelled = False
+        self.started = time.monotonic()
+        self.first_token_at: float | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        token_id = int(input_ids[0, -1])
+        self.ids.append(token_id)
+        if self.first_token_at is None:
+            self.first_token_at = time.monotonic()
+        logprobs = self.step_logits.logprobs
+        logprob = float(logprobs[token_id]) if logprobs is not None else math.nan
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            piece = ""  # an incomplete UTF-8 character: its bytes arrive with a later token
+        else:
+            piece = text[len(self.text) :] if text.startswith(self.text) else text
+            self.text = text
+        token = GeneratedToken(index=len(self.tokens), token_id=token_id, text=piece, logprob=logprob)
+        self.tokens.append(token)
+        if self.on_token is not None:
+            self.on_token(token)
+        stop = False
+        if self.stop_sequences:
+            hits = [i for i in (text.find(s) for s in self.stop_sequences) if i >= 0]
+            if hits:
+                self.stop_at = min(hits)
+                stop = True
+        if self.should_stop():
+            self.cancelled = True
+            stop = True
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool)  # type: ignore[return-value]
+
+
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompt_ids: Sequence[int],
+    sampling: Sampling,
+    *,
+    max_positions: int | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+    stop_reason: Callable[[], StopReason | None] = lambda: None,
+    on_token: Callable[[GeneratedToken], None] | None = None,
+) -> Generation:
+    """Generate up to ``sampling.max_new_tokens`` tokens after ``prompt_ids``.
+
+    ``on_token`` is called on the generating thread as soon as each token exists. When ``should_stop`` turns true,
+    generation ends after the current token and GenerationStopped(reason from ``stop_reason``) is raised.
+    """
+    prompt = [int(i) for i in prompt_ids]
+    budget = sampling.max_new_tokens
+    capped_by_context = False
+    if max_positions:
+        room = max_positions - len(prompt)
+        if room < 1:
+            raise InputError(
+                f"the input has {len(prompt)} tokens, which fills the model's context of {max_positions}; shorten it"
+            )
+        if room < budget:
+            budget, capped_by_context = room, True
+
+    seed: int | None = None
+    generator: torch.Generator | None = None
+    if not sampling.greedy:
+        seed = sampling.seed if sampling.seed is not None else secrets.randbits(63)
+        generator = torch.Generator(device=model.device)
+        generator.manual_seed(seed)
+
+    step_logits = _StepLogits(sampling, generator)
+    hook = _TokenHook(tokenizer, len(prompt), step_logits, sampling.stop_sequences, should_stop, on_token)
+    if should_stop():
+        raise GenerationStopped(stop_reason() or StopReason.CANCELLED, [])
+
+    config = GenerationConfig.from_dict(model.generation_config.to_dict())
+    config.do_sample = False  # greedy argmax over what _StepLogits returns: the draw happened there when sampling
+    config.max_new_tokens = budget
+    config.min_new_tokens = None
+    config.max_length = None
+    config.num_beams = 1
+    for name in ("temperature", "top_p", "top_k", "min_p", "typical_p"):
+        setattr(config, name, None)  # never applied with do_sample=False; unset so transformers does not warn
+    eos = config.eos_token_id if config.eos_token_id is not None else tokenizer.eos_token_id
+    if config.pad_token_id is None:
+        config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else _first(eos, 0)
+    eos_ids = set(_as_list(eos))
+    if sampling.ignore_eos:
+        config.eos_token_id = []  # None would be refilled from the model's defaults inside generate
+
+    input_ids = torch.tensor([prompt], dtype=torch.long, device=model.device)
+    started = time.monotonic()
+    model.generate(
+        input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        generation_config=config,
+        logits_processor=LogitsProcessorList([step_logits]),
+        stopping_criteria=StoppingCriteriaList([hook]),
+    )
+    seconds = time.monotonic() - started
+    step_logits.logprobs = None
+
+    if hook.cancelled:
+        raise GenerationStopped(stop_reason() or StopReason.CANCELLED, hook.tokens)
+
+    text = tokenizer.decode(hook.ids, skip_special_tokens=True)
+    if hook.stop_at is not None:
+        reason, text = FinishReason.STOP_SEQUENCE, text[: hook.stop_at]
+    elif hook.ids and hook.ids[-1] in eos_ids and not sampling.ignore_eos:
+        reason = FinishReason.EOS
+    elif capped_by_context and len(hook.ids) >= budget:
+        reason = FinishReason.CONTEXT_LENGTH
+    else:
+        reason = FinishReason.LENGTH
+    first = None if hook.first_token_at is None else hook.first_token_at - started
+    return Generation(
+        prompt_ids=tuple(prompt),
+        tokens=tuple(hook.tokens),
+        text=text,
+        finish_reason=reason,
+        seconds=seconds,
+        first_token_seconds=first,
+        seed=seed,
+    )
+
+
+def _as_list(value: Any) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return [int(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return [int(v) for v in value.flatten().tolist()]
+    return [int(value)]
+
+
+def _first(value: Any, default: int) -> int:
+    items = _as_list(value)
+    return items[0] if items else default
+
+
+__all__ = [
+    "DEFAULT_MAX_NEW_TOKENS",
+    "FinishReason",
+    "GeneratedToken",
+    "Generation",
+    "GenerationStopped",
+    "InputError",
+    "Sampling",
+    "check_token_ids",
+    "encode_chat",
+    "encode_text",
+    "generate",
+]
