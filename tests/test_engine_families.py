@@ -1,0 +1,213 @@
+"""Exactness of the detached Jacobian on every supported family (tiny random-weight models, real loading path)."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from linlens.engine import (
+    AttributionTarget,
+    ExplainOptions,
+    ExplanationCancelled,
+    GateMode,
+    PositionSelection,
+    Precision,
+    UnsupportedArchitectureError,
+)
+from linlens.engine.activations import COEFFICIENTS, frozen_activation
+from linlens.models import LoadedModel, load_model
+from tiny_models import FAMILIES, SEQUENCE_LENGTH, sample_ids, save_tiny_model
+from transformers import GPT2Config, GPT2LMHeadModel
+
+LIMITS = {Precision.FLOAT64: 1e-10, Precision.FLOAT32: 1e-4}
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    return {family: save_tiny_model(family, root / family) for family in FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def loaded(folders: dict[str, Path]) -> dict[str, LoadedModel]:
+    return {family: load_model(str(folder)) for family, folder in folders.items()}
+
+
+def _logits(model: LoadedModel, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model.model(input_ids=torch.tensor([ids])).logits[0]
+
+
+@pytest.mark.parametrize("precision", [Precision.FLOAT64, Precision.FLOAT32])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_reconstruction_is_exact(loaded: dict[str, LoadedModel], family: str, precision: Precision) -> None:
+    model = loaded[family]
+    ids = sample_ids()
+    explanation = model.explainer.explain(ids, ExplainOptions(top_k=2, precision=precision, ordinary_contrast=True))
+    recon = explanation.reconstruction
+    assert recon is not None
+    assert recon.relative_error_vs_detached <= LIMITS[precision]
+    assert recon.relative_error_vs_model <= 1e-4
+    assert recon.predicts_same_token
+    # The prediction explained is the untouched model's own.
+    assert explanation.predicted.token_id == int(torch.argmax(_logits(model, ids)[-1]))
+    # Attributions complete the logit: sum_i a_i + w.c == w.y.
+    attribution = explanation.attributions[0]
+    assert attribution.per_token.shape == (SEQUENCE_LENGTH,)
+    assert attribution.completeness_error <= 1e-4
+    # Bias terms are reported as the affine constant, never hidden in the error.
+    assert explanation.has_bias == (family == "llama-bias")
+    assert (np.abs(explanation.constant).max() > 1e-3) == explanation.has_bias
+    # The check discriminates: the ordinary Jacobian of the same network does not reconstruct y.
+    assert explanation.ordinary is not None
+    assert explanation.ordinary.relative_error_vs_model > 1e-2
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "phi3"])
+def test_freezing_the_up_projection_is_exact_too(loaded: dict[str, LoadedModel], family: str) -> None:
+    options = ExplainOptions(top_k=1, precision=Precision.FLOAT64, gate_mode=GateMode.FREEZE_UP)
+    explanation = loaded[family].explainer.explain(sample_ids(), options)
+    assert explanation.gate_mode is GateMode.FREEZE_UP
+    assert explanation.reconstruction is not None
+    assert explanation.reconstruction.relative_error_vs_detached <= 1e-10
+
+
+def test_explained_model_is_untouched(folders: dict[str, Path], loaded: dict[str, LoadedModel]) -> None:
+    """After explanations in every mode, the served model computes bit for bit what a fresh copy computes."""
+    for family in ("gemma3", "llama-bias", "olmo2"):
+        model = loaded[family]
+        for precision in (Precision.FLOAT32, Precision.FLOAT64):
+            for mode in GateMode:
+                model.explainer.explain(sample_ids(2), ExplainOptions(top_k=1, precision=precision, gate_mode=mode))
+        fresh = load_model(str(folders[family]))
+        ids = sample_ids(3)
+        assert torch.equal(_logits(model, ids), _logits(fresh, ids))
+        assert model.model.config._attn_implementation == fresh.model.config._attn_implementation
+        assert not any(hasattr(m, "linlens_detach") for m in model.model.modules())
+
+
+def test_generation_is_unaffected_by_concurrent_explanations(loaded: dict[str, LoadedModel]) -> None:
+    model = loaded["mistral"]
+    prompt = torch.tensor([sample_ids(4)])
+    expected = model.model.generate(prompt, max_new_tokens=6, do_sample=False)
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def explain_repeatedly() -> None:
+        try:
+            while not stop.is_set():
+                model.explainer.explain(sample_ids(5), ExplainOptions(top_k=1))
+        except BaseException as error:  # surfaced to the test thread below
+            errors.append(error)
+
+    workers = [threading.Thread(target=explain_repeatedly) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    try:
+        for _ in range(5):
+            assert torch.equal(model.model.generate(prompt, max_new_tokens=6, do_sample=False), expected)
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join()
+    assert not errors
+
+
+def test_spectra_are_consistent(loaded: dict[str, LoadedModel]) -> None:
+    model = loaded["qwen3"]
+    d = model.hidden_size
+    options = ExplainOptions(top_k=d, positions=PositionSelection.ALL, include_jacobians=True, tokens_per_vector=3)
+    explanation = model.explainer.explain(sample_ids(), options)
+    assert len(explanation.spectra) == SEQUENCE_LENGTH
+    y = explanation.y.astype(np.float64)
+    for spectrum in explanation.spectra:
+        values = spectrum.singular_values
+        assert np.all(np.diff(values) <= 1e-6 * values[0])
+        assert spectrum.stable_rank >= 1.0
+        shares = np.array(spectrum.captured_share)
+        assert np.all(np.diff(shares) >= -1e-6) and shares[0] >= 0 and abs(shares[-1] - 1) < 1e-4
+        for component in spectrum.components[:3]:
+            assert abs(np.linalg.norm(component.left) - 1) < 1e-5
+            assert component.left @ y >= 0  # signs point along y
+            assert len(component.left_tokens) == 3 and len(component.right_tokens) == 3
+    # Keeping every singular direction reconstructs y as well as the full Jacobian does.
+    assert explanation.reconstruction is not None
+    assert abs(explanation.truncated_relative_error[-1] - explanation.reconstruction.relative_error_vs_model) < 1e-5
+    # The returned Jacobians are the ones the reconstruction used: sum_i J_i x_i == y.
+    jacobians = explanation.jacobians
+    assert jacobians is not None and jacobians.shape == (SEQUENCE_LENGTH, d, d)
+    embeddings = model.model.get_input_embeddings().weight.detach().numpy()[list(explanation.input_ids)]
+    rebuilt = np.einsum("nod,nd->o", jacobians.astype(np.float64), embeddings.astype(np.float64))
+    assert np.linalg.norm(rebuilt - y) / np.linalg.norm(y) < 1e-5
+
+
+def test_targets_and_contrasts_split_exactly(loaded: dict[str, LoadedModel]) -> None:
+    model = loaded["llama"]
+    a, b = 10, 20
+    options = ExplainOptions(
+        top_k=0,
+        precision=Precision.FLOAT64,
+        targets=(AttributionTarget(a), AttributionTarget(b), AttributionTarget(a, contrast_token_id=b)),
+    )
+    explanation = model.explainer.explain(sample_ids(), options)
+    assert explanation.reconstruction is None  # top_k=0: one VJP per target, no full Jacobian
+    assert explanation.vjp_count == 4
+    _, for_a, for_b, a_vs_b = explanation.attributions
+    np.testing.assert_allclose(a_vs_b.per_token, for_a.per_token - for_b.per_token, atol=1e-12)
+    assert a_vs_b.label == f"{for_a.label} vs {for_b.label}"
+    logits = _logits(model, list(explanation.input_ids))[-1]
+    assert abs(for_a.total - float(logits[a])) < 1e-5
+    assert abs(a_vs_b.total - float(logits[a] - logits[b])) < 1e-5
+    assert max(x.completeness_error for x in explanation.attributions) < 1e-4
+
+
+def test_cancellation_stops_the_jacobian(loaded: dict[str, LoadedModel]) -> None:
+    model = loaded["llama"]
+    progress: list[int] = []
+    with pytest.raises(ExplanationCancelled):
+        model.explainer.explain(
+            sample_ids(),
+            ExplainOptions(top_k=1, vjp_chunk_size=8),
+            should_stop=lambda: len(progress) >= 2,
+            on_progress=lambda done, total: progress.append(done),
+        )
+    assert progress == [8, 16]
+
+
+@pytest.mark.parametrize(
+    ("ids", "options", "message"),
+    [
+        ([], ExplainOptions(), "empty"),
+        ([5, 10_000], ExplainOptions(), "outside the vocabulary"),
+        ([5, 6], ExplainOptions(top_k=-1), "top_k"),
+        ([5, 6], ExplainOptions(targets=(AttributionTarget(-3),)), "outside the vocabulary"),
+        ([5, 6], ExplainOptions(precision=Precision.BFLOAT16), "accelerator"),
+    ],
+)
+def test_bad_input_is_refused_clearly(
+    loaded: dict[str, LoadedModel], ids: list[int], options: ExplainOptions, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        loaded["llama"].explainer.explain(ids, options)
+
+
+def test_unsupported_architecture_is_refused(tmp_path: Path) -> None:
+    config = GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=2)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedArchitectureError, match="GPT2LMHeadModel.*LlamaForCausalLM"):
+        load_model(str(tmp_path))
+
+
+@pytest.mark.parametrize("name", sorted(COEFFICIENTS))
+def test_frozen_activations_keep_values_and_freeze_slopes(name: str) -> None:
+    from transformers.activations import ACT2FN
+
+    h = torch.linspace(-4, 4, 41, dtype=torch.float64, requires_grad=True)
+    coefficient = COEFFICIENTS[name]
+    value = frozen_activation(h, coefficient)
+    torch.testing.assert_close(value, ACT2FN[name](h), rtol=1e-12, atol=1e-12)
+    (slope,) = torch.autograd.grad(value.sum(), h)
+    torch.testing.assert_close(slope, coefficient(h.detach()))
