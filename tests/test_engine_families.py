@@ -197,7 +197,7 @@ def test_bad_input_is_refused_clearly(
 def test_unsupported_architecture_is_refused(tmp_path: Path) -> None:
     config = GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=2)
     GPT2LMHeadModel(config).save_pretrained(tmp_path)
-    with pytest.raises(UnsupportedArchitectureError, match="GPT2LMHeadModel.*LlamaForCausalLM"):
+    with pytest.raises(UnsupportedArchitectureError, match=r"GPT2LMHeadModel.*LlamaForCausalLM"):
         load_model(str(tmp_path))
 
 
