@@ -8,6 +8,7 @@ exercised through real channels, real status codes and real deadlines. Nothing i
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from collections import defaultdict
@@ -43,7 +44,9 @@ from linlens.client import (
     RetryPolicy,
     UnavailableError,
     array_from_tensor,
+    collect_stream,
     tensor_from_array,
+    to_jsonable,
 )
 from linlens.client._base import decode_health_response, encode_health_request
 from linlens.client.convert import (
@@ -698,6 +701,22 @@ def test_stream_yields_tokens_explanation_then_done(scripted: tuple[str, Scripte
     assert [e.index for e in events[:3] if isinstance(e, GeneratedToken)] == [0, 1, 2]
     done = events[-1]
     assert isinstance(done, GenerationDone) and done.text == "t0t1t2"
+
+
+def test_collect_stream_and_to_jsonable(scripted: tuple[str, ScriptedService]) -> None:
+    target, _ = scripted
+    with Client(target) as client:
+        generation = collect_stream(client.generate_stream("tokens:2"))
+        with pytest.raises(ValueError, match="GenerationDone"):
+            events = client.generate_stream("tokens:2")
+            collect_stream(event for event in events if not isinstance(event, GenerationDone))
+    assert generation.text == "t0t1" and [t.text for t in generation.tokens] == ["t0", "t1"]
+    assert len(generation.explanations) == 1
+    data = json.loads(json.dumps(to_jsonable(generation)))
+    assert data["finish_reason"] == "unspecified"
+    explanation = data["explanations"][0]
+    assert explanation["attributions"][0]["per_token"] == [1.0, 2.0, 8.0]
+    assert explanation["jacobians"][1][2][3] == 27.0 and explanation["gate_mode"] == "freeze_up"
 
 
 def test_stream_failure_before_first_event_is_retried(scripted: tuple[str, ScriptedService]) -> None:

@@ -51,6 +51,8 @@ from linlens.client.types import (
     Timings,
     TokenScore,
     Usage,
+    collect_stream,
+    to_jsonable,
 )
 
 __all__ = [
@@ -94,6 +96,8 @@ __all__ = [
     "UnavailableError",
     "Usage",
     "array_from_tensor",
+    "collect_stream",
     "from_rpc_error",
     "tensor_from_array",
+    "to_jsonable",
 ]

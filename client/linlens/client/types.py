@@ -4,15 +4,17 @@ They mirror the engine's ``linlens.engine.results`` dataclasses field for field 
 code written against a local Explainer reads the same against the service), with three differences forced by the
 wire: timings are milliseconds (``Timings.*_ms``), an Explanation knows which generation ``step`` it belongs to, and
 the generation itself has result types of its own. Vectors and matrices are read-only numpy arrays in the precision
-the explanation ran in. Nothing here imports torch.
+the explanation ran in. Classes holding arrays compare by identity (``eq=False``): elementwise array comparison has
+no single truth value. ``to_jsonable`` turns any result into plain JSON-ready data. Nothing here imports torch.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, TypeAlias
+from typing import Any, Literal, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
@@ -198,7 +200,7 @@ class Reconstruction:
     linear_token_id: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Attribution:
     """Exact split of a logit (or logit difference) over input tokens: sum(per_token) + constant == total."""
 
@@ -210,7 +212,7 @@ class Attribution:
     completeness_error: float
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class SingularComponent:
     """One singular triple (s, u, v) of J_i; u decoded through the LM head, v to the nearest input embeddings."""
 
@@ -222,7 +224,7 @@ class SingularComponent:
     right_tokens: tuple[TokenScore, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class PositionSpectrum:
     """The singular-value picture of one input position's Jacobian J_i."""
 
@@ -259,7 +261,7 @@ class Timings:
     total_ms: float = 0.0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Explanation:
     """The explanation of one next-token prediction (generation step ``step``)."""
 
@@ -364,3 +366,50 @@ class ModelInfo:
     source: str
     is_default: bool
     loaded: bool
+
+
+def to_jsonable(value: Any) -> Any:
+    """Plain data (dicts, lists, str, int, float, bool, None) for any result: arrays become nested lists and enums
+    their string values, so ``json.dumps(to_jsonable(result))`` works for a CLI or a log."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: to_jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Mapping):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    return value
+
+
+def collect_stream(events: Iterable[StreamEvent]) -> Generation:
+    """Assemble the events of ``generate_stream`` into the Generation that ``generate`` would have returned.
+
+    Raises ValueError when the stream ended without its GenerationDone event (it was cut short).
+    """
+    tokens: list[GeneratedToken] = []
+    explanations: list[Explanation] = []
+    done: GenerationDone | None = None
+    for event in events:
+        if isinstance(event, GeneratedToken):
+            tokens.append(event)
+        elif isinstance(event, Explanation):
+            explanations.append(event)
+        else:
+            done = event
+    if done is None:
+        raise ValueError("the stream ended without a GenerationDone event")
+    return Generation(
+        model=done.model,
+        text=done.text,
+        tokens=tuple(tokens),
+        finish_reason=done.finish_reason,
+        usage=done.usage,
+        explanations=tuple(sorted(explanations, key=lambda e: e.step)),
+        timings=done.timings,
+        prompt_text=done.prompt_text,
+    )
