@@ -82,6 +82,9 @@ class ServerConfig:
     max_tokens_per_vector: int = 64
     #: Largest number of extra attribution targets per request.
     max_attribution_targets: int = 16
+    #: Run one tiny generation and explanation per model before reporting SERVING, so that the first real request
+    #: does not pay for lazy set-up (building the linear twin, first-call allocations): seconds at start-up instead.
+    warmup: bool = True
     #: Seconds that in-flight requests get to finish after SIGTERM before the process exits anyway.
     grace_period_s: float = 30.0
     #: Threads serving gRPC calls. They only wait on the job queue, so this bounds open calls, not model work.
@@ -301,7 +304,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     defaults = ServerConfig()
     for f in fields(ServerConfig):
-        if f.name in ("models", "log_prompts"):
+        if f.name in ("models", "log_prompts", "warmup"):
             continue
         flag = "--" + f.name.replace("_", "-")
         kind = {"int": int, "float": float, "str": str}[str(f.type)]
@@ -318,6 +321,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="allow prompt text in request logs (default: off)",
+    )
+    parser.add_argument(
+        "--warmup",
+        dest="warmup",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="warm each model up before reporting SERVING (default: on)",
     )
 
 

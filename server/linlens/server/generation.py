@@ -22,8 +22,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from linlens.server.scheduler import StopReason
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+
+from linlens.server.scheduler import StopReason
 
 #: max_new_tokens when a request leaves it unset.
 DEFAULT_MAX_NEW_TOKENS = 16

@@ -162,6 +162,7 @@ class Scheduler:
         self._queue: collections.deque[Job[object]] = collections.deque()
         self._cond = threading.Condition()
         self._running = 0
+        self._active: set[Job[object]] = set()
         self._closed = False
         self._threads = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True) for i in range(workers)]
         for t in self._threads:
@@ -222,9 +223,12 @@ class Scheduler:
             pending = list(self._queue)
             self._queue.clear()
             self._closed = True
+            active = list(self._active)
         for job in pending:
             job.token.cancel(reason)
             job.future.set_exception(JobStopped(reason))
+        for job in active:
+            job.token.cancel(reason)
         self._report_depth(0)
 
     def wait_idle(self, timeout: float | None) -> bool:
@@ -254,6 +258,7 @@ class Scheduler:
                     self._cond.wait()
                 job = self._queue.popleft()
                 self._running += 1
+                self._active.add(job)
                 depth = len(self._queue)
             self._report_depth(depth)
             try:
@@ -261,6 +266,7 @@ class Scheduler:
             finally:
                 with self._cond:
                     self._running -= 1
+                    self._active.discard(job)
                     self._cond.notify_all()
 
     @staticmethod

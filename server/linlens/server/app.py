@@ -1,0 +1,271 @@
+"""The server process: gRPC server, health, reflection, metrics endpoint, model loading and graceful shutdown.
+
+Health (grpc.health.v1) reports three kinds of service name:
+
+- ``""`` (the whole server) and ``linlens.v1.LinlensService``: SERVING once every configured model is loaded,
+  NOT_SERVING while models load, when one failed to load, and from the moment a drain starts. This is the name for
+  readiness and start-up probes;
+- each model's name (e.g. ``smollm2-135m``): SERVING when that model can take requests.
+
+A drain (SIGTERM or SIGINT, or :meth:`RunningServer.drain`) turns every health status to NOT_SERVING, refuses new
+calls with UNAVAILABLE, lets calls in flight finish within the grace period, then cancels what is left and stops. A
+second signal during a drain cancels the remaining work at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from linlens.server.config import ServerConfig, build_config
+from linlens.server.logs import setup_logging
+from linlens.server.metrics import Metrics
+from linlens.server.scheduler import Scheduler, StopReason
+from linlens.server.service import SERVICE_NAME, Lifecycle, LinlensServicer, ModelHost, ModelSlot
+from linlens.v1 import linlens_pb2 as pb
+from linlens.v1 import linlens_pb2_grpc as pb_grpc
+
+_log = logging.getLogger(__name__)
+
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+#: Largest message the server accepts (requests are small; this only bounds abuse).
+_MAX_RECEIVE_BYTES = 16 * 1024 * 1024
+
+
+@dataclass
+class RunningServer:
+    """A started server and the handles to watch and stop it."""
+
+    config: ServerConfig
+    server: grpc.Server
+    port: int
+    host: ModelHost
+    scheduler: Scheduler
+    metrics: Metrics
+    health: health.HealthServicer
+    lifecycle: Lifecycle
+    servicer: LinlensServicer
+    loaded_event: threading.Event = field(default_factory=threading.Event)
+    stopped_event: threading.Event = field(default_factory=threading.Event)
+    _drain_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def target(self) -> str:
+        """A ``host:port`` a client on this machine can connect to."""
+        host = self.config.host
+        if host in ("0.0.0.0", "::", "[::]", ""):
+            host = "127.0.0.1"
+        return f"{host}:{self.port}"
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self.metrics.http_port
+
+    def wait_until_loaded(self, timeout: float | None = None) -> bool:
+        """Wait until model loading has finished (successfully or not); True if it finished in time."""
+        return self.loaded_event.wait(timeout)
+
+    def drain(self, grace: float | None = None) -> bool:
+        """Stop taking calls, give calls in flight ``grace`` seconds (default: the config's), then stop.
+
+        Returns True when every call finished within the grace period. Safe to call more than once.
+        """
+        grace = self.config.grace_period_s if grace is None else grace
+        with self._drain_lock:
+            if self.stopped_event.is_set():
+                return True
+            started = time.monotonic()
+            inflight = self.lifecycle.inflight
+            _log.info("draining: %d call(s) in flight, grace period %.1f s", inflight, grace)
+            self.lifecycle.start_draining()
+            self.health.enter_graceful_shutdown()
+            self.scheduler.close()
+            finished = self.lifecycle.wait_idle(grace)
+            if not finished:
+                _log.warning("grace period over with %d call(s) in flight; cancelling them", self.lifecycle.inflight)
+                self.scheduler.cancel_all(StopReason.SHUTDOWN)
+                self.lifecycle.wait_idle(5.0)
+            self.server.stop(grace=1.0).wait(5.0)
+            self.metrics.stop_http_server()
+            self.stopped_event.set()
+            _log.info("stopped after %.1f s of draining", time.monotonic() - started)
+            return finished
+
+    def force_stop(self) -> None:
+        """Cancel all queued and running work now (a second signal during a drain)."""
+        self.scheduler.cancel_all(StopReason.SHUTDOWN)
+
+    def stop(self) -> None:
+        """Stop at once, cancelling work in flight (tests, errors)."""
+        self.drain(grace=0.0)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self.stopped_event.wait(timeout)
+
+
+def _apply_torch_threads(config: ServerConfig) -> None:
+    if config.torch_threads:
+        import torch
+
+        torch.set_num_threads(config.torch_threads)
+
+
+def start_server(
+    config: ServerConfig,
+    *,
+    models: Sequence[Any] = (),
+    metrics: Metrics | None = None,
+    load_in_background: bool = True,
+) -> RunningServer:
+    """Start serving ``config`` and return at once; models load on a background thread.
+
+    ``models`` are already loaded :class:`linlens.models.LoadedModel` objects to serve instead of loading them again
+    (each must be one of ``config.models``). Until a model is ready, calls for it fail with UNAVAILABLE and its
+    health is NOT_SERVING. With ``load_in_background=False`` this returns only once loading is over.
+    """
+    _apply_torch_threads(config)
+    metrics = metrics or Metrics()
+    host = ModelHost(config)
+    lifecycle = Lifecycle()
+    scheduler = Scheduler(config.max_concurrent_jobs, config.max_queue, on_queue_depth=metrics.set_queue_depth)
+    servicer = LinlensServicer(config, host, scheduler, metrics, lifecycle)
+
+    server = grpc.server(
+        ThreadPoolExecutor(max_workers=config.grpc_threads, thread_name_prefix="linlens-grpc"),
+        options=[
+            ("grpc.max_receive_message_length", _MAX_RECEIVE_BYTES),
+            ("grpc.max_send_message_length", -1),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    pb_grpc.add_LinlensServiceServicer_to_server(servicer, server)
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    service_names = (
+        pb.DESCRIPTOR.services_by_name["LinlensService"].full_name,
+        health.SERVICE_NAME,
+        reflection.SERVICE_NAME,
+    )
+    reflection.enable_server_reflection(service_names, server)
+
+    for name in ("", SERVICE_NAME, *host.slots):
+        health_servicer.set(name, _NOT_SERVING)
+
+    def on_model_change(slot: ModelSlot) -> None:
+        health_servicer.set(slot.name, _SERVING if slot.state == "ready" else _NOT_SERVING)
+        overall = _SERVING if host.all_ready else _NOT_SERVING
+        health_servicer.set("", overall)
+        health_servicer.set(SERVICE_NAME, overall)
+
+    host.on_change(on_model_change)
+    for loaded in models:
+        host.adopt(loaded)
+        metrics.observe_model_load(loaded.name, loaded.load_seconds, _labels(loaded))
+
+    address = f"{config.host}:{config.port}"
+    port = server.add_insecure_port(address)
+    if port == 0:  # pragma: no cover - older grpc returns 0 instead of raising
+        raise OSError(f"cannot listen on {address}: the port is taken or the address is not local")
+    if config.metrics_port:
+        metrics.start_http_server(config.metrics_port, config.metrics_host)
+    server.start()
+    running = RunningServer(
+        config=config,
+        server=server,
+        port=port,
+        host=host,
+        scheduler=scheduler,
+        metrics=metrics,
+        health=health_servicer,
+        lifecycle=lifecycle,
+        servicer=servicer,
+    )
+    _log.info(
+        "linlens listening on %s:%d (models: %s; default %s; metrics port %s)",
+        config.host,
+        port,
+        ", ".join(host.slots),
+        host.default_name,
+        running.metrics_port or "off",
+    )
+
+    def load() -> None:
+        try:
+            host.load_all(metrics)
+        finally:
+            running.loaded_event.set()
+
+    if load_in_background:
+        threading.Thread(target=load, name="linlens-model-loader", daemon=True).start()
+    else:
+        load()
+    return running
+
+
+def _labels(loaded: Any) -> dict[str, str]:
+    from linlens.server.service import model_labels
+
+    return model_labels(loaded)
+
+
+def serve(config: ServerConfig, *, install_signal_handlers: bool = True) -> int:
+    """Run a server until SIGTERM or SIGINT, then drain it. Returns the process exit status.
+
+    Exit status 0 after a drain (whether or not every call finished within the grace period: the orchestrator
+    asked us to stop, and we did), 1 when no configured model could be loaded (a server that cannot serve anything
+    should fail visibly rather than sit NOT_SERVING forever).
+    """
+    stop_requested = threading.Event()
+    running = start_server(config)
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if stop_requested.is_set():
+            _log.warning("%s again: cancelling the remaining work", name)
+            running.force_stop()
+            return
+        _log.info("%s received: draining (grace period %.1f s)", name, config.grace_period_s)
+        stop_requested.set()
+
+    if install_signal_handlers:
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+
+    status = 0
+    while not stop_requested.wait(0.5):
+        if running.loaded_event.is_set() and not any(s.state == "ready" for s in running.host.slots.values()):
+            _log.error("no model could be loaded; stopping")
+            status = 1
+            break
+    running.drain()
+    return status
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m linlens.server [flags]``: parse the configuration, set up logging, serve."""
+    from linlens.server.config import ConfigError
+
+    try:
+        config = build_config(argv)
+    except ConfigError as exc:
+        print(f"linlens: configuration error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(config.log_format, config.log_level)
+    return serve(config)
+
+
+__all__ = ["RunningServer", "build_config", "main", "serve", "start_server"]
