@@ -1,0 +1,92 @@
+"""Shared fixtures: the real default model, loaded once per session, and real servers on free localhost ports.
+
+Loading SmolLM2 costs seconds and memory, so one LoadedModel is shared by the session's in-process servers (the
+servers adopt it instead of loading their own copy) and by tests that compute reference answers with transformers
+directly. Tests that need a differently configured server (a tiny queue, a drain) start one with ``make_server``; it
+reuses the same model and stops the server when the test ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import socket
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+MODEL = "smollm2-135m"
+
+
+def free_port() -> int:
+    """A TCP port that is free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def server_config(**overrides: Any) -> Any:
+    """The configuration of the test servers: loopback, an OS-chosen port, no metrics port, small limits."""
+    from linlens.server.config import ServerConfig
+
+    base = ServerConfig(
+        host="127.0.0.1",
+        port=0,
+        metrics_port=0,
+        models=(MODEL,),
+        max_concurrent_jobs=1,
+        max_queue=16,
+        max_prompt_tokens=256,
+        max_new_tokens=64,
+        max_explained_steps=4,
+        max_top_k=8,
+        grace_period_s=10.0,
+        grpc_threads=24,
+    )
+    return dataclasses.replace(base, **overrides).validate()
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Any:
+    """The real default model (linlens.models.LoadedModel), loaded once for the whole session."""
+    from linlens.models import load_model
+
+    return load_model(MODEL)
+
+
+@pytest.fixture(scope="session")
+def server(smollm2: Any) -> Iterator[Any]:
+    """One real server for the session, serving ``smollm2`` on a free localhost port (RunningServer)."""
+    from linlens.server.app import start_server
+
+    running = start_server(server_config(), models=[smollm2])
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture(scope="session")
+def target(server: Any) -> str:
+    """``127.0.0.1:<port>`` of the session server."""
+    return str(server.target)
+
+
+@pytest.fixture
+def make_server(smollm2: Any) -> Iterator[Callable[..., Any]]:
+    """Start extra servers with config overrides (e.g. ``max_queue=0``); each is stopped after the test."""
+    from linlens.server.app import start_server
+
+    started: list[Any] = []
+
+    def make(**overrides: Any) -> Any:
+        running = start_server(server_config(**overrides), models=[smollm2])
+        started.append(running)
+        return running
+
+    yield make
+    for running in started:
+        with contextlib.suppress(Exception):
+            running.stop()
