@@ -1,0 +1,1 @@
+"""The ``linlens`` command line (see :mod:`linlens.cli.main`)."""

@@ -1,0 +1,5 @@
+import sys
+
+from linlens.cli.main import main
+
+sys.exit(main())
