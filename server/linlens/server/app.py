@@ -97,8 +97,11 @@ class RunningServer:
             finished = self.lifecycle.wait_idle(grace)
             if not finished:
                 _log.warning("grace period over with %d call(s) in flight; cancelling them", self.lifecycle.inflight)
-                self.scheduler.cancel_all(StopReason.SHUTDOWN)
-                self.lifecycle.wait_idle(5.0)
+            # Also stops jobs whose callers left already and which have not reached a check point yet, so that no
+            # model work is still running when the process exits.
+            self.scheduler.cancel_all(StopReason.SHUTDOWN)
+            self.lifecycle.wait_idle(5.0)
+            self.scheduler.wait_idle(10.0)
             self.server.stop(grace=1.0).wait(5.0)
             self.metrics.stop_http_server()
             self.stopped_event.set()
