@@ -8,6 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny_models import FAMILIES, SEQUENCE_LENGTH, sample_ids, save_tiny_model
+from transformers import GPT2Config, GPT2LMHeadModel
+
 from linlens.engine import (
     AttributionTarget,
     ExplainOptions,
@@ -19,8 +22,6 @@ from linlens.engine import (
 )
 from linlens.engine.activations import COEFFICIENTS, frozen_activation
 from linlens.models import LoadedModel, load_model
-from tiny_models import FAMILIES, SEQUENCE_LENGTH, sample_ids, save_tiny_model
-from transformers import GPT2Config, GPT2LMHeadModel
 
 LIMITS = {Precision.FLOAT64: 1e-10, Precision.FLOAT32: 1e-4}
 

@@ -10,13 +10,9 @@ from linlens.engine import ExplainOptions, Precision
 from linlens.models import LoadedModel, load_model
 
 PROMPT = "The bridge out of Marin is the"
+# `smollm2` is the session-wide fixture of conftest.py (one loaded copy shared with the server tests).
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def smollm2() -> LoadedModel:
-    return load_model("smollm2-135m")
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
+from transformers import PreTrainedModel
+
 from linlens.engine import jacobian as jac
 from linlens.engine.decode import TokenDecoder
 from linlens.engine.families import Family, family_of
@@ -35,8 +38,6 @@ from linlens.engine.results import (
     Timings,
 )
 from linlens.engine.spectra import decompose, truncated_relative_errors
-from torch import nn
-from transformers import PreTrainedModel
 
 _DTYPES = {Precision.FLOAT32: torch.float32, Precision.FLOAT64: torch.float64, Precision.BFLOAT16: torch.bfloat16}
 
@@ -70,7 +71,9 @@ class Explainer:
         output_embeddings = model.get_output_embeddings()
         if output_embeddings is None or getattr(output_embeddings, "bias", None) is not None:
             raise ValueError("the engine needs a bias-free LM head to map y to logits")
-        self.decoder = TokenDecoder(tokenizer, output_embeddings.weight, model.get_input_embeddings().weight)
+        input_embeddings = model.get_input_embeddings().weight
+        assert isinstance(input_embeddings, torch.Tensor)
+        self.decoder = TokenDecoder(tokenizer, output_embeddings.weight, input_embeddings)
         self._lock = threading.Lock()
         self._bases: dict[torch.dtype, PreTrainedModel] = {}
         self._twins: dict[tuple[torch.dtype, GateMode | None], PreTrainedModel] = {}
@@ -83,7 +86,8 @@ class Explainer:
             return self.model
         with self._lock:
             if dtype not in self._bases:
-                self._bases[dtype] = copy.deepcopy(self.model).to(dtype).requires_grad_(False).eval()
+                twin_base: Any = copy.deepcopy(self.model)
+                self._bases[dtype] = twin_base.to(dtype).requires_grad_(False).eval()
             return self._bases[dtype]
 
     def twin(self, precision: Precision, mode: GateMode | None) -> PreTrainedModel:

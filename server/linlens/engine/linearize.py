@@ -27,13 +27,14 @@ import itertools
 from typing import Any
 
 import torch
-from linlens.engine.activations import coefficient_for, frozen_activation
-from linlens.engine.families import Family, UnsupportedArchitectureError, family_of
-from linlens.engine.results import GateMode
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 from transformers.modeling_utils import AttentionInterface
+
+from linlens.engine.activations import coefficient_for, frozen_activation
+from linlens.engine.families import Family, UnsupportedArchitectureError, family_of
+from linlens.engine.results import GateMode
 
 #: The attention implementation name under which the twin's attention is registered.
 ATTENTION_IMPLEMENTATION = "linlens_linear"
@@ -121,12 +122,12 @@ class LinearizedGatedMLP(nn.Module):
         super().__init__()
         self.fused = family.fused_gate_up
         if self.fused:
-            self.gate_up_proj = original.gate_up_proj
+            self.gate_up_proj = _submodule(original, "gate_up_proj")
         else:
-            self.gate_proj = original.gate_proj
-            self.up_proj = original.up_proj
-        self.down_proj = original.down_proj
-        self.act_fn = original.activation_fn if self.fused else original.act_fn
+            self.gate_proj = _submodule(original, "gate_proj")
+            self.up_proj = _submodule(original, "up_proj")
+        self.down_proj = _submodule(original, "down_proj")
+        self.act_fn = _submodule(original, "activation_fn" if self.fused else "act_fn")
         self.mode = mode
         self.coefficient = coefficient_for(activation)
 
@@ -142,6 +143,13 @@ class LinearizedGatedMLP(nn.Module):
         else:
             hidden = self.act_fn(gate) * up
         return self.down_proj(hidden)
+
+
+def _submodule(module: nn.Module, name: str) -> nn.Module:
+    child = getattr(module, name)
+    if not isinstance(child, nn.Module):
+        raise UnsupportedArchitectureError(f"{type(module).__name__}.{name} is not a module")
+    return child
 
 
 def _activation_name(config: Any) -> str:
@@ -195,8 +203,11 @@ def build_twin(model: PreTrainedModel, mode: GateMode | None) -> PreTrainedModel
                 eps = getattr(child, "variance_epsilon", getattr(child, "eps", None))
                 if eps is None:
                     raise UnsupportedArchitectureError(f"{kind} has no epsilon the engine recognises")
-                new: nn.Module = LinearizedRMSNorm(child.weight, float(eps), family.norm_weight_offset, detach)
-                _probe_equal(child, new, child.weight.shape[-1], dtype, device)
+                weight = child.weight
+                if not isinstance(weight, nn.Parameter):
+                    raise UnsupportedArchitectureError(f"{kind} has no weight parameter")
+                new: nn.Module = LinearizedRMSNorm(weight, float(eps), family.norm_weight_offset, detach)
+                _probe_equal(child, new, int(weight.shape[-1]), dtype, device)
             elif "Norm" in kind:
                 raise UnsupportedArchitectureError(f"normalisation layer {kind} is not one the engine can linearise")
             elif _is_gated_mlp(child):
@@ -204,7 +215,7 @@ def build_twin(model: PreTrainedModel, mode: GateMode | None) -> PreTrainedModel
                 _probe_equal(child, new, twin.config.hidden_size, dtype, device)
             else:
                 if hasattr(child, "num_key_value_groups"):
-                    child.linlens_detach = detach
+                    setattr(child, "linlens_detach", detach)  # noqa: B010 (read by linear_attention)
                 continue
             replacements.append((parent, child_name, new))
     for parent, child_name, new in replacements:

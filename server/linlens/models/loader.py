@@ -23,9 +23,10 @@ from typing import Any
 
 import torch
 import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
 from linlens.engine import Explainer, family_of
 from linlens.models.registry import REGISTRY
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ def _convert_gguf(gguf: Path) -> Path:
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     # The tensors are already dequantised to float32; only the loader's GGUF marker blocks save_pretrained.
-    model.hf_quantizer = None
+    setattr(model, "hf_quantizer", None)  # noqa: B010
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -122,8 +123,8 @@ def load_model(name_or_path: str, *, dtype: str = "float32", device: str = "cpu"
     config = transformers.AutoConfig.from_pretrained(source)
     architecture = (config.architectures or ["?"])[0]
     family = family_of(architecture)  # refuse before spending time on the weights
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=_DTYPES[dtype]).to(device)
-    model.eval().requires_grad_(False)
+    model: Any = AutoModelForCausalLM.from_pretrained(source, dtype=_DTYPES[dtype])
+    model.to(device).eval().requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(source)
     explainer = Explainer(model, tokenizer)
     return LoadedModel(

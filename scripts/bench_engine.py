@@ -1,0 +1,174 @@
+"""Benchmark the engine against the baselines it replaces, in one process, same model, prompt and precision.
+
+(a) Full detached Jacobian: linlens' chunked batched VJPs against the paper code's approach,
+    torch.autograd.functional.jacobian(f, x, vectorize=True, strategy="reverse-mode"), over the same detached
+    forward f (the same linear twin). Wall time and peak resident memory above the pre-run baseline.
+(b) Token attributions: linlens' single VJP (exact, sums to the logit) against Captum's LayerIntegratedGradients
+    over the input embedding layer with n_steps=50, on the unmodified model, zero-id baseline. Wall time and
+    completeness error |sum(a) - (F(x) - F(baseline))| / |F(x) - F(baseline)| (for linlens: the baseline is the
+    affine constant, |sum(a) + w.c - logit| / |logit|).
+
+Speed goals are ratios measured in the same run (machines are noisy); no absolute time is asserted anywhere.
+
+    python scripts/bench_engine.py --model smollm2-135m --repeats 3 [--markdown docs/benchmarks.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import gc
+import os
+import platform
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import psutil
+import torch
+
+from linlens.engine import ExplainOptions
+from linlens.engine import jacobian as jac
+from linlens.models import load_model
+
+PROMPT = "The bridge out of Marin is the"
+
+
+def _trim() -> None:
+    """Return freed heap pages to the OS so that each run's resident-memory peak starts from a clean baseline."""
+    gc.collect()
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def measure(function: Callable[[], Any]) -> tuple[float, float, Any]:
+    """Run ``function`` once; return (seconds, peak RSS above the starting RSS in MiB, result)."""
+    _trim()
+    process = psutil.Process()
+    baseline = process.memory_info().rss
+    peak = baseline
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, process.memory_info().rss)
+            time.sleep(0.002)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    started = time.perf_counter()
+    result = function()
+    seconds = time.perf_counter() - started
+    done.set()
+    sampler.join()
+    peak = max(peak, process.memory_info().rss)
+    return seconds, (peak - baseline) / 2**20, result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=50, help="Captum integration steps")
+    parser.add_argument("--markdown", help="append the result table to this file")
+    args = parser.parse_args()
+
+    loaded = load_model(args.model)
+    explainer = loaded.explainer
+    ids = [int(t) for t in loaded.tokenizer(PROMPT)["input_ids"]]
+    n, d = len(ids), loaded.hidden_size
+    twin = explainer.twin(ExplainOptions().precision, ExplainOptions().gate_mode)
+    x0 = loaded.model.get_input_embeddings()(torch.tensor(ids)).detach()
+
+    def detached(inputs: torch.Tensor) -> torch.Tensor:
+        return twin.base_model(inputs_embeds=inputs[None], use_cache=False).last_hidden_state[0, -1]
+
+    def ours_jacobian() -> torch.Tensor:
+        x = x0.clone().requires_grad_(True)
+        with torch.enable_grad():
+            y = detached(x)
+            return jac.full_jacobian(y, x, chunk=explainer._chunk(n, torch.float32))
+
+    def paper_jacobian() -> torch.Tensor:
+        return torch.autograd.functional.jacobian(detached, x0.clone(), vectorize=True, strategy="reverse-mode")
+
+    # Warm both paths once (twin caches, allocator), then alternate to spread machine noise evenly.
+    reference = paper_jacobian()
+    assert torch.allclose(ours_jacobian(), reference, atol=1e-5, rtol=1e-4), "the two Jacobians disagree"
+    del reference
+    rows: dict[str, list[tuple[float, float]]] = {"ours": [], "paper": []}
+    for _ in range(args.repeats):
+        for name, function in (("ours", ours_jacobian), ("paper", paper_jacobian)):
+            seconds, mib, _ = measure(function)
+            rows[name].append((seconds, mib))
+
+    # (b) attributions
+    predicted = explainer.explain(ids, ExplainOptions(top_k=0))
+    target = predicted.predicted.token_id
+
+    def ours_attribution() -> float:
+        return explainer.explain(ids, ExplainOptions(top_k=0)).attributions[0].completeness_error
+
+    from captum.attr import LayerIntegratedGradients
+
+    def logit(input_ids: torch.Tensor) -> torch.Tensor:
+        return loaded.model(input_ids=input_ids).logits[:, -1, target]
+
+    integrated = LayerIntegratedGradients(logit, loaded.model.get_input_embeddings())
+    input_tensor = torch.tensor([ids])
+    baseline = torch.zeros_like(input_tensor)
+
+    def captum_attribution() -> float:
+        _attributions, delta = integrated.attribute(
+            input_tensor, baselines=baseline, n_steps=args.steps, return_convergence_delta=True
+        )
+        with torch.no_grad():
+            span = float(logit(input_tensor) - logit(baseline))
+        return abs(float(delta)) / abs(span)
+
+    attribution_rows: dict[str, list[tuple[float, float]]] = {"ours": [], "captum": []}
+    ours_attribution()
+    for _ in range(args.repeats):
+        for name, function in (("ours", ours_attribution), ("captum", captum_attribution)):
+            seconds, _, error = measure(function)
+            attribution_rows[name].append((seconds, error))
+
+    def median(values: list[tuple[float, float]], index: int) -> float:
+        return statistics.median(v[index] for v in values)
+
+    ours_t, paper_t = median(rows["ours"], 0), median(rows["paper"], 0)
+    ours_m, paper_m = median(rows["ours"], 1), median(rows["paper"], 1)
+    attr_t, captum_t = median(attribution_rows["ours"], 0), median(attribution_rows["captum"], 0)
+    attr_e, captum_e = median(attribution_rows["ours"], 1), median(attribution_rows["captum"], 1)
+    machine = (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
+    )
+    table = "\n".join(
+        [
+            f"Model `{args.model}` (d={d}), prompt {PROMPT!r} ({n} tokens), float32, "
+            f"median of {args.repeats}; {machine}.",
+            "",
+            "| measurement | linlens | baseline | ratio (baseline / linlens) |",
+            "|---|---|---|---|",
+            f"| (a) full Jacobian, seconds | {ours_t:.2f} | {paper_t:.2f} (autograd.functional.jacobian, vectorize) "
+            f"| {paper_t / ours_t:.2f}x |",
+            f"| (a) full Jacobian, peak RSS above baseline, MiB | {ours_m:.0f} | {paper_m:.0f} "
+            f"| {paper_m / max(ours_m, 1e-9):.2f}x |",
+            f"| (b) attribution, seconds | {attr_t:.3f} | {captum_t:.3f} (Captum LayerIG, n_steps={args.steps}) "
+            f"| {captum_t / attr_t:.1f}x |",
+            f"| (b) attribution, relative completeness error | {attr_e:.1e} | {captum_e:.1e} | |",
+        ]
+    )
+    print(table)
+    if args.markdown:
+        with open(args.markdown, "a", encoding="utf-8") as handle:
+            handle.write("\n" + table + "\n")
+
+
+if __name__ == "__main__":
+    main()

