@@ -133,7 +133,11 @@ def main() -> None:
     attribution_rows: dict[str, list[tuple[float, float]]] = {"ours": [], "captum": []}
     ours_attribution()
     for _ in range(args.repeats):
-        for name, function in (("ours", ours_attribution), ("captum", captum_attribution)):
+        attribution_jobs: list[tuple[str, Callable[[], Any]]] = [
+            ("ours", ours_attribution),
+            ("captum", captum_attribution),
+        ]
+        for name, function in attribution_jobs:
             seconds, _, error = measure(function)
             attribution_rows[name].append((seconds, error))
 
