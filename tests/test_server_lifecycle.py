@@ -267,3 +267,33 @@ def test_prompts_are_logged_only_when_enabled(
     with Client(server.target, retry=NO_RETRY, timeout=60) as client:
         client.generate(PROMPT, max_new_tokens=1, metadata={"x-request-id": "log-3"})
     assert record_for(access_log, "log-3")["prompt"] == PROMPT
+
+
+# --- loading ---------------------------------------------------------------------------------------------------------
+
+
+def test_unavailable_while_loading_and_for_a_model_that_failed(tmp_path: Path) -> None:
+    """A server loading its models answers at once, with UNAVAILABLE and NOT_SERVING, then serves what loaded."""
+    from conftest import server_config
+
+    from linlens.server.app import start_server
+
+    missing = tmp_path / "missing-model.gguf"
+    server = start_server(server_config(models=("smollm2-135m", str(missing))))
+    try:
+        with Client(server.target, retry=NO_RETRY, timeout=30) as client:
+            assert client.health() is HealthStatus.NOT_SERVING
+            assert client.health("smollm2-135m") is HealthStatus.NOT_SERVING
+            with pytest.raises(UnavailableError, match="still loading"):
+                client.generate(PROMPT, max_new_tokens=1)
+            assert server.wait_until_loaded(240)
+            assert client.generate(PROMPT, max_new_tokens=1).text == " only"
+            assert client.health("smollm2-135m") is HealthStatus.SERVING
+            assert client.health("missing-model") is HealthStatus.NOT_SERVING
+            assert client.health() is HealthStatus.NOT_SERVING  # not every configured model is there
+            with pytest.raises(UnavailableError, match="failed to load"):
+                client.generate(PROMPT, model="missing-model", max_new_tokens=1)
+            infos = {m.name: m for m in client.list_models()}
+            assert infos["smollm2-135m"].loaded and not infos["missing-model"].loaded
+    finally:
+        server.stop()

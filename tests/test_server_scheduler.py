@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -22,7 +23,7 @@ from linlens.server.scheduler import (
 pytestmark = pytest.mark.timeout(60)
 
 
-def blocker(release: threading.Event):  # type: ignore[no-untyped-def]
+def blocker(release: threading.Event) -> Callable[[CancelToken], str]:
     """A job that runs until released or stopped, polling its token like real work does."""
 
     def work(token: CancelToken) -> str:
