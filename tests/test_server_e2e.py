@@ -339,6 +339,17 @@ def test_unknown_model_is_not_found_and_lists_the_models(stub: pb_grpc.LinlensSe
     assert client.generate(PROMPT, max_new_tokens=1).tokens[0].text == " only"
 
 
+def test_stream_errors_arrive_as_statuses(stub: pb_grpc.LinlensServiceStub) -> None:
+    bad = pb.GenerateStreamRequest(input=pb.Input(text=PROMPT), sampling=pb.SamplingParams(max_new_tokens=1000))
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.GenerateStream(bad, timeout=30))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "max_new_tokens" in info.value.details()
+    unknown = pb.GenerateStreamRequest(model="nope", input=pb.Input(text=PROMPT))
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.GenerateStream(unknown, timeout=30))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
 # --- models, health, reflection --------------------------------------------------------------------------------------
 
 
