@@ -229,11 +229,16 @@ def serve(config: ServerConfig, *, install_signal_handlers: bool = True) -> int:
     """Run a server until SIGTERM or SIGINT, then drain it. Returns the process exit status.
 
     Exit status 0 after a drain (whether or not every call finished within the grace period: the orchestrator
-    asked us to stop, and we did), 1 when no configured model could be loaded (a server that cannot serve anything
-    should fail visibly rather than sit NOT_SERVING forever).
+    asked us to stop, and we did), 1 when the ports cannot be bound or no configured model could be loaded (a server
+    that cannot serve anything should fail visibly rather than sit NOT_SERVING forever). Signal handlers are only
+    installed from the main thread (Python allows no other).
     """
     stop_requested = threading.Event()
-    running = start_server(config)
+    try:
+        running = start_server(config)
+    except (OSError, RuntimeError) as exc:  # a taken port, an address that is not ours
+        _log.error("cannot start: %s", exc)
+        return 1
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
@@ -244,7 +249,7 @@ def serve(config: ServerConfig, *, install_signal_handlers: bool = True) -> int:
         _log.info("%s received: draining (grace period %.1f s)", name, config.grace_period_s)
         stop_requested.set()
 
-    if install_signal_handlers:
+    if install_signal_handlers and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
 
