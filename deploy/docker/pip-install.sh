@@ -1,0 +1,25 @@
+#!/bin/sh
+# `pip install` as the image build needs it; used by deploy/Dockerfile through a bind mount of deploy/ (never copied
+# into a layer). Arguments are passed to pip install unchanged.
+#
+# - A CA bundle given as the build secret `ca` (--secret id=ca,src=...) is trusted for this command only: the same
+#   answer as behind a TLS-intercepting corporate proxy, and the certificate never lands in a layer.
+# - Wheels in deploy/wheelhouse/ (filled by deploy/wheelhouse.sh) are preferred sources (--find-links).
+# - PIP_OFFLINE=1 forbids every index (--no-index): the air-gapped build; a missing wheel fails the build loudly.
+# - Otherwise TORCH_INDEX_URL (the CPU wheels by default) is an extra index, so that torch is not the multi-GB CUDA
+#   build from PyPI.
+set -eu
+
+if [ -s /run/secrets/ca ]; then
+    export PIP_CERT=/run/secrets/ca
+fi
+wheelhouse=/ctx/deploy/wheelhouse
+if ls "$wheelhouse"/*.whl >/dev/null 2>&1; then
+    set -- --find-links "$wheelhouse" "$@"
+fi
+if [ "${PIP_OFFLINE:-0}" = 1 ]; then
+    set -- --no-index "$@"
+elif [ -n "${TORCH_INDEX_URL:-}" ]; then
+    set -- --extra-index-url "$TORCH_INDEX_URL" "$@"
+fi
+exec python -m pip install "$@"
