@@ -32,6 +32,7 @@ from linlens.client import (
     InvalidArgumentError,
     NotFoundError,
     PositionSelection,
+    Precision,
 )
 from linlens.client import Explanation as ClientExplanation
 from linlens.v1 import linlens_pb2 as pb
@@ -209,6 +210,14 @@ def test_explain_rpc_matches_the_models_prediction(stub: pb_grpc.LinlensServiceS
     y = np.frombuffer(exp.y.data, dtype="<f4")
     assert np.isfinite(y).all()
     assert response.prompt_text == "The capital of France is" and response.model == "smollm2-135m"
+
+
+def test_float64_explanations_travel_as_float64(client: Client) -> None:
+    exp = client.explain(PROMPT, options=ExplainOptions(top_k=0, precision=Precision.FLOAT64)).explanation
+    assert exp.precision is Precision.FLOAT64 and exp.y.dtype == np.float64
+    # total is w . y of the model's own float32 forward pass, so completeness stops at float32's rounding of it
+    assert exp.attributions[0].completeness_error < 1e-6
+    assert exp.explained.text == " only"
 
 
 # --- streaming -------------------------------------------------------------------------------------------------------
