@@ -123,7 +123,6 @@ def test_cancelled_explanation_frees_its_worker_for_the_next_request(
         call = stub.Explain.future(full_explain_request(), timeout=120, metadata=(("x-request-id", "cx-1"),))
         wait_for(lambda: server.scheduler.running == 1, 30, "the explanation to start")
         time.sleep(0.3)
-        cancelled_at = time.monotonic()
         assert call.cancel()
         # the next request gets the (only) worker as soon as the explanation notices the cancellation
         follow_up = stub.Generate(
@@ -131,9 +130,10 @@ def test_cancelled_explanation_frees_its_worker_for_the_next_request(
             timeout=120,
         )
         assert follow_up.text == " only"
-        assert record_for(access_log, "cx-1")["code"] == "CANCELLED"
-        # far less than the whole explanation would have taken (several seconds even on an idle machine)
-        assert follow_up.timings.queue_ms / 1000 < time.monotonic() - cancelled_at + 0.1
+        # CANCELLED (not OK) in the server's own log means the job raised at a check point instead of finishing:
+        # a job that ran to the end would be logged OK even though its caller had left
+        record = record_for(access_log, "cx-1")
+        assert record["code"] == "CANCELLED" and record["explained_steps"] == 0
 
 
 def test_cancelled_stream_stops_generating(server: Any, target: str, access_log: pytest.LogCaptureFixture) -> None:
