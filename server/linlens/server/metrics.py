@@ -63,8 +63,10 @@ METRIC_PREFIX = "linlens"
 #: this value; tests/test_deploy.py checks that they agree.
 DEFAULT_METRICS_PORT = 9464
 
-#: Phases of an explanation whose durations are recorded. ``ordinary`` is the plain forward/generation work that a
-#: request without explanation would also do; the others are the explanation's own overhead.
+#: Phases of an explanation whose durations are recorded (the fields of the engine's ``Timings``): ``forward`` the
+#: detached forward pass, ``jacobian`` the vector-Jacobian products, ``attribution`` the per-token attributions,
+#: ``svd`` the singular-value decompositions, ``decode`` mapping singular vectors to tokens, ``ordinary`` the optional
+#: contrast with the ordinary (not detached) Jacobian.
 EXPLANATION_PHASES: frozenset[str] = frozenset({"forward", "jacobian", "attribution", "svd", "decode", "ordinary"})
 
 #: Label value used for a phase outside :data:`EXPLANATION_PHASES`, so that a typo cannot explode label cardinality.
