@@ -10,7 +10,8 @@ from __future__ import annotations
 import copy
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,7 @@ from transformers import PreTrainedModel
 from linlens.engine import jacobian as jac
 from linlens.engine.decode import TokenDecoder
 from linlens.engine.families import Family, family_of
+from linlens.engine.layers import LayerEvent, analyze_layers, validate_layer_options
 from linlens.engine.linearize import build_twin
 from linlens.engine.results import (
     Attribution,
@@ -28,6 +30,7 @@ from linlens.engine.results import (
     ExplainOptions,
     Explanation,
     GateMode,
+    LayerOptions,
     OrdinaryContrast,
     PositionSelection,
     PositionSpectrum,
@@ -38,6 +41,17 @@ from linlens.engine.results import (
     Timings,
 )
 from linlens.engine.spectra import decompose, truncated_relative_errors
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What the served model itself computed for a token sequence."""
+
+    y_model: torch.Tensor
+    logits: torch.Tensor
+    predicted: PredictedToken
+    explained: PredictedToken
+
 
 _DTYPES = {Precision.FLOAT32: torch.float32, Precision.FLOAT64: torch.float64, Precision.BFLOAT16: torch.bfloat16}
 
@@ -127,6 +141,54 @@ class Explainer:
 
     # -- the pass ----------------------------------------------------------------------------------------------
 
+    def twin_for(self, options: ExplainOptions) -> tuple[PreTrainedModel, PreTrainedModel, torch.dtype]:
+        """(linear twin, the model it shares weights with, dtype) for the options' precision and gate mode."""
+        dtype = _DTYPES[options.precision]
+        return self.twin(options.precision, options.gate_mode), self._base(dtype), dtype
+
+    def predict(self, input_ids: Sequence[int], options: ExplainOptions) -> Prediction:
+        """The served model's own, unmodified forward pass: y, the logits, the top token and the explained one."""
+        device = next(self.model.parameters()).device
+        ids = torch.tensor([int(t) for t in input_ids], dtype=torch.long, device=device)
+        with torch.no_grad():
+            y_model = self.model.base_model(input_ids=ids[None], use_cache=False).last_hidden_state[0, -1]
+            logits = self.decoder.lm_head @ y_model
+            shown = logits.float()
+            if self._softcap is not None:
+                shown = torch.tanh(shown / self._softcap) * self._softcap
+            probabilities = torch.softmax(shown, dim=-1)
+        predicted_id = int(torch.argmax(shown))
+        explained_id = predicted_id if options.explained_token_id is None else int(options.explained_token_id)
+
+        def token(token_id: int) -> PredictedToken:
+            return PredictedToken(
+                token_id=token_id,
+                text=self.decoder.text(token_id),
+                logit=float(logits[token_id]),
+                probability=float(probabilities[token_id]),
+            )
+
+        return Prediction(y_model, logits, token(predicted_id), token(explained_id))
+
+    def explain_layers(
+        self,
+        input_ids: Sequence[int],
+        options: ExplainOptions | None = None,
+        layer_options: LayerOptions | None = None,
+        *,
+        should_stop: jac.ShouldStop | None = None,
+        on_progress: jac.OnProgress | None = None,
+    ) -> Iterator[LayerEvent]:
+        """Layer-by-layer analysis (see :mod:`linlens.engine.layers`): first the layers x tokens attribution matrix,
+        then one LayerResult per selected layer, each yielded as soon as it is computed."""
+        options = options or ExplainOptions()
+        layer_options = layer_options or LayerOptions()
+        self._validate(input_ids, options)
+        validate_layer_options(layer_options, self.num_layers, self.hidden_size)
+        return analyze_layers(
+            self, [int(t) for t in input_ids], options, layer_options, should_stop=should_stop, on_progress=on_progress
+        )
+
     def explain(
         self,
         input_ids: Sequence[int],
@@ -149,28 +211,13 @@ class Explainer:
         n, d = ids.shape[0], self.hidden_size
 
         # 1. The model's own, unmodified forward pass: it makes the prediction being explained.
-        with torch.no_grad():
-            y_model = self.model.base_model(input_ids=ids[None], use_cache=False).last_hidden_state[0, -1]
-            logits = self.decoder.lm_head @ y_model
-            shown = (
-                logits.float() if self._softcap is None else torch.tanh(logits.float() / self._softcap) * self._softcap
-            )
-            probabilities = torch.softmax(shown, dim=-1)
-        predicted_id = int(torch.argmax(shown))
-        explained_id = predicted_id if options.explained_token_id is None else int(options.explained_token_id)
-
-        def token(token_id: int) -> PredictedToken:
-            return PredictedToken(
-                token_id=token_id,
-                text=self.decoder.text(token_id),
-                logit=float(logits[token_id]),
-                probability=float(probabilities[token_id]),
-            )
+        prediction = self.predict(input_ids, options)
+        y_model, logits = prediction.y_model, prediction.logits
+        predicted_id = prediction.predicted.token_id
+        explained_id = prediction.explained.token_id
 
         # 2. The detached forward pass of the linear twin, in the requested precision.
-        dtype = _DTYPES[options.precision]
-        twin = self.twin(options.precision, options.gate_mode)
-        base = self._base(dtype)
+        twin, base, dtype = self.twin_for(options)
         head = base.get_output_embeddings().weight.detach()
         x = base.get_input_embeddings()(ids).detach().requires_grad_(True)
 
@@ -260,8 +307,8 @@ class Explainer:
         return Explanation(
             input_ids=tuple(int(t) for t in input_ids),
             input_tokens=self.decoder.texts([int(t) for t in input_ids]),
-            predicted=token(predicted_id),
-            explained=token(explained_id),
+            predicted=prediction.predicted,
+            explained=prediction.explained,
             y=_numpy(y_model.to(dtype)),
             constant=_numpy(constant),
             has_bias=self.has_bias,

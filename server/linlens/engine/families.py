@@ -25,6 +25,10 @@ class Family:
     norm_weight_offset: float = 0.0
     #: The MLP keeps gate and up projections in one fused matrix, gate first (Phi-3's `gate_up_proj`).
     fused_gate_up: bool = False
+    #: What attention and MLP add to the residual stream passes through a norm of its own first (Gemma 3's sandwich
+    #: norms, OLMo 2's post-norms): the residual terms are then the outputs of `post_attention_layernorm` and
+    #: `post_feedforward_layernorm`, otherwise those of `self_attn` and `mlp`.
+    post_norm_terms: bool = False
 
 
 _LLAMA = Family("llama")
@@ -33,13 +37,13 @@ _MISTRAL = Family("mistral")
 #: transformers architecture class name -> family.
 SUPPORTED_ARCHITECTURES: dict[str, Family] = {
     "LlamaForCausalLM": _LLAMA,
-    "Gemma3ForCausalLM": Family("gemma3", norm_weight_offset=1.0),
+    "Gemma3ForCausalLM": Family("gemma3", norm_weight_offset=1.0, post_norm_terms=True),
     "Qwen3ForCausalLM": Family("qwen3"),
     "Phi3ForCausalLM": Family("phi3", fused_gate_up=True),
     "MistralForCausalLM": _MISTRAL,
     "MinistralForCausalLM": _MISTRAL,
     "Ministral3ForCausalLM": _MISTRAL,
-    "Olmo2ForCausalLM": Family("olmo2"),
+    "Olmo2ForCausalLM": Family("olmo2", post_norm_terms=True),
 }
 
 

@@ -9,7 +9,7 @@ chunk rather than by d. Attributions need far less: w . J_i x_i for all i is the
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.autograd.forward_ad as forward_ad
@@ -53,8 +53,28 @@ def full_jacobian(
     ``y`` must be the (d_out,) output of a graph built from ``x`` (which requires grad). ``should_stop`` is polled
     between batches; when it returns True the graph is released and :class:`ExplanationCancelled` is raised.
     """
+    (jacobian,) = full_jacobians(
+        y, [x], chunk=chunk, should_stop=should_stop, on_progress=on_progress, retain_graph=retain_graph
+    )
+    return jacobian
+
+
+def full_jacobians(
+    y: torch.Tensor,
+    inputs: Sequence[torch.Tensor],
+    *,
+    chunk: int,
+    should_stop: ShouldStop | None = None,
+    on_progress: OnProgress | None = None,
+    retain_graph: bool = False,
+) -> list[torch.Tensor]:
+    """The Jacobians of ``y`` with respect to several tensors of its graph at once, from the same d_out VJPs.
+
+    One VJP from y_k yields dy_k/dz for every tensor z it passes through, so asking for the input embeddings and,
+    say, a layer's input together costs nothing extra: result[j][k] = dy_k / d inputs[j].
+    """
     d_out = y.shape[0]
-    jacobian = torch.empty((d_out, *x.shape), dtype=x.dtype, device=x.device)
+    jacobians = [torch.empty((d_out, *z.shape), dtype=z.dtype, device=z.device) for z in inputs]
     for start in range(0, d_out, chunk):
         if should_stop is not None and should_stop():
             raise ExplanationCancelled("explanation cancelled while computing the Jacobian")
@@ -62,13 +82,14 @@ def full_jacobian(
         basis = torch.zeros((stop - start, d_out), dtype=y.dtype, device=y.device)
         basis[torch.arange(stop - start), torch.arange(start, stop)] = 1
         last = stop == d_out
-        (rows,) = torch.autograd.grad(
-            y, x, grad_outputs=basis, is_grads_batched=True, retain_graph=retain_graph or not last
+        rows = torch.autograd.grad(
+            y, list(inputs), grad_outputs=basis, is_grads_batched=True, retain_graph=retain_graph or not last
         )
-        jacobian[start:stop] = rows
+        for jacobian, row in zip(jacobians, rows, strict=True):
+            jacobian[start:stop] = row
         if on_progress is not None:
             on_progress(stop, d_out)
-    return jacobian
+    return jacobians
 
 
 def cotangent_products(

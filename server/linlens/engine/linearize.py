@@ -33,6 +33,7 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask
 from transformers.modeling_utils import AttentionInterface
 
 from linlens.engine.activations import coefficient_for, frozen_activation
+from linlens.engine.capture import install_capture_hooks
 from linlens.engine.families import Family, UnsupportedArchitectureError, family_of
 from linlens.engine.results import GateMode
 
@@ -224,5 +225,6 @@ def build_twin(model: PreTrainedModel, mode: GateMode | None) -> PreTrainedModel
     twin.set_attn_implementation(ATTENTION_IMPLEMENTATION)
     if twin.config._attn_implementation != ATTENTION_IMPLEMENTATION:
         raise UnsupportedArchitectureError(f"{type(model).__name__} does not accept a custom attention function")
+    install_capture_hooks(twin, family)
     twin.eval()
     return twin

@@ -211,3 +211,98 @@ class Explanation:
     timings: Timings = field(default_factory=Timings)
     #: Number of vector-Jacobian products this explanation needed.
     vjp_count: int = 0
+
+
+# -- Layer-by-layer analysis (the paper's second result) ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerOptions:
+    """Which layers to look inside and what to compute for each. Layer indices count from 0."""
+
+    #: The layers to analyse; None means every layer. (The per-layer attribution matrix always covers all layers.)
+    layers: tuple[int, ...] | None = None
+    #: Jacobian of the residual stream after layer l (last position) w.r.t. the input embeddings: its top singular
+    #: vectors, decoded logit-lens style, show the prediction forming with depth. d VJPs per layer.
+    up_to_layer: bool = True
+    #: Jacobian of layer l's output (last position) w.r.t. its own input (the residual stream entering it). Shares
+    #: the VJPs of up_to_layer when both are asked for.
+    layer_alone: bool = False
+    #: Singular vectors of each attention and MLP block's own linear map of the input embeddings. 2d VJPs per layer.
+    component_spectra: bool = False
+    top_k: int = 3
+    tokens_per_vector: int = 8
+
+
+@dataclass(frozen=True)
+class LinearMapSpectrum:
+    """The singular-value picture of one exact linear map z -> out, and how well that map reproduces out."""
+
+    components: tuple[SingularComponent, ...]
+    singular_values: FloatArray
+    captured_share: tuple[float, ...]
+    stable_rank: float
+    term_norm: float
+    #: ||sum_j M_j z_j - out|| / ||out|| over every input position j (for affine maps, the constant included).
+    reconstruction_error: float
+
+
+@dataclass(frozen=True)
+class ComponentContribution:
+    """What one attention or MLP block adds to the residual stream, as an exact part of y and of the logit."""
+
+    layer: int
+    #: "attention" or "mlp".
+    component: str
+    #: Its exact share of the explained token's logit: w . (g * term), g the final norm's frozen scale.
+    logit: float
+    #: That share split over input tokens (sums to ``logit - constant``).
+    per_token: FloatArray
+    #: The part of ``logit`` that comes from bias terms (0 for bias-free models).
+    constant: float
+    #: ||g * term||: the size of its contribution to y.
+    y_norm: float
+    #: (g * term) . y / ||y||^2: the share of y along y that this block writes.
+    y_share: float
+    spectrum: LinearMapSpectrum | None = None
+
+
+@dataclass(frozen=True)
+class LayerAttributions:
+    """The layers x tokens attribution matrix of the explained logit (one batched VJP with a seed per block)."""
+
+    explained: PredictedToken
+    input_tokens: tuple[str, ...]
+    #: attention[l, i] + mlp[l, i] = per_layer[l, i]: the exact contribution of input token i, through layer l's
+    #: attention and MLP, to the explained logit.
+    attention: FloatArray
+    mlp: FloatArray
+    per_layer: FloatArray
+    #: The embeddings' direct path (only the last token's embedding reaches y without passing a block).
+    direct: FloatArray
+    #: Per-layer totals (bias constants included).
+    attention_logits: FloatArray
+    mlp_logits: FloatArray
+    #: The explained logit w . y from the model's own forward pass.
+    logit: float
+    #: |direct.sum() + attention_logits.sum() + mlp_logits.sum() - w . y| / |w . y|, y from the detached pass (the
+    #: split is exact to the precision of the explanation; ``logit`` itself comes from the served model).
+    completeness_error: float
+    #: ||g * (x_last + sum of all block terms) - y|| / ||y||: the residual decomposition of y is exact.
+    decomposition_error: float
+
+
+@dataclass(frozen=True)
+class LayerResult:
+    """Everything computed for one layer."""
+
+    layer: int
+    #: J of the residual after this layer (last position) w.r.t. the last input embedding, decoded logit-lens style;
+    #: its reconstruction error covers every input position.
+    up_to_layer: LinearMapSpectrum | None
+    #: J of this layer's output (last position) w.r.t. its own input at the last position; reconstruction over all.
+    layer_alone: LinearMapSpectrum | None
+    attention: ComponentContribution
+    mlp: ComponentContribution
+    seconds: float = 0.0
+    vjp_count: int = 0
