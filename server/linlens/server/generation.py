@@ -211,14 +211,12 @@ class _TokenHook(StoppingCriteria):
     def __init__(
         self,
         tokenizer: Any,
-        prompt_len: int,
         step_logits: _StepLogits,
         stop_sequences: tuple[str, ...],
         should_stop: Callable[[], bool],
         on_token: Callable[[GeneratedToken], None] | None,
     ) -> None:
         self.tokenizer = tokenizer
-        self.prompt_len = prompt_len
         self.step_logits = step_logits
         self.stop_sequences = stop_sequences
         self.should_stop = should_stop
@@ -228,7 +226,6 @@ class _TokenHook(StoppingCriteria):
         self.text = ""
         self.stop_at: int | None = None  # where the first stop sequence starts in self.text
         self.cancelled = False
-        self.started = time.monotonic()
         self.first_token_at: float | None = None
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
@@ -242,7 +239,8 @@ class _TokenHook(StoppingCriteria):
         if text.endswith("\ufffd"):
             piece = ""  # an incomplete UTF-8 character: its bytes arrive with a later token
         else:
-            piece = text[len(self.text) :] if text.startswith(self.text) else text
+            # decoding more tokens normally only appends; should a tokenizer rewrite the tail, send what changed
+            piece = text[_common_prefix_length(self.text, text) :]
             self.text = text
         token = GeneratedToken(index=len(self.tokens), token_id=token_id, text=piece, logprob=logprob)
         self.tokens.append(token)
@@ -296,7 +294,7 @@ def generate(
         generator.manual_seed(seed)
 
     step_logits = _StepLogits(sampling, generator)
-    hook = _TokenHook(tokenizer, len(prompt), step_logits, sampling.stop_sequences, should_stop, on_token)
+    hook = _TokenHook(tokenizer, step_logits, sampling.stop_sequences, should_stop, on_token)
     if should_stop():
         raise GenerationStopped(stop_reason() or StopReason.CANCELLED, [])
 
@@ -349,6 +347,14 @@ def generate(
         first_token_seconds=first,
         seed=seed,
     )
+
+
+def _common_prefix_length(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
 
 
 def _as_list(value: Any) -> list[int]:
