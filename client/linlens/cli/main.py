@@ -90,7 +90,7 @@ def _explain_in_process(args: argparse.Namespace, options: pb.ExplainOptions) ->
     try:
         from linlens.models import load_model
         from linlens.server.config import ServerConfig
-        from linlens.server.service import encode_input, explain_options_from_proto, explanation_proto
+        from linlens.server.service import RpcFailure, encode_input, explain_options_from_proto, explanation_proto
     except ImportError as error:
         raise SystemExit(
             f"in-process explanations need the server extra (pip install 'linlens[server]'): {error}; "
@@ -100,8 +100,11 @@ def _explain_in_process(args: argparse.Namespace, options: pb.ExplainOptions) ->
         sys.stderr.write(f"loading {args.model or 'smollm2-135m'} ...\n")
     loaded = load_model(args.model or "smollm2-135m")
     config = ServerConfig()
-    ids = encode_input(loaded, _input(args), config)
-    engine_options = explain_options_from_proto(options, loaded, config)
+    try:
+        ids = encode_input(loaded, _input(args), config)
+        engine_options = explain_options_from_proto(options, loaded, config)
+    except RpcFailure as failure:  # the same checks the server applies, reported the same way
+        raise SystemExit(f"linlens: {failure.code.name}: {failure.message}") from None
     explanation = loaded.explainer.explain(ids, engine_options, on_progress=_progress if sys.stderr.isatty() else None)
     return pb.ExplainResponse(
         model=loaded.name,
