@@ -20,6 +20,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+
 from linlens.client import (
     AsyncClient,
     AttributionTarget,

@@ -21,6 +21,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,7 +31,6 @@ from typing import Any
 import jsonschema
 import kubernetes_validate
 import pytest
-import tomllib
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 

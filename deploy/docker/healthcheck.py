@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import os
 import sys
+import tomllib
 
 import grpc
-import tomllib
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 DEFAULT_PORT = 50051

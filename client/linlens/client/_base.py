@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from typing import NamedTuple, TypeAlias
 
 import grpc
+
 from linlens.client.convert import (
     MessageLike,
     build_input,

@@ -10,6 +10,7 @@ from typing import Any, cast
 
 import grpc
 import grpc.aio
+
 from linlens.client._base import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_TARGET,
@@ -322,7 +323,7 @@ class AsyncClient:
         """Wait until the channel is connected; UnavailableError when it is not within ``timeout`` seconds."""
         try:
             await asyncio.wait_for(self._channel.channel_ready(), timeout)
-        except asyncio.TimeoutError as error:
+        except TimeoutError as error:
             raise UnavailableError(
                 grpc.StatusCode.UNAVAILABLE, f"{self.target} not ready after {timeout:g} s"
             ) from error

@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from typing import TypeAlias
 
 import numpy as np
+
 from linlens.client.tensors import array_from_tensor, tensor_from_array
 from linlens.client.types import (
     Attribution,

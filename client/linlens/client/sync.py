@@ -8,6 +8,7 @@ from types import TracebackType
 from typing import Any, cast
 
 import grpc
+
 from linlens.client._base import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_TARGET,

@@ -11,6 +11,7 @@ import math
 
 import numpy as np
 import numpy.typing as npt
+
 from linlens.v1 import linlens_pb2 as pb
 
 FloatArray = npt.NDArray[np.floating]

@@ -17,16 +17,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import sys
+import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10 reads TOML with the tomli backport
-    import tomli as tomllib
 
 ENV_PREFIX = "LINLENS_"
 DEFAULT_MODEL = "smollm2-135m"
