@@ -172,6 +172,30 @@ GATE_MODE_FREEZE_UP: GateMode.ValueType  # 2
 """The alternative: up_proj(x) is frozen, and act(g) = g * s(g) keeps g linear with s(g) frozen."""
 Global___GateMode: _TypeAlias = GateMode  # noqa: Y015
 
+class _LayerComponent:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _LayerComponentEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_LayerComponent.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    LAYER_COMPONENT_UNSPECIFIED: _LayerComponent.ValueType  # 0
+    """Never sent by the server."""
+    LAYER_COMPONENT_ATTENTION: _LayerComponent.ValueType  # 1
+    """The attention block: the term it adds to the residual stream."""
+    LAYER_COMPONENT_MLP: _LayerComponent.ValueType  # 2
+    """The MLP block: the term it adds to the residual stream."""
+
+class LayerComponent(_LayerComponent, metaclass=_LayerComponentEnumTypeWrapper):
+    """LayerComponent names a block of a transformer layer."""
+
+LAYER_COMPONENT_UNSPECIFIED: LayerComponent.ValueType  # 0
+"""Never sent by the server."""
+LAYER_COMPONENT_ATTENTION: LayerComponent.ValueType  # 1
+"""The attention block: the term it adds to the residual stream."""
+LAYER_COMPONENT_MLP: LayerComponent.ValueType  # 2
+"""The MLP block: the term it adds to the residual stream."""
+Global___LayerComponent: _TypeAlias = LayerComponent  # noqa: Y015
+
 class _FinishReason:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -474,6 +498,7 @@ class ExplainOptions(_message.Message):
     GATE_MODE_FIELD_NUMBER: _builtins.int
     EXPLAINED_TOKEN_ID_FIELD_NUMBER: _builtins.int
     VJP_CHUNK_SIZE_FIELD_NUMBER: _builtins.int
+    LAYERS_FIELD_NUMBER: _builtins.int
     steps: Global___ExplainSteps.ValueType
     """Which generation steps to explain (Generate and GenerateStream only; Explain always explains its one step).
     Unspecified means EXPLAIN_STEPS_FIRST.
@@ -508,6 +533,12 @@ class ExplainOptions(_message.Message):
     def targets(self) -> _containers.RepeatedCompositeFieldContainer[Global___AttributionTarget]:
         """Extra attribution targets besides the explained token, which is always attributed first."""
 
+    @_builtins.property
+    def layers(self) -> Global___LayerAnalysisOptions:
+        """Look inside the model, layer by layer (attention and MLP shares, up-to-layer maps). Absent means no layer
+        analysis. Each explained step then also gets a LayerAttributions matrix and one LayerResult per selected layer.
+        """
+
     def __init__(
         self,
         *,
@@ -523,10 +554,11 @@ class ExplainOptions(_message.Message):
         gate_mode: Global___GateMode.ValueType = ...,
         explained_token_id: _builtins.int | None = ...,
         vjp_chunk_size: _builtins.int | None = ...,
+        layers: Global___LayerAnalysisOptions | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_explained_token_id", b"_explained_token_id", "_tokens_per_vector", b"_tokens_per_vector", "_top_k", b"_top_k", "_vjp_chunk_size", b"_vjp_chunk_size", "explained_token_id", b"explained_token_id", "tokens_per_vector", b"tokens_per_vector", "top_k", b"top_k", "vjp_chunk_size", b"vjp_chunk_size"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_explained_token_id", b"_explained_token_id", "_tokens_per_vector", b"_tokens_per_vector", "_top_k", b"_top_k", "_vjp_chunk_size", b"_vjp_chunk_size", "explained_token_id", b"explained_token_id", "layers", b"layers", "tokens_per_vector", b"tokens_per_vector", "top_k", b"top_k", "vjp_chunk_size", b"vjp_chunk_size"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_explained_token_id", b"_explained_token_id", "_tokens_per_vector", b"_tokens_per_vector", "_top_k", b"_top_k", "_vjp_chunk_size", b"_vjp_chunk_size", "explained_token_id", b"explained_token_id", "gate_mode", b"gate_mode", "include_jacobians", b"include_jacobians", "ordinary_contrast", b"ordinary_contrast", "positions", b"positions", "precision", b"precision", "step_indices", b"step_indices", "steps", b"steps", "targets", b"targets", "tokens_per_vector", b"tokens_per_vector", "top_k", b"top_k", "vjp_chunk_size", b"vjp_chunk_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_explained_token_id", b"_explained_token_id", "_tokens_per_vector", b"_tokens_per_vector", "_top_k", b"_top_k", "_vjp_chunk_size", b"_vjp_chunk_size", "explained_token_id", b"explained_token_id", "gate_mode", b"gate_mode", "include_jacobians", b"include_jacobians", "layers", b"layers", "ordinary_contrast", b"ordinary_contrast", "positions", b"positions", "precision", b"precision", "step_indices", b"step_indices", "steps", b"steps", "targets", b"targets", "tokens_per_vector", b"tokens_per_vector", "top_k", b"top_k", "vjp_chunk_size", b"vjp_chunk_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__explained_token_id: _TypeAlias = _typing.Literal["explained_token_id"]  # noqa: Y015
     _WhichOneofArgType__explained_token_id: _TypeAlias = _typing.Literal["_explained_token_id", b"_explained_token_id"]  # noqa: Y015
@@ -546,6 +578,82 @@ class ExplainOptions(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__vjp_chunk_size) -> _WhichOneofReturnType__vjp_chunk_size | None: ...
 
 Global___ExplainOptions: _TypeAlias = ExplainOptions  # noqa: Y015
+
+@_typing.final
+class LayerAnalysisOptions(_message.Message):
+    """LayerAnalysisOptions selects the layers to look inside and what to compute for each.
+
+    Cost: the layers x tokens attribution matrix (LayerAttributions) always covers every layer and costs one batched
+    vector-Jacobian product (VJP) with one seed per attention and MLP block (2 x num_layers seeds). Per selected
+    layer, up_to_layer and layer_alone together cost hidden_size VJPs (shared), component_spectra 2 x hidden_size.
+    A server bounds the number of layers with such Jacobians per request (INVALID_ARGUMENT above it).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LAYERS_FIELD_NUMBER: _builtins.int
+    EVERY_FIELD_NUMBER: _builtins.int
+    UP_TO_LAYER_FIELD_NUMBER: _builtins.int
+    LAYER_ALONE_FIELD_NUMBER: _builtins.int
+    COMPONENT_SPECTRA_FIELD_NUMBER: _builtins.int
+    TOP_K_FIELD_NUMBER: _builtins.int
+    TOKENS_PER_VECTOR_FIELD_NUMBER: _builtins.int
+    every: _builtins.int
+    """Analyse every k-th layer: layers 0, k, 2k, ... plus the last layer. 0 (the default) means unset. Setting both
+    layers and every is INVALID_ARGUMENT.
+    """
+    up_to_layer: _builtins.bool
+    """The Jacobian of the residual stream after each selected layer (last position) w.r.t. the input embeddings,
+    its top singular vectors decoded logit-lens style (through the final norm's frozen scale and the LM head).
+    Unset means true.
+    """
+    layer_alone: _builtins.bool
+    """The Jacobian of each selected layer's output (last position) w.r.t. its own input (the residual stream
+    entering it). Default false; shares its VJPs with up_to_layer.
+    """
+    component_spectra: _builtins.bool
+    """The singular vectors of each selected layer's attention and MLP block as linear maps of the input embeddings.
+    Default false: the blocks' exact logit shares are returned anyway, without spectra.
+    """
+    top_k: _builtins.int
+    """Singular components returned per linear map. Unset means 3; 0 returns only the spectrum summaries."""
+    tokens_per_vector: _builtins.int
+    """Tokens each singular vector is decoded to. Unset means 8."""
+    @_builtins.property
+    def layers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The layers to analyse, 0-based, each at most once; results come in this order. Leave empty to use every (or,
+        when every is 0 too, all layers). Indices outside 0..num_layers-1 are INVALID_ARGUMENT.
+        """
+
+    def __init__(
+        self,
+        *,
+        layers: _abc.Iterable[_builtins.int] | None = ...,
+        every: _builtins.int = ...,
+        up_to_layer: _builtins.bool | None = ...,
+        layer_alone: _builtins.bool = ...,
+        component_spectra: _builtins.bool = ...,
+        top_k: _builtins.int | None = ...,
+        tokens_per_vector: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_tokens_per_vector", b"_tokens_per_vector", "_top_k", b"_top_k", "_up_to_layer", b"_up_to_layer", "tokens_per_vector", b"tokens_per_vector", "top_k", b"top_k", "up_to_layer", b"up_to_layer"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_tokens_per_vector", b"_tokens_per_vector", "_top_k", b"_top_k", "_up_to_layer", b"_up_to_layer", "component_spectra", b"component_spectra", "every", b"every", "layer_alone", b"layer_alone", "layers", b"layers", "tokens_per_vector", b"tokens_per_vector", "top_k", b"top_k", "up_to_layer", b"up_to_layer"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__tokens_per_vector: _TypeAlias = _typing.Literal["tokens_per_vector"]  # noqa: Y015
+    _WhichOneofArgType__tokens_per_vector: _TypeAlias = _typing.Literal["_tokens_per_vector", b"_tokens_per_vector"]  # noqa: Y015
+    _WhichOneofReturnType__top_k: _TypeAlias = _typing.Literal["top_k"]  # noqa: Y015
+    _WhichOneofArgType__top_k: _TypeAlias = _typing.Literal["_top_k", b"_top_k"]  # noqa: Y015
+    _WhichOneofReturnType__up_to_layer: _TypeAlias = _typing.Literal["up_to_layer"]  # noqa: Y015
+    _WhichOneofArgType__up_to_layer: _TypeAlias = _typing.Literal["_up_to_layer", b"_up_to_layer"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__tokens_per_vector) -> _WhichOneofReturnType__tokens_per_vector | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__top_k) -> _WhichOneofReturnType__top_k | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__up_to_layer) -> _WhichOneofReturnType__up_to_layer | None: ...
+
+Global___LayerAnalysisOptions: _TypeAlias = LayerAnalysisOptions  # noqa: Y015
 
 @_typing.final
 class TokenScore(_message.Message):
@@ -909,6 +1017,8 @@ class Explanation(_message.Message):
     GATE_MODE_FIELD_NUMBER: _builtins.int
     VJP_COUNT_FIELD_NUMBER: _builtins.int
     TIMINGS_FIELD_NUMBER: _builtins.int
+    LAYER_ATTRIBUTIONS_FIELD_NUMBER: _builtins.int
+    LAYERS_FIELD_NUMBER: _builtins.int
     step: _builtins.int
     """The generation step this explains (0 = first generated token). Always 0 for Explain."""
     has_bias: _builtins.bool
@@ -973,6 +1083,16 @@ class Explanation(_message.Message):
     def timings(self) -> Global___Timings:
         """Where the time went for this explanation (generation_ms is 0 here)."""
 
+    @_builtins.property
+    def layer_attributions(self) -> Global___LayerAttributions:
+        """The layers x tokens matrix when ExplainOptions.layers was set (Generate only: Explain returns it in
+        ExplainResponse, and GenerateStream sends it as its own event).
+        """
+
+    @_builtins.property
+    def layers(self) -> _containers.RepeatedCompositeFieldContainer[Global___LayerResult]:
+        """One result per selected layer when ExplainOptions.layers was set (Generate only, like layer_attributions)."""
+
     def __init__(
         self,
         *,
@@ -994,14 +1114,272 @@ class Explanation(_message.Message):
         gate_mode: Global___GateMode.ValueType = ...,
         vjp_count: _builtins.int = ...,
         timings: Global___Timings | None = ...,
+        layer_attributions: Global___LayerAttributions | None = ...,
+        layers: _abc.Iterable[Global___LayerResult] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["constant", b"constant", "explained", b"explained", "jacobians", b"jacobians", "ordinary", b"ordinary", "predicted", b"predicted", "reconstruction", b"reconstruction", "timings", b"timings", "y", b"y"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["constant", b"constant", "explained", b"explained", "jacobians", b"jacobians", "layer_attributions", b"layer_attributions", "ordinary", b"ordinary", "predicted", b"predicted", "reconstruction", b"reconstruction", "timings", b"timings", "y", b"y"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributions", b"attributions", "constant", b"constant", "explained", b"explained", "gate_mode", b"gate_mode", "has_bias", b"has_bias", "input_ids", b"input_ids", "input_tokens", b"input_tokens", "jacobians", b"jacobians", "ordinary", b"ordinary", "precision", b"precision", "predicted", b"predicted", "reconstruction", b"reconstruction", "spectra", b"spectra", "step", b"step", "timings", b"timings", "truncated_relative_error", b"truncated_relative_error", "vjp_count", b"vjp_count", "y", b"y"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributions", b"attributions", "constant", b"constant", "explained", b"explained", "gate_mode", b"gate_mode", "has_bias", b"has_bias", "input_ids", b"input_ids", "input_tokens", b"input_tokens", "jacobians", b"jacobians", "layer_attributions", b"layer_attributions", "layers", b"layers", "ordinary", b"ordinary", "precision", b"precision", "predicted", b"predicted", "reconstruction", b"reconstruction", "spectra", b"spectra", "step", b"step", "timings", b"timings", "truncated_relative_error", b"truncated_relative_error", "vjp_count", b"vjp_count", "y", b"y"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Explanation: _TypeAlias = Explanation  # noqa: Y015
+
+@_typing.final
+class LinearMapSpectrum(_message.Message):
+    """LinearMapSpectrum is the singular-value picture of one exact linear map (a layer's or a block's), and how well
+    that map reproduces what the model really computed.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COMPONENTS_FIELD_NUMBER: _builtins.int
+    SINGULAR_VALUES_FIELD_NUMBER: _builtins.int
+    CAPTURED_SHARE_FIELD_NUMBER: _builtins.int
+    STABLE_RANK_FIELD_NUMBER: _builtins.int
+    TERM_NORM_FIELD_NUMBER: _builtins.int
+    RECONSTRUCTION_ERROR_FIELD_NUMBER: _builtins.int
+    stable_rank: _builtins.float
+    """||M||_F^2 / ||M||_2^2: the map's effective dimensionality, as one number."""
+    term_norm: _builtins.float
+    """The norm of the last position's term M x."""
+    reconstruction_error: _builtins.float
+    """||sum_j M_j z_j - out|| / ||out|| over every input position j: how exactly the map reproduces the layer's real
+    output. NaN where it is not claimed (layer_alone of a model with biases).
+    """
+    @_builtins.property
+    def components(self) -> _containers.RepeatedCompositeFieldContainer[Global___SingularComponent]:
+        """The top_k singular components, largest first. Left vectors are decoded logit-lens style (the tokens whose
+        logits the direction raises, through the final norm's frozen scale and the LM head). Right vectors are decoded
+        to the nearest input embeddings (maps of the input embeddings) or logit-lens style (layer_alone).
+        """
+
+    @_builtins.property
+    def singular_values(self) -> Global___Tensor:
+        """All singular values of the last input position's block of the map, descending (a 1-D Tensor)."""
+
+    @_builtins.property
+    def captured_share(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """The share of the mapped term kept by the rank-k truncation, for k = 1..top_k."""
+
+    def __init__(
+        self,
+        *,
+        components: _abc.Iterable[Global___SingularComponent] | None = ...,
+        singular_values: Global___Tensor | None = ...,
+        captured_share: _abc.Iterable[_builtins.float] | None = ...,
+        stable_rank: _builtins.float = ...,
+        term_norm: _builtins.float = ...,
+        reconstruction_error: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["singular_values", b"singular_values"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["captured_share", b"captured_share", "components", b"components", "reconstruction_error", b"reconstruction_error", "singular_values", b"singular_values", "stable_rank", b"stable_rank", "term_norm", b"term_norm"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LinearMapSpectrum: _TypeAlias = LinearMapSpectrum  # noqa: Y015
+
+@_typing.final
+class ComponentContribution(_message.Message):
+    """ComponentContribution is what one attention or MLP block adds to the residual stream, as an exact part of y
+    and of the explained logit.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LAYER_FIELD_NUMBER: _builtins.int
+    COMPONENT_FIELD_NUMBER: _builtins.int
+    LOGIT_FIELD_NUMBER: _builtins.int
+    PER_TOKEN_FIELD_NUMBER: _builtins.int
+    CONSTANT_FIELD_NUMBER: _builtins.int
+    Y_NORM_FIELD_NUMBER: _builtins.int
+    Y_SHARE_FIELD_NUMBER: _builtins.int
+    SPECTRUM_FIELD_NUMBER: _builtins.int
+    layer: _builtins.int
+    """The layer (0-based)."""
+    component: Global___LayerComponent.ValueType
+    """Which block."""
+    logit: _builtins.float
+    """Its exact share of the explained token's logit: w . (g * term), g the final norm's frozen scale."""
+    constant: _builtins.float
+    """The part of logit that comes from bias terms (0 for bias-free models)."""
+    y_norm: _builtins.float
+    """||g * term||: the size of its contribution to y."""
+    y_share: _builtins.float
+    """(g * term) . y / ||y||^2: the share of y along y that this block writes."""
+    @_builtins.property
+    def per_token(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """That share split over the input tokens, in input order (sums to logit - constant)."""
+
+    @_builtins.property
+    def spectrum(self) -> Global___LinearMapSpectrum:
+        """The block's own linear map of the input embeddings. Absent unless component_spectra was requested."""
+
+    def __init__(
+        self,
+        *,
+        layer: _builtins.int = ...,
+        component: Global___LayerComponent.ValueType = ...,
+        logit: _builtins.float = ...,
+        per_token: _abc.Iterable[_builtins.float] | None = ...,
+        constant: _builtins.float = ...,
+        y_norm: _builtins.float = ...,
+        y_share: _builtins.float = ...,
+        spectrum: Global___LinearMapSpectrum | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["spectrum", b"spectrum"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["component", b"component", "constant", b"constant", "layer", b"layer", "logit", b"logit", "per_token", b"per_token", "spectrum", b"spectrum", "y_norm", b"y_norm", "y_share", b"y_share"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ComponentContribution: _TypeAlias = ComponentContribution  # noqa: Y015
+
+@_typing.final
+class LayerAttributions(_message.Message):
+    """LayerAttributions is the layers x tokens attribution matrix of the explained logit: entry [l, i] is the exact
+    contribution of input token i, through layer l's attention and MLP, to the logit. With the direct path (and any
+    bias constants) it sums to the logit.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STEP_FIELD_NUMBER: _builtins.int
+    EXPLAINED_FIELD_NUMBER: _builtins.int
+    INPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    ATTENTION_FIELD_NUMBER: _builtins.int
+    MLP_FIELD_NUMBER: _builtins.int
+    PER_LAYER_FIELD_NUMBER: _builtins.int
+    DIRECT_FIELD_NUMBER: _builtins.int
+    ATTENTION_LOGITS_FIELD_NUMBER: _builtins.int
+    MLP_LOGITS_FIELD_NUMBER: _builtins.int
+    LOGIT_FIELD_NUMBER: _builtins.int
+    COMPLETENESS_ERROR_FIELD_NUMBER: _builtins.int
+    DECOMPOSITION_ERROR_FIELD_NUMBER: _builtins.int
+    step: _builtins.int
+    """The explained step this belongs to (0 = first generated token; always 0 for Explain)."""
+    logit: _builtins.float
+    """The explained logit w . y from the model's own forward pass."""
+    completeness_error: _builtins.float
+    """|direct + attention_logits + mlp_logits summed - w . y| / |w . y|, y from the detached pass."""
+    decomposition_error: _builtins.float
+    """||g * (x_last + sum of all block terms) - y|| / ||y||: the residual stream's decomposition of y is exact."""
+    @_builtins.property
+    def explained(self) -> Global___PredictedToken:
+        """The token whose logit is split."""
+
+    @_builtins.property
+    def input_tokens(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Each input token decoded on its own (the matrices' columns)."""
+
+    @_builtins.property
+    def attention(self) -> Global___Tensor:
+        """Through the attention blocks: shape (num_layers, n)."""
+
+    @_builtins.property
+    def mlp(self) -> Global___Tensor:
+        """Through the MLP blocks: shape (num_layers, n)."""
+
+    @_builtins.property
+    def per_layer(self) -> Global___Tensor:
+        """attention + mlp: shape (num_layers, n). The heat map."""
+
+    @_builtins.property
+    def direct(self) -> Global___Tensor:
+        """The embeddings' direct path, shape (n): only the last token's embedding reaches y without passing a block."""
+
+    @_builtins.property
+    def attention_logits(self) -> Global___Tensor:
+        """Each attention block's total share of the logit (bias constants included), shape (num_layers)."""
+
+    @_builtins.property
+    def mlp_logits(self) -> Global___Tensor:
+        """Each MLP block's total share of the logit (bias constants included), shape (num_layers)."""
+
+    def __init__(
+        self,
+        *,
+        step: _builtins.int = ...,
+        explained: Global___PredictedToken | None = ...,
+        input_tokens: _abc.Iterable[_builtins.str] | None = ...,
+        attention: Global___Tensor | None = ...,
+        mlp: Global___Tensor | None = ...,
+        per_layer: Global___Tensor | None = ...,
+        direct: Global___Tensor | None = ...,
+        attention_logits: Global___Tensor | None = ...,
+        mlp_logits: Global___Tensor | None = ...,
+        logit: _builtins.float = ...,
+        completeness_error: _builtins.float = ...,
+        decomposition_error: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["attention", b"attention", "attention_logits", b"attention_logits", "direct", b"direct", "explained", b"explained", "mlp", b"mlp", "mlp_logits", b"mlp_logits", "per_layer", b"per_layer"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attention", b"attention", "attention_logits", b"attention_logits", "completeness_error", b"completeness_error", "decomposition_error", b"decomposition_error", "direct", b"direct", "explained", b"explained", "input_tokens", b"input_tokens", "logit", b"logit", "mlp", b"mlp", "mlp_logits", b"mlp_logits", "per_layer", b"per_layer", "step", b"step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LayerAttributions: _TypeAlias = LayerAttributions  # noqa: Y015
+
+@_typing.final
+class LayerResult(_message.Message):
+    """LayerResult is everything computed for one selected layer."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STEP_FIELD_NUMBER: _builtins.int
+    LAYER_FIELD_NUMBER: _builtins.int
+    UP_TO_LAYER_FIELD_NUMBER: _builtins.int
+    LAYER_ALONE_FIELD_NUMBER: _builtins.int
+    ATTENTION_FIELD_NUMBER: _builtins.int
+    MLP_FIELD_NUMBER: _builtins.int
+    DURATION_MS_FIELD_NUMBER: _builtins.int
+    VJP_COUNT_FIELD_NUMBER: _builtins.int
+    step: _builtins.int
+    """The explained step this belongs to (0 = first generated token; always 0 for Explain)."""
+    layer: _builtins.int
+    """The layer (0-based)."""
+    duration_ms: _builtins.float
+    """Milliseconds this layer's analysis took."""
+    vjp_count: _builtins.int
+    """Vector-Jacobian products this layer's analysis needed."""
+    @_builtins.property
+    def up_to_layer(self) -> Global___LinearMapSpectrum:
+        """Residual stream after this layer (last position) as a linear map of the input embeddings. Absent unless
+        up_to_layer.
+        """
+
+    @_builtins.property
+    def layer_alone(self) -> Global___LinearMapSpectrum:
+        """This layer's output (last position) as a linear map of its own input. Absent unless layer_alone."""
+
+    @_builtins.property
+    def attention(self) -> Global___ComponentContribution:
+        """The attention block's contribution."""
+
+    @_builtins.property
+    def mlp(self) -> Global___ComponentContribution:
+        """The MLP block's contribution."""
+
+    def __init__(
+        self,
+        *,
+        step: _builtins.int = ...,
+        layer: _builtins.int = ...,
+        up_to_layer: Global___LinearMapSpectrum | None = ...,
+        layer_alone: Global___LinearMapSpectrum | None = ...,
+        attention: Global___ComponentContribution | None = ...,
+        mlp: Global___ComponentContribution | None = ...,
+        duration_ms: _builtins.float = ...,
+        vjp_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["attention", b"attention", "layer_alone", b"layer_alone", "mlp", b"mlp", "up_to_layer", b"up_to_layer"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attention", b"attention", "duration_ms", b"duration_ms", "layer", b"layer", "layer_alone", b"layer_alone", "mlp", b"mlp", "step", b"step", "up_to_layer", b"up_to_layer", "vjp_count", b"vjp_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LayerResult: _TypeAlias = LayerResult  # noqa: Y015
 
 @_typing.final
 class GeneratedToken(_message.Message):
@@ -1262,6 +1640,8 @@ class GenerateStreamResponse(_message.Message):
     TOKEN_FIELD_NUMBER: _builtins.int
     EXPLANATION_FIELD_NUMBER: _builtins.int
     DONE_FIELD_NUMBER: _builtins.int
+    LAYER_ATTRIBUTIONS_FIELD_NUMBER: _builtins.int
+    LAYER_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def token(self) -> Global___GeneratedToken:
         """A newly generated token."""
@@ -1274,18 +1654,30 @@ class GenerateStreamResponse(_message.Message):
     def done(self) -> Global___GenerateDone:
         """The end of the generation."""
 
+    @_builtins.property
+    def layer_attributions(self) -> Global___LayerAttributions:
+        """A layers x tokens attribution matrix (ExplainOptions.layers), sent as soon as it is computed: after its
+        step's explanation, before that step's layer events.
+        """
+
+    @_builtins.property
+    def layer(self) -> Global___LayerResult:
+        """One layer's result (ExplainOptions.layers), sent as soon as it is computed, in the requested layer order."""
+
     def __init__(
         self,
         *,
         token: Global___GeneratedToken | None = ...,
         explanation: Global___Explanation | None = ...,
         done: Global___GenerateDone | None = ...,
+        layer_attributions: Global___LayerAttributions | None = ...,
+        layer: Global___LayerResult | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "event", b"event", "explanation", b"explanation", "token", b"token"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "event", b"event", "explanation", b"explanation", "layer", b"layer", "layer_attributions", b"layer_attributions", "token", b"token"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "event", b"event", "explanation", b"explanation", "token", b"token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "event", b"event", "explanation", b"explanation", "layer", b"layer", "layer_attributions", b"layer_attributions", "token", b"token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["token", "explanation", "done"]  # noqa: Y015
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["token", "explanation", "done", "layer_attributions", "layer"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 
@@ -1339,6 +1731,8 @@ class ExplainResponse(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     EXPLANATION_FIELD_NUMBER: _builtins.int
     PROMPT_TEXT_FIELD_NUMBER: _builtins.int
+    LAYER_ATTRIBUTIONS_FIELD_NUMBER: _builtins.int
+    LAYERS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The model that served the request."""
     prompt_text: _builtins.str
@@ -1347,16 +1741,26 @@ class ExplainResponse(_message.Message):
     def explanation(self) -> Global___Explanation:
         """The explanation (step 0)."""
 
+    @_builtins.property
+    def layer_attributions(self) -> Global___LayerAttributions:
+        """The layers x tokens attribution matrix. Absent unless options.layers was set."""
+
+    @_builtins.property
+    def layers(self) -> _containers.RepeatedCompositeFieldContainer[Global___LayerResult]:
+        """One result per selected layer, in the requested order. Empty unless options.layers was set."""
+
     def __init__(
         self,
         *,
         model: _builtins.str = ...,
         explanation: Global___Explanation | None = ...,
         prompt_text: _builtins.str = ...,
+        layer_attributions: Global___LayerAttributions | None = ...,
+        layers: _abc.Iterable[Global___LayerResult] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["explanation", b"explanation"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["explanation", b"explanation", "layer_attributions", b"layer_attributions"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["explanation", b"explanation", "model", b"model", "prompt_text", b"prompt_text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["explanation", b"explanation", "layer_attributions", b"layer_attributions", "layers", b"layers", "model", b"model", "prompt_text", b"prompt_text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
