@@ -77,6 +77,9 @@ class ServerConfig:
     max_tokens_per_vector: int = 64
     #: Largest number of extra attribution targets per request.
     max_attribution_targets: int = 16
+    #: Most layers one request may analyse with Jacobians (ExplainOptions.layers with up_to_layer, layer_alone or
+    #: component_spectra), summed over its explained steps: each costs hidden_size VJPs or more, seconds on a CPU.
+    max_analyzed_layers: int = 64
     #: Run one tiny generation and explanation per model before reporting SERVING, so that the first real request
     #: does not pay for lazy set-up (building the linear twin, first-call allocations): seconds at start-up instead.
     warmup: bool = True
@@ -113,6 +116,7 @@ class ServerConfig:
             "max_top_k",
             "max_explained_steps",
             "max_tokens_per_vector",
+            "max_analyzed_layers",
             "grpc_threads",
         )
         for name in positive:
@@ -276,6 +280,7 @@ _HELP: dict[str, str] = {
     "max_explained_steps": "most generated steps one request may explain",
     "max_tokens_per_vector": "largest accepted tokens_per_vector",
     "max_attribution_targets": "most extra attribution targets per request",
+    "max_analyzed_layers": "most layers with Jacobians per request (layer analysis), over all explained steps",
     "grace_period_s": "seconds in-flight requests get after SIGTERM",
     "grpc_threads": "threads serving gRPC calls",
     "torch_threads": "torch intra-op threads (0 = torch default)",

@@ -66,8 +66,11 @@ DEFAULT_METRICS_PORT = 9464
 #: Phases of an explanation whose durations are recorded (the fields of the engine's ``Timings``): ``forward`` the
 #: detached forward pass, ``jacobian`` the vector-Jacobian products, ``attribution`` the per-token attributions,
 #: ``svd`` the singular-value decompositions, ``decode`` mapping singular vectors to tokens, ``ordinary`` the optional
-#: contrast with the ordinary (not detached) Jacobian.
-EXPLANATION_PHASES: frozenset[str] = frozenset({"forward", "jacobian", "attribution", "svd", "decode", "ordinary"})
+#: contrast with the ordinary (not detached) Jacobian, ``layers`` the whole layer-by-layer analysis of one step
+#: (ExplainOptions.layers: the layers x tokens matrix and every selected layer's Jacobians).
+EXPLANATION_PHASES: frozenset[str] = frozenset(
+    {"forward", "jacobian", "attribution", "svd", "decode", "ordinary", "layers"}
+)
 
 #: Label value used for a phase outside :data:`EXPLANATION_PHASES`, so that a typo cannot explode label cardinality.
 OTHER_PHASE = "other"
@@ -210,7 +213,7 @@ class Metrics:
         )
         self._phase_duration = Histogram(
             f"{p}_explanation_phase_duration_seconds",
-            "Time spent in each phase of an explanation (forward, jacobian, attribution, svd, decode, ordinary).",
+            "Time spent in each explanation phase (forward, jacobian, attribution, svd, decode, ordinary, layers).",
             ["model", "phase"],
             buckets=_PHASE_BUCKETS,
             registry=registry,
