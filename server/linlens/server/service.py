@@ -33,12 +33,18 @@ import numpy.typing as npt
 
 from linlens.engine import (
     AttributionTarget,
+    ComponentContribution,
     ExplainOptions,
     Explanation,
     ExplanationCancelled,
     GateMode,
+    LayerAttributions,
+    LayerOptions,
+    LayerResult,
+    LinearMapSpectrum,
     PositionSelection,
     Precision,
+    SingularComponent,
 )
 from linlens.engine import Timings as EngineTimings
 from linlens.server.config import ServerConfig
@@ -79,6 +85,9 @@ SERVICE_NAME = "linlens.v1.LinlensService"
 #: Explanation defaults when a request leaves a field unset (documented in the proto).
 DEFAULT_TOP_K = 3
 DEFAULT_TOKENS_PER_VECTOR = 8
+#: Layer-analysis defaults (LayerAnalysisOptions) when a request leaves a field unset.
+DEFAULT_LAYER_TOP_K = 3
+DEFAULT_LAYER_TOKENS_PER_VECTOR = 8
 
 #: How often a waiting gRPC thread re-checks its call, as a safety net behind the termination callback.
 _POLL_S = 0.25
@@ -371,19 +380,7 @@ def explanation_proto(exp: Explanation, step: int) -> pb.Explanation:
             stable_rank=s.stable_rank,
             term_norm=s.term_norm,
         )
-        for c in s.components:
-            spectrum.components.append(
-                pb.SingularComponent(
-                    rank=c.rank,
-                    value=c.value,
-                    left=tensor(c.left),
-                    right=tensor(c.right),
-                    left_tokens=[pb.TokenScore(token_id=t.token_id, text=t.text, score=t.score) for t in c.left_tokens],
-                    right_tokens=[
-                        pb.TokenScore(token_id=t.token_id, text=t.text, score=t.score) for t in c.right_tokens
-                    ],
-                )
-            )
+        spectrum.components.extend(singular_component_proto(c) for c in s.components)
         msg.spectra.append(spectrum)
     if exp.jacobians is not None:
         msg.jacobians.CopyFrom(tensor(exp.jacobians))
@@ -395,6 +392,133 @@ def explanation_proto(exp: Explanation, step: int) -> pb.Explanation:
             )
         )
     return msg
+
+
+def singular_component_proto(c: SingularComponent) -> pb.SingularComponent:
+    return pb.SingularComponent(
+        rank=c.rank,
+        value=c.value,
+        left=tensor(c.left),
+        right=tensor(c.right),
+        left_tokens=[pb.TokenScore(token_id=t.token_id, text=t.text, score=t.score) for t in c.left_tokens],
+        right_tokens=[pb.TokenScore(token_id=t.token_id, text=t.text, score=t.score) for t in c.right_tokens],
+    )
+
+
+def _predicted_proto(p: Any) -> pb.PredictedToken:
+    return pb.PredictedToken(token_id=p.token_id, text=p.text, logit=p.logit, probability=p.probability)
+
+
+def linear_map_proto(spectrum: LinearMapSpectrum) -> pb.LinearMapSpectrum:
+    return pb.LinearMapSpectrum(
+        components=[singular_component_proto(c) for c in spectrum.components],
+        singular_values=tensor(spectrum.singular_values),
+        captured_share=list(spectrum.captured_share),
+        stable_rank=spectrum.stable_rank,
+        term_norm=spectrum.term_norm,
+        reconstruction_error=spectrum.reconstruction_error,
+    )
+
+
+_COMPONENT_TO_PB = {"attention": pb.LAYER_COMPONENT_ATTENTION, "mlp": pb.LAYER_COMPONENT_MLP}
+
+
+def component_proto(c: ComponentContribution) -> pb.ComponentContribution:
+    msg = pb.ComponentContribution(
+        layer=c.layer,
+        component=_COMPONENT_TO_PB.get(c.component, pb.LAYER_COMPONENT_UNSPECIFIED),
+        logit=c.logit,
+        per_token=[float(v) for v in np.asarray(c.per_token).ravel()],
+        constant=c.constant,
+        y_norm=c.y_norm,
+        y_share=c.y_share,
+    )
+    if c.spectrum is not None:
+        msg.spectrum.CopyFrom(linear_map_proto(c.spectrum))
+    return msg
+
+
+def layer_attributions_proto(summary: LayerAttributions, step: int) -> pb.LayerAttributions:
+    """The engine's layers x tokens matrix as a LayerAttributions message for explained step ``step``."""
+    return pb.LayerAttributions(
+        step=step,
+        explained=_predicted_proto(summary.explained),
+        input_tokens=list(summary.input_tokens),
+        attention=tensor(summary.attention),
+        mlp=tensor(summary.mlp),
+        per_layer=tensor(summary.per_layer),
+        direct=tensor(summary.direct),
+        attention_logits=tensor(summary.attention_logits),
+        mlp_logits=tensor(summary.mlp_logits),
+        logit=summary.logit,
+        completeness_error=summary.completeness_error,
+        decomposition_error=summary.decomposition_error,
+    )
+
+
+def layer_result_proto(result: LayerResult, step: int) -> pb.LayerResult:
+    """One layer's analysis as a LayerResult message for explained step ``step``."""
+    msg = pb.LayerResult(
+        step=step,
+        layer=result.layer,
+        attention=component_proto(result.attention),
+        mlp=component_proto(result.mlp),
+        duration_ms=_ms(result.seconds),
+        vjp_count=result.vjp_count,
+    )
+    if result.up_to_layer is not None:
+        msg.up_to_layer.CopyFrom(linear_map_proto(result.up_to_layer))
+    if result.layer_alone is not None:
+        msg.layer_alone.CopyFrom(linear_map_proto(result.layer_alone))
+    return msg
+
+
+@dataclass
+class LayerAnalysis:
+    """One explained step's layer analysis, already as protobuf (what Explain, Generate and the CLI return)."""
+
+    attributions: pb.LayerAttributions
+    layers: list[pb.LayerResult]
+    seconds: float
+
+
+def run_layer_analysis(
+    loaded: Any,
+    input_ids: list[int],
+    options: ExplainOptions,
+    layer_options: LayerOptions,
+    step: int,
+    *,
+    should_stop: Callable[[], bool] | None = None,
+    on_message: Callable[[pb.LayerAttributions | pb.LayerResult], None] | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> LayerAnalysis:
+    """Run the engine's layer-by-layer analysis and map each event to protobuf as soon as the engine yields it.
+
+    ``on_message`` sees the LayerAttributions first, then each LayerResult in order, so a stream can forward the
+    emergence live. Raises ExplanationCancelled when ``should_stop`` turns true (also checked between layers, since
+    a layer without Jacobians polls nothing), ValueError for options the engine rejects.
+    """
+    started = time.perf_counter()
+    events = loaded.explainer.explain_layers(
+        input_ids, options, layer_options, should_stop=should_stop, on_progress=on_progress
+    )
+    summary: pb.LayerAttributions | None = None
+    layers: list[pb.LayerResult] = []
+    for event in events:
+        if isinstance(event, LayerAttributions):
+            summary = layer_attributions_proto(event, step)
+            message: pb.LayerAttributions | pb.LayerResult = summary
+        else:
+            message = layer_result_proto(event, step)
+            layers.append(message)
+        if on_message is not None:
+            on_message(message)
+        if should_stop is not None and should_stop():
+            raise ExplanationCancelled("the layer analysis was stopped")
+    if summary is None:  # pragma: no cover - the engine always yields the matrix first
+        raise RuntimeError("the layer analysis returned no attribution matrix")
+    return LayerAnalysis(summary, layers, time.perf_counter() - started)
 
 
 def token_proto(t: GeneratedToken) -> pb.GeneratedToken:
@@ -518,6 +642,65 @@ def explain_options_from_proto(message: pb.ExplainOptions, loaded: Any, config: 
     )
 
 
+def layer_options_from_proto(
+    message: pb.ExplainOptions, loaded: Any, config: ServerConfig, *, steps: int = 1
+) -> LayerOptions | None:
+    """Map and bound-check ExplainOptions.layers (None when absent). ``steps`` is how many explained steps may run
+    the analysis, so that the per-request bound on layers with Jacobians covers all of them."""
+    if not message.HasField("layers"):
+        return None
+    m = message.layers
+    count = int(loaded.num_layers)
+    if m.layers and m.every:
+        raise _invalid("explain.layers: set either layers (explicit indices) or every (every k-th layer), not both")
+    if m.layers:
+        selected = tuple(int(i) for i in m.layers)
+        bad = [i for i in selected if i >= count]
+        if bad:
+            raise _invalid(
+                f"explain.layers.layers names layer(s) {bad[:5]}, but {loaded.name} has layers 0..{count - 1}"
+            )
+        if len(set(selected)) != len(selected):
+            raise _invalid("explain.layers.layers names a layer more than once; list each layer once")
+        chosen: tuple[int, ...] | None = selected
+    elif m.every:
+        chosen = tuple(sorted(set(range(0, count, int(m.every))) | {count - 1}))
+    else:
+        chosen = None
+    up_to = m.up_to_layer if m.HasField("up_to_layer") else True
+    top_k = m.top_k if m.HasField("top_k") else DEFAULT_LAYER_TOP_K
+    limit = min(config.max_top_k, loaded.hidden_size)
+    if top_k > limit:
+        raise _invalid(
+            f"explain.layers.top_k is {top_k}, above the limit of {limit} (server max_top_k {config.max_top_k}, "
+            f"hidden size {loaded.hidden_size}); ask for fewer singular components"
+        )
+    per_vector = m.tokens_per_vector if m.HasField("tokens_per_vector") else DEFAULT_LAYER_TOKENS_PER_VECTOR
+    if not 1 <= per_vector <= config.max_tokens_per_vector:
+        raise _invalid(
+            f"explain.layers.tokens_per_vector must lie in 1..{config.max_tokens_per_vector}, got {per_vector}"
+        )
+    options = LayerOptions(
+        layers=chosen,
+        up_to_layer=up_to,
+        layer_alone=m.layer_alone,
+        component_spectra=m.component_spectra,
+        top_k=int(top_k),
+        tokens_per_vector=int(per_vector),
+    )
+    if up_to or m.layer_alone or m.component_spectra:
+        analysed = (count if chosen is None else len(chosen)) * steps
+        if analysed > config.max_analyzed_layers:
+            raise _invalid(
+                f"explain.layers asks for Jacobians of {analysed} layers"
+                + (f" ({steps} explained steps)" if steps > 1 else "")
+                + f", above this server's limit of {config.max_analyzed_layers}; select fewer layers (layers or "
+                "every), explain fewer steps, or turn up_to_layer, layer_alone and component_spectra off for the "
+                "cheap attribution matrix only"
+            )
+    return options
+
+
 @dataclass(frozen=True)
 class ExplainPlan:
     """Which generated steps to explain, and how."""
@@ -525,6 +708,8 @@ class ExplainPlan:
     options: ExplainOptions
     #: Explicit steps (FIRST or LIST), or None for every generated step (ALL).
     steps: tuple[int, ...] | None
+    #: Layer-by-layer analysis for every explained step, when ExplainOptions.layers was set.
+    layers: LayerOptions | None = None
 
     def steps_for(self, generated: int) -> list[int]:
         if self.steps is None:
@@ -539,7 +724,7 @@ def explain_plan_from_proto(
     options = dataclasses.replace(options, explained_token_id=None)  # each step explains its generated token
     mode = message.steps
     if mode in (pb.EXPLAIN_STEPS_UNSPECIFIED, pb.EXPLAIN_STEPS_FIRST):
-        return ExplainPlan(options, (0,))
+        return ExplainPlan(options, (0,), layer_options_from_proto(message, loaded, config))
     if mode == pb.EXPLAIN_STEPS_LIST:
         steps = tuple(sorted(set(message.step_indices)))
         if not steps:
@@ -548,14 +733,16 @@ def explain_plan_from_proto(
             raise _invalid(
                 f"explain.step_indices names {len(steps)} steps, above the limit of {config.max_explained_steps}"
             )
-        return ExplainPlan(options, steps)
+        layers = layer_options_from_proto(message, loaded, config, steps=min(len(steps), sampling.max_new_tokens))
+        return ExplainPlan(options, steps, layers)
     if mode == pb.EXPLAIN_STEPS_ALL:
         if sampling.max_new_tokens > config.max_explained_steps:
             raise _invalid(
                 f"EXPLAIN_STEPS_ALL with max_new_tokens {sampling.max_new_tokens} could explain more steps than the "
                 f"limit of {config.max_explained_steps}; lower max_new_tokens or list the steps (EXPLAIN_STEPS_LIST)"
             )
-        return ExplainPlan(options, None)
+        layers = layer_options_from_proto(message, loaded, config, steps=sampling.max_new_tokens)
+        return ExplainPlan(options, None, layers)
     raise _invalid(f"explain.steps {mode} is not a known ExplainSteps value")
 
 
@@ -650,9 +837,12 @@ class Lifecycle:
 class _GenOutcome:
     generation: Generation
     explanations: list[tuple[int, Explanation]]
+    #: The layer analysis of each explained step (when ExplainOptions.layers was set), by step.
+    layers: dict[int, LayerAnalysis] = field(default_factory=dict)
 
 
-_Event = tuple[str, Any]  # ("token", GeneratedToken) | ("explanation", (step, Explanation))
+# ("token", GeneratedToken) | ("explanation", (step, Explanation)) | ("layer", pb.LayerAttributions | pb.LayerResult)
+_Event = tuple[str, Any]
 
 
 class LinlensServicer(pb_grpc.LinlensServiceServicer):
@@ -825,6 +1015,7 @@ class LinlensServicer(pb_grpc.LinlensServiceServicer):
             )
             self.metrics.add_generated_tokens(model_name, len(gen.tokens))
             explanations: list[tuple[int, Explanation]] = []
+            layers: dict[int, LayerAnalysis] = {}
             if plan is not None:
                 for step in plan.steps_for(len(gen.tokens)):
                     options = dataclasses.replace(plan.options, explained_token_id=gen.tokens[step].token_id)
@@ -834,9 +1025,34 @@ class LinlensServicer(pb_grpc.LinlensServiceServicer):
                     explanations.append((step, exp))
                     if emit is not None:
                         emit(("explanation", (step, exp)))
-            return _GenOutcome(gen, explanations)
+                    if plan.layers is not None:
+                        layers[step] = self._layer_work(loaded, ids, options, plan.layers, step, token, emit)
+            return _GenOutcome(gen, explanations, layers)
 
         return work
+
+    def _layer_work(
+        self,
+        loaded: Any,
+        ids: list[int],
+        options: ExplainOptions,
+        layer_options: LayerOptions,
+        step: int,
+        token: CancelToken,
+        emit: Callable[[_Event], None] | None,
+    ) -> LayerAnalysis:
+        """One step's layer analysis inside the running job (same cancel token), forwarding each message to a stream."""
+        analysis = run_layer_analysis(
+            loaded,
+            ids,
+            options,
+            layer_options,
+            step,
+            should_stop=token.should_stop,
+            on_message=(lambda m: emit(("layer", m))) if emit is not None else None,
+        )
+        self.metrics.observe_explanation_phase(loaded.name, "layers", analysis.seconds)
+        return analysis
 
     def _observe_explanation(self, model: str, exp: Explanation) -> None:
         t = exp.timings
@@ -885,7 +1101,7 @@ class LinlensServicer(pb_grpc.LinlensServiceServicer):
                 ordinary=total.ordinary + t.ordinary,
             )
         record.generation_s = outcome.generation.seconds
-        record.explain_s = total.total
+        record.explain_s = total.total + sum(a.seconds for a in outcome.layers.values())
         record.completion_tokens = len(outcome.generation.tokens)
         record.explained_steps = len(outcome.explanations)
         return timings_proto(
@@ -917,7 +1133,10 @@ class LinlensServicer(pb_grpc.LinlensServiceServicer):
                 tokens=[token_proto(t) for t in gen.tokens],
                 finish_reason=_FINISH_TO_PB[gen.finish_reason],
                 usage=self._usage(outcome, len(prompt_ids)),
-                explanations=[explanation_proto(exp, step) for step, exp in outcome.explanations],
+                explanations=[
+                    _with_layers(explanation_proto(exp, step), outcome.layers.get(step))
+                    for step, exp in outcome.explanations
+                ],
                 timings=self._request_timings(outcome, record),
                 prompt_text=loaded.tokenizer.decode(prompt_ids),
             )
@@ -948,6 +1167,11 @@ class LinlensServicer(pb_grpc.LinlensServiceServicer):
                         record.queue_s = job.queue_wait
                         self.metrics.observe_time_to_first_token(record.model, time.monotonic() - record.started)
                     yield pb.GenerateStreamResponse(token=token_proto(payload))
+                elif kind == "layer":
+                    if isinstance(payload, pb.LayerAttributions):
+                        yield pb.GenerateStreamResponse(layer_attributions=payload)
+                    else:
+                        yield pb.GenerateStreamResponse(layer=payload)
                 else:
                     step, exp = payload
                     yield pb.GenerateStreamResponse(explanation=explanation_proto(exp, step))
@@ -974,23 +1198,31 @@ class LinlensServicer(pb_grpc.LinlensServiceServicer):
             if self.config.log_prompts:
                 record.prompt_text = loaded.tokenizer.decode(prompt_ids)
             options = explain_options_from_proto(request.options, loaded, self.config)
+            layer_options = layer_options_from_proto(request.options, loaded, self.config)
             token = self._token_for(context)
 
-            def work(tok: CancelToken) -> Explanation:
+            def work(tok: CancelToken) -> tuple[Explanation, LayerAnalysis | None]:
                 exp = loaded.explainer.explain(prompt_ids, options, should_stop=tok.should_stop)
                 self._observe_explanation(loaded.name, exp)
-                return exp
+                analysis = None
+                if layer_options is not None:
+                    analysis = self._layer_work(loaded, prompt_ids, options, layer_options, 0, tok, None)
+                return exp, analysis
 
-            exp = self._await(self._submit(context, record, work, token), context, record)
+            exp, analysis = self._await(self._submit(context, record, work, token), context, record)
             self.metrics.observe_queue_wait(record.model, record.queue_s)
-            record.explain_s = exp.timings.total
+            record.explain_s = exp.timings.total + (analysis.seconds if analysis is not None else 0.0)
             record.explained_steps = 1
             message = explanation_proto(exp, 0)
             message.timings.queue_ms = _ms(record.queue_s)
             message.timings.total_ms = _ms(time.monotonic() - record.started)
-            return pb.ExplainResponse(
+            response = pb.ExplainResponse(
                 model=loaded.name, explanation=message, prompt_text=loaded.tokenizer.decode(prompt_ids)
             )
+            if analysis is not None:
+                response.layer_attributions.CopyFrom(analysis.attributions)
+                response.layers.extend(analysis.layers)
+            return response
         raise AssertionError("unreachable: _call aborts on failure")  # pragma: no cover
 
     def ListModels(self, request: pb.ListModelsRequest, context: grpc.ServicerContext) -> pb.ListModelsResponse:
@@ -1009,6 +1241,14 @@ class LinlensServicer(pb_grpc.LinlensServiceServicer):
         raise AssertionError("unreachable: _call aborts on failure")  # pragma: no cover
 
 
+def _with_layers(message: pb.Explanation, analysis: LayerAnalysis | None) -> pb.Explanation:
+    """An Explanation message carrying its step's layer analysis (Generate's unary response)."""
+    if analysis is not None:
+        message.layer_attributions.CopyFrom(analysis.attributions)
+        message.layers.extend(analysis.layers)
+    return message
+
+
 def _is_out_of_memory(exc: BaseException) -> bool:
     if isinstance(exc, MemoryError):
         return True
@@ -1024,6 +1264,7 @@ __all__ = [
     "SERVICE_NAME",
     "CallRecord",
     "ExplainPlan",
+    "LayerAnalysis",
     "Lifecycle",
     "LinlensServicer",
     "ModelHost",
@@ -1034,7 +1275,11 @@ __all__ = [
     "explain_options_from_proto",
     "explain_plan_from_proto",
     "explanation_proto",
+    "layer_attributions_proto",
+    "layer_options_from_proto",
+    "layer_result_proto",
     "model_info",
+    "run_layer_analysis",
     "sampling_from_proto",
     "tensor",
     "timings_proto",
