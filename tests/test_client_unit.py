@@ -27,6 +27,7 @@ from linlens.client import (
     CancelledError,
     ChatMessage,
     Client,
+    ComponentContribution,
     DeadlineExceededError,
     ExplainOptions,
     Explanation,
@@ -37,13 +38,19 @@ from linlens.client import (
     HealthStatus,
     InternalError,
     InvalidArgumentError,
+    LayerAnalysisOptions,
+    LayerAttributions,
+    LayerResult,
+    LinearMapSpectrum,
     LinlensError,
     NotFoundError,
     PositionSelection,
     Precision,
     ResourceExhaustedError,
     RetryPolicy,
+    Timings,
     UnavailableError,
+    Usage,
     array_from_tensor,
     collect_stream,
     tensor_from_array,
@@ -54,8 +61,11 @@ from linlens.client.convert import (
     build_input,
     build_sampling,
     explain_options_to_proto,
+    explain_result_from_proto,
     explanation_from_proto,
     generation_from_proto,
+    layer_attributions_from_proto,
+    layer_result_from_proto,
     stream_event_from_proto,
 )
 from linlens.client.tensors import TensorDecodeError
@@ -340,6 +350,150 @@ def test_explain_options_map_to_the_message() -> None:
 def test_bad_explain_options_fail_locally(kwargs: dict[str, Any], error: type[Exception]) -> None:
     with pytest.raises(error):
         ExplainOptions(**kwargs)
+
+
+def test_layer_options_map_to_the_message() -> None:
+    every = explain_options_to_proto(ExplainOptions(layers=LayerAnalysisOptions.parse("every:5")))
+    assert every.HasField("layers") and every.layers.every == 5 and not every.layers.layers
+    assert every.layers.up_to_layer and every.layers.HasField("up_to_layer")
+    assert not every.layers.HasField("top_k") and not every.layers.HasField("tokens_per_vector")
+    assert not explain_options_to_proto(ExplainOptions()).HasField("layers")
+    everything = explain_options_to_proto(ExplainOptions(layers=LayerAnalysisOptions())).layers
+    assert not everything.layers and everything.every == 0
+    explicit = LayerAnalysisOptions.parse(
+        "10,0,5", up_to_layer=False, layer_alone=True, component_spectra=True, top_k=0, tokens_per_vector=2
+    )
+    assert explicit.layers == (10, 0, 5)
+    message = explain_options_to_proto(ExplainOptions(top_k=0, layers=explicit)).layers
+    assert list(message.layers) == [10, 0, 5] and message.every == 0
+    assert message.HasField("up_to_layer") and not message.up_to_layer
+    assert message.layer_alone and message.component_spectra
+    assert message.HasField("top_k") and message.top_k == 0 and message.tokens_per_vector == 2
+
+
+@pytest.mark.parametrize(
+    ("make", "error"),
+    [
+        (lambda: LayerAnalysisOptions(layers=(3,), every=2), ValueError),
+        (lambda: LayerAnalysisOptions(layers=(-1,)), ValueError),
+        (lambda: LayerAnalysisOptions(layers=()), ValueError),
+        (lambda: LayerAnalysisOptions(layers="some"), ValueError),  # type: ignore[arg-type]
+        (lambda: LayerAnalysisOptions(every=0), ValueError),
+        (lambda: LayerAnalysisOptions(top_k=-1), ValueError),
+        (lambda: LayerAnalysisOptions.parse("every:x"), ValueError),
+        (lambda: LayerAnalysisOptions.parse("1,two"), ValueError),
+        (lambda: ExplainOptions(layers=True), TypeError),  # type: ignore[arg-type]
+    ],
+)
+def test_bad_layer_options_fail_locally(make: Any, error: type[Exception]) -> None:
+    with pytest.raises(error):
+        make()
+
+
+def _linear_map(d: int, error: float) -> pb.LinearMapSpectrum:
+    return pb.LinearMapSpectrum(
+        components=[_component(1, d)],
+        singular_values=tensor_from_array(np.array([3.0, 1.0, 0.5, 0.1], dtype=np.float32)),
+        captured_share=[0.8],
+        stable_rank=1.1,
+        term_norm=2.5,
+        reconstruction_error=error,
+    )
+
+
+def sample_layer_messages(step: int, d: int = 4) -> tuple[pb.LayerAttributions, list[pb.LayerResult]]:
+    """What a server sends for a 2-layer model and a 3-token input, layers [1, 0]."""
+    matrix = np.arange(6, dtype=np.float32).reshape(2, 3)
+    summary = pb.LayerAttributions(
+        step=step,
+        explained=pb.PredictedToken(token_id=7, text=" the", logit=12.5, probability=0.4),
+        input_tokens=["<s>", "The", " bridge"],
+        attention=tensor_from_array(matrix / 2),
+        mlp=tensor_from_array(matrix / 2),
+        per_layer=tensor_from_array(matrix),
+        direct=tensor_from_array(np.array([0.0, 0.0, -2.5], dtype=np.float32)),
+        attention_logits=tensor_from_array(np.array([1.5, 6.0], dtype=np.float32)),
+        mlp_logits=tensor_from_array(np.array([1.5, 6.0], dtype=np.float32)),
+        logit=12.5,
+        completeness_error=1e-7,
+        decomposition_error=2e-7,
+    )
+    results = []
+    for layer in (1, 0):
+        result = pb.LayerResult(
+            step=step,
+            layer=layer,
+            attention=pb.ComponentContribution(
+                layer=layer,
+                component=pb.LAYER_COMPONENT_ATTENTION,
+                logit=1.5,
+                per_token=[0.5, 0.5, 0.5],
+                y_norm=0.3,
+                y_share=0.1,
+                spectrum=_linear_map(d, 1e-7),
+            ),
+            mlp=pb.ComponentContribution(layer=layer, component=pb.LAYER_COMPONENT_MLP, logit=-1.0, per_token=[-1.0]),
+            duration_ms=12.0,
+            vjp_count=3 * d,
+        )
+        if layer == 1:
+            result.up_to_layer.CopyFrom(_linear_map(d, 2e-7))
+            result.layer_alone.CopyFrom(_linear_map(d, float("nan")))
+        results.append(result)
+    return summary, results
+
+
+def test_layer_messages_convert_to_arrays_and_dataclasses() -> None:
+    summary_message, result_messages = sample_layer_messages(step=1)
+    summary = stream_event_from_proto(pb.GenerateStreamResponse(layer_attributions=summary_message))
+    assert isinstance(summary, LayerAttributions) and summary.step == 1
+    assert summary.per_layer.shape == (2, 3) and summary.per_layer.dtype == np.float32
+    assert not summary.per_layer.flags.writeable
+    np.testing.assert_array_equal(summary.per_layer, summary.attention + summary.mlp)
+    assert summary.per_layer.sum() + summary.direct.sum() == pytest.approx(summary.logit)
+    assert summary.explained.text == " the" and summary.input_tokens[2] == " bridge"
+    first = stream_event_from_proto(pb.GenerateStreamResponse(layer=result_messages[0]))
+    assert isinstance(first, LayerResult) and first.layer == 1 and first.step == 1 and first.vjp_count == 12
+    assert isinstance(first.attention, ComponentContribution) and first.attention.component == "attention"
+    assert first.mlp.component == "mlp" and first.mlp.spectrum is None
+    assert first.attention.per_token.dtype == np.float64 and list(first.attention.per_token) == [0.5, 0.5, 0.5]
+    assert isinstance(first.up_to_layer, LinearMapSpectrum) and first.up_to_layer.reconstruction_error == 2e-7
+    assert first.up_to_layer.components[0].left_tokens[0].text == " the"
+    assert first.layer_alone is not None and np.isnan(first.layer_alone.reconstruction_error)
+    second = stream_event_from_proto(pb.GenerateStreamResponse(layer=result_messages[1]))
+    assert isinstance(second, LayerResult) and second.up_to_layer is None and second.layer_alone is None
+
+    # Explain carries the analysis beside the explanation; the client attaches it to the explanation.
+    response = pb.ExplainResponse(model="m", explanation=sample_explanation(), layer_attributions=summary_message)
+    response.layers.extend(result_messages)
+    result = explain_result_from_proto(response)
+    assert result.layer_attributions is result.explanation.layer_attributions is not None
+    assert [r.layer for r in result.layers] == [1, 0] == [r.layer for r in result.explanation.layers]
+    plain = explain_result_from_proto(pb.ExplainResponse(explanation=sample_explanation()))
+    assert plain.layer_attributions is None and plain.layers == ()
+    # Generate carries it inside each Explanation.
+    message = sample_explanation(step=1)
+    message.layer_attributions.CopyFrom(summary_message)
+    message.layers.extend(result_messages)
+    exp = explanation_from_proto(message)
+    assert exp.layer_attributions is not None and len(exp.layers) == 2
+    data = json.loads(json.dumps(to_jsonable(exp)))
+    assert data["layer_attributions"]["per_layer"] == [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]
+    assert data["layers"][0]["attention"]["component"] == "attention"
+
+
+def test_collect_stream_attaches_layer_events_to_their_step() -> None:
+    events: list[Any] = []
+    for step in (0, 1):
+        events.append(explanation_from_proto(sample_explanation(step=step)))
+        summary, results = sample_layer_messages(step=step)
+        events.append(layer_attributions_from_proto(summary))
+        events.extend(layer_result_from_proto(r) for r in results)
+    events.append(GenerationDone("m", "x", FinishReason.LENGTH, Usage(), Timings(), "p"))
+    generation = collect_stream(events)
+    for step, exp in enumerate(generation.explanations):
+        assert exp.step == step and exp.layer_attributions is not None and exp.layer_attributions.step == step
+        assert [r.layer for r in exp.layers] == [1, 0] and all(r.step == step for r in exp.layers)
 
 
 def test_inputs_need_exactly_one_form() -> None:

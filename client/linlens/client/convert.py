@@ -7,6 +7,7 @@ sampling values) and raise ValueError/TypeError; everything model-dependent is t
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import TypeAlias
 
@@ -17,6 +18,7 @@ from linlens.client.types import (
     Attribution,
     AttributionTarget,
     ChatMessage,
+    ComponentContribution,
     ExplainOptions,
     ExplainResult,
     Explanation,
@@ -26,6 +28,10 @@ from linlens.client.types import (
     GeneratedToken,
     Generation,
     GenerationDone,
+    LayerAnalysisOptions,
+    LayerAttributions,
+    LayerResult,
+    LinearMapSpectrum,
     ModelInfo,
     OrdinaryContrast,
     PositionSelection,
@@ -185,6 +191,26 @@ def explain_options_to_proto(options: ExplainOptions) -> pb.ExplainOptions:
         entry = message.targets.add(token_id=target.token_id)
         if target.contrast_token_id is not None:
             entry.contrast_token_id = target.contrast_token_id
+    if options.layers is not None:
+        message.layers.CopyFrom(layer_options_to_proto(options.layers))
+    return message
+
+
+def layer_options_to_proto(options: LayerAnalysisOptions) -> pb.LayerAnalysisOptions:
+    """The LayerAnalysisOptions message (explicit layers, every k-th, or all when neither is set)."""
+    message = pb.LayerAnalysisOptions(
+        up_to_layer=options.up_to_layer,
+        layer_alone=options.layer_alone,
+        component_spectra=options.component_spectra,
+    )
+    if options.layers != "all":
+        message.layers.extend(options.layers)
+    if options.every is not None:
+        message.every = options.every
+    if options.top_k is not None:
+        message.top_k = options.top_k
+    if options.tokens_per_vector is not None:
+        message.tokens_per_vector = options.tokens_per_vector
     return message
 
 
@@ -275,6 +301,70 @@ def _spectrum(message: pb.PositionSpectrum) -> PositionSpectrum:
     )
 
 
+def _doubles(values: Sequence[float]) -> FloatArray:
+    array: FloatArray = np.array(values, dtype=np.float64)
+    array.flags.writeable = False
+    return array
+
+
+def linear_map_from_proto(message: pb.LinearMapSpectrum) -> LinearMapSpectrum:
+    return LinearMapSpectrum(
+        components=tuple(_component(c) for c in message.components),
+        singular_values=_array(message.singular_values),
+        captured_share=tuple(message.captured_share),
+        stable_rank=message.stable_rank,
+        term_norm=message.term_norm,
+        reconstruction_error=message.reconstruction_error,
+    )
+
+
+_LAYER_COMPONENT_FROM_PB: dict[int, str] = {pb.LAYER_COMPONENT_ATTENTION: "attention", pb.LAYER_COMPONENT_MLP: "mlp"}
+
+
+def component_contribution_from_proto(message: pb.ComponentContribution) -> ComponentContribution:
+    return ComponentContribution(
+        layer=message.layer,
+        component=_LAYER_COMPONENT_FROM_PB.get(message.component, "unspecified"),
+        logit=message.logit,
+        per_token=_doubles(message.per_token),
+        constant=message.constant,
+        y_norm=message.y_norm,
+        y_share=message.y_share,
+        spectrum=linear_map_from_proto(message.spectrum) if message.HasField("spectrum") else None,
+    )
+
+
+def layer_attributions_from_proto(message: pb.LayerAttributions) -> LayerAttributions:
+    """The layers x tokens matrix (tensors decoded to read-only numpy arrays)."""
+    return LayerAttributions(
+        step=message.step,
+        explained=_predicted(message.explained),
+        input_tokens=tuple(message.input_tokens),
+        attention=_array(message.attention),
+        mlp=_array(message.mlp),
+        per_layer=_array(message.per_layer),
+        direct=_array(message.direct),
+        attention_logits=_array(message.attention_logits),
+        mlp_logits=_array(message.mlp_logits),
+        logit=message.logit,
+        completeness_error=message.completeness_error,
+        decomposition_error=message.decomposition_error,
+    )
+
+
+def layer_result_from_proto(message: pb.LayerResult) -> LayerResult:
+    return LayerResult(
+        step=message.step,
+        layer=message.layer,
+        up_to_layer=linear_map_from_proto(message.up_to_layer) if message.HasField("up_to_layer") else None,
+        layer_alone=linear_map_from_proto(message.layer_alone) if message.HasField("layer_alone") else None,
+        attention=component_contribution_from_proto(message.attention),
+        mlp=component_contribution_from_proto(message.mlp),
+        duration_ms=message.duration_ms,
+        vjp_count=message.vjp_count,
+    )
+
+
 def explanation_from_proto(message: pb.Explanation) -> Explanation:
     """The client-side Explanation for an Explanation message (tensors decoded to read-only numpy arrays)."""
     precision = _PRECISION_FROM_PB.get(message.precision, Precision.FLOAT32)
@@ -313,6 +403,12 @@ def explanation_from_proto(message: pb.Explanation) -> Explanation:
         gate_mode=_GATE_FROM_PB.get(message.gate_mode, GateMode.FREEZE_GATE),
         timings=timings_from_proto(message.timings),
         vjp_count=message.vjp_count,
+        layer_attributions=(
+            layer_attributions_from_proto(message.layer_attributions)
+            if message.HasField("layer_attributions")
+            else None
+        ),
+        layers=tuple(layer_result_from_proto(r) for r in message.layers),
     )
 
 
@@ -352,6 +448,10 @@ def stream_event_from_proto(message: pb.GenerateStreamResponse) -> StreamEvent |
         return generated_token_from_proto(message.token)
     if kind == "explanation":
         return explanation_from_proto(message.explanation)
+    if kind == "layer_attributions":
+        return layer_attributions_from_proto(message.layer_attributions)
+    if kind == "layer":
+        return layer_result_from_proto(message.layer)
     if kind == "done":
         done = message.done
         return GenerationDone(
@@ -366,9 +466,19 @@ def stream_event_from_proto(message: pb.GenerateStreamResponse) -> StreamEvent |
 
 
 def explain_result_from_proto(message: pb.ExplainResponse) -> ExplainResult:
-    return ExplainResult(
-        model=message.model, prompt_text=message.prompt_text, explanation=explanation_from_proto(message.explanation)
-    )
+    """The ExplainResult; a layer analysis (carried beside the explanation on the wire) is attached to it."""
+    explanation = explanation_from_proto(message.explanation)
+    if message.HasField("layer_attributions") or message.layers:
+        explanation = dataclasses.replace(
+            explanation,
+            layer_attributions=(
+                layer_attributions_from_proto(message.layer_attributions)
+                if message.HasField("layer_attributions")
+                else explanation.layer_attributions
+            ),
+            layers=tuple(layer_result_from_proto(r) for r in message.layers) or explanation.layers,
+        )
+    return ExplainResult(model=message.model, prompt_text=message.prompt_text, explanation=explanation)
 
 
 def model_info_from_proto(message: pb.ModelInfo) -> ModelInfo:
@@ -393,12 +503,17 @@ __all__ = [
     "MessageLike",
     "build_input",
     "build_sampling",
+    "component_contribution_from_proto",
     "explain_options_to_proto",
     "explain_result_from_proto",
     "explanation_from_proto",
     "finish_reason_from_proto",
     "generated_token_from_proto",
     "generation_from_proto",
+    "layer_attributions_from_proto",
+    "layer_options_to_proto",
+    "layer_result_from_proto",
+    "linear_map_from_proto",
     "model_info_from_proto",
     "resolve_explain",
     "stream_event_from_proto",

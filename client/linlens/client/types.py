@@ -86,6 +86,73 @@ class AttributionTarget:
     contrast_token_id: int | None = None
 
 
+@dataclass(frozen=True)
+class LayerAnalysisOptions:
+    """Look inside the model, layer by layer (``ExplainOptions(layers=...)``).
+
+    The layers x tokens attribution matrix always covers every layer and is cheap (one batched VJP with a seed per
+    attention and MLP block). Per selected layer, ``up_to_layer`` / ``layer_alone`` cost hidden_size VJPs (shared),
+    ``component_spectra`` 2 x hidden_size: select few layers when you ask for those on a CPU.
+    """
+
+    #: "all" or explicit 0-based layer indices (results come in this order).
+    layers: Literal["all"] | Sequence[int] = "all"
+    #: Every k-th layer instead (0, k, 2k, ... plus the last layer); only with ``layers="all"``.
+    every: int | None = None
+    #: Residual stream after each selected layer as a map of the input embeddings, decoded logit-lens style.
+    up_to_layer: bool = True
+    #: Each selected layer's own map of its input.
+    layer_alone: bool = False
+    #: Spectra of each selected layer's attention and MLP blocks (their logit shares come regardless).
+    component_spectra: bool = False
+    #: Singular components per map; server default 3.
+    top_k: int | None = None
+    #: Tokens each singular vector is decoded to; server default 8.
+    tokens_per_vector: int | None = None
+
+    def __post_init__(self) -> None:
+        layers: object = self.layers
+        if isinstance(layers, str):
+            if layers != "all":
+                raise ValueError(f"layers must be 'all' or a sequence of layer indices, not {layers!r}")
+        elif isinstance(layers, Sequence):
+            indices = tuple(int(i) for i in layers)
+            if any(i < 0 for i in indices):
+                raise ValueError(f"layer indices must be >= 0, got {indices}")
+            if not indices:
+                raise ValueError("layers is empty: name at least one layer, or use 'all'")
+            object.__setattr__(self, "layers", indices)
+        else:
+            raise TypeError(f"layers must be 'all' or a sequence of layer indices, not {type(layers).__name__}")
+        if self.every is not None:
+            if self.every < 1:
+                raise ValueError(f"every must be >= 1, got {self.every}")
+            if self.layers != "all":
+                raise ValueError("give either explicit layers or every, not both")
+        for name in ("top_k", "tokens_per_vector"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+
+    @classmethod
+    def parse(cls, spec: str, **kwargs: Any) -> LayerAnalysisOptions:
+        """From the CLI's spelling: "all", "every:K" or comma-separated indices such as "0,5,10"."""
+        text = spec.strip()
+        if text == "all":
+            return cls(**kwargs)
+        if text.startswith("every:"):
+            try:
+                every = int(text.removeprefix("every:"))
+            except ValueError:
+                raise ValueError(f"--layers {spec!r}: every:K needs an integer K") from None
+            return cls(every=every, **kwargs)
+        try:
+            indices = tuple(int(part) for part in text.split(",") if part.strip())
+        except ValueError:
+            raise ValueError(f"--layers {spec!r}: use all, every:K or comma-separated layer indices") from None
+        return cls(layers=indices, **kwargs)
+
+
 #: Which generation steps to explain: "first" (step 0), "all", or explicit step indices (0 = first token).
 StepSelection: TypeAlias = Literal["first", "all"] | Sequence[int]
 #: What ``ExplainOptions.targets`` accepts per entry: a target, a bare token id, or (token_id, contrast_token_id).
@@ -120,8 +187,12 @@ class ExplainOptions:
     explained_token_id: int | None = None
     #: Vector-Jacobian products per batch; None lets the server bound memory.
     vjp_chunk_size: int | None = None
+    #: Layer-by-layer analysis of every explained step; None (the default) skips it.
+    layers: LayerAnalysisOptions | None = None
 
     def __post_init__(self) -> None:
+        if self.layers is not None and not isinstance(self.layers, LayerAnalysisOptions):
+            raise TypeError(f"layers must be LayerAnalysisOptions or None, not {type(self.layers).__name__}")
         steps: object = self.steps
         if isinstance(steps, str):
             if steps not in ("first", "all"):
@@ -262,6 +333,73 @@ class Timings:
 
 
 @dataclass(frozen=True, eq=False)
+class LinearMapSpectrum:
+    """The singular-value picture of one exact linear map (a layer's or a block's), and how well it reproduces the
+    model's real output (``reconstruction_error``; NaN where not claimed)."""
+
+    components: tuple[SingularComponent, ...]
+    singular_values: FloatArray
+    captured_share: tuple[float, ...]
+    stable_rank: float
+    term_norm: float
+    reconstruction_error: float
+
+
+@dataclass(frozen=True, eq=False)
+class ComponentContribution:
+    """What one attention or MLP block adds to the residual stream, as an exact share of y and of the logit."""
+
+    layer: int
+    #: "attention" or "mlp".
+    component: str
+    #: Its exact share of the explained logit.
+    logit: float
+    #: That share split over the input tokens (sums to ``logit - constant``).
+    per_token: FloatArray
+    constant: float
+    y_norm: float
+    y_share: float
+    #: The block's own linear map; None unless component_spectra was requested.
+    spectrum: LinearMapSpectrum | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class LayerAttributions:
+    """The layers x tokens attribution matrix of the explained logit, for explained step ``step``.
+
+    ``per_layer[l, i]`` (= ``attention[l, i] + mlp[l, i]``) is the exact contribution of input token i through layer
+    l to the logit; ``per_layer.sum() + direct.sum()`` plus any bias constants equals ``logit``.
+    """
+
+    step: int
+    explained: PredictedToken
+    input_tokens: tuple[str, ...]
+    attention: FloatArray
+    mlp: FloatArray
+    per_layer: FloatArray
+    direct: FloatArray
+    attention_logits: FloatArray
+    mlp_logits: FloatArray
+    logit: float
+    completeness_error: float
+    decomposition_error: float
+
+
+@dataclass(frozen=True, eq=False)
+class LayerResult:
+    """Everything computed for one selected layer of explained step ``step``."""
+
+    step: int
+    layer: int
+    up_to_layer: LinearMapSpectrum | None
+    layer_alone: LinearMapSpectrum | None
+    attention: ComponentContribution
+    mlp: ComponentContribution
+    duration_ms: float = 0.0
+    vjp_count: int = 0
+
+
+@dataclass(frozen=True, eq=False)
 class Explanation:
     """The explanation of one next-token prediction (generation step ``step``)."""
 
@@ -283,6 +421,10 @@ class Explanation:
     gate_mode: GateMode
     timings: Timings = field(default_factory=Timings)
     vjp_count: int = 0
+    #: The layers x tokens matrix when ExplainOptions.layers was set.
+    layer_attributions: LayerAttributions | None = None
+    #: One result per selected layer when ExplainOptions.layers was set, in the requested order.
+    layers: tuple[LayerResult, ...] = ()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -336,8 +478,10 @@ class GenerationDone:
     prompt_text: str
 
 
-#: What ``generate_stream`` yields: tokens as they are generated, explanations as they are computed, then done.
-StreamEvent: TypeAlias = GeneratedToken | Explanation | GenerationDone
+#: What ``generate_stream`` yields: tokens as they are generated, explanations as they are computed, each layer's
+#: analysis as it is computed (ExplainOptions.layers: the LayerAttributions matrix, then one LayerResult per layer),
+#: then done.
+StreamEvent: TypeAlias = GeneratedToken | Explanation | LayerAttributions | LayerResult | GenerationDone
 
 
 @dataclass(frozen=True)
@@ -347,6 +491,16 @@ class ExplainResult:
     model: str
     prompt_text: str
     explanation: Explanation
+
+    @property
+    def layer_attributions(self) -> LayerAttributions | None:
+        """The layers x tokens matrix (ExplainOptions.layers), also at ``explanation.layer_attributions``."""
+        return self.explanation.layer_attributions
+
+    @property
+    def layers(self) -> tuple[LayerResult, ...]:
+        """One result per selected layer (ExplainOptions.layers), also at ``explanation.layers``."""
+        return self.explanation.layers
 
 
 @dataclass(frozen=True)
@@ -389,20 +543,35 @@ def to_jsonable(value: Any) -> Any:
 def collect_stream(events: Iterable[StreamEvent]) -> Generation:
     """Assemble the events of ``generate_stream`` into the Generation that ``generate`` would have returned.
 
-    Raises ValueError when the stream ended without its GenerationDone event (it was cut short).
+    Layer events are attached to the explanation of their step. Raises ValueError when the stream ended without its
+    GenerationDone event (it was cut short).
     """
     tokens: list[GeneratedToken] = []
     explanations: list[Explanation] = []
+    matrices: dict[int, LayerAttributions] = {}
+    layers: dict[int, list[LayerResult]] = {}
     done: GenerationDone | None = None
     for event in events:
         if isinstance(event, GeneratedToken):
             tokens.append(event)
         elif isinstance(event, Explanation):
             explanations.append(event)
+        elif isinstance(event, LayerAttributions):
+            matrices[event.step] = event
+        elif isinstance(event, LayerResult):
+            layers.setdefault(event.step, []).append(event)
         else:
             done = event
     if done is None:
         raise ValueError("the stream ended without a GenerationDone event")
+    explanations = [
+        dataclasses.replace(
+            e,
+            layer_attributions=matrices.get(e.step, e.layer_attributions),
+            layers=tuple(layers.get(e.step, e.layers)),
+        )
+        for e in explanations
+    ]
     return Generation(
         model=done.model,
         text=done.text,
