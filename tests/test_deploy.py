@@ -4,7 +4,7 @@
 - kubernetes-validate (PyPI) in strict mode on every Kubernetes manifest, for the oldest and newest Kubernetes
   versions the manifests claim to support. The ServiceMonitor is a CRD that kubernetes-validate has no schema for;
   it is validated against deploy/schemas/servicemonitor-v1.schema.json (a stated subset of the Prometheus Operator
-  CRD) with jsonschema.
+  CRD) with jsonschema; the PrometheusRule likewise, and it must carry exactly the groups of alerts.yml.
 - docker-compose.yml, prometheus.yml, alerts.yml and the Grafana files are parsed and cross-checked: ports against
   the server's real defaults (ServerConfig, DEFAULT_METRICS_PORT), and every PromQL expression of the alerts and the
   dashboard is parsed with promql-parser (PyPI) and every metric, label and ``le`` bound it selects is checked
@@ -305,6 +305,19 @@ def test_servicemonitor_validates_against_the_stated_crd_schema() -> None:
     broken = json.loads(json.dumps(monitor))
     broken["spec"]["endpoints"][0]["intervall"] = "15s"
     assert not validator.is_valid(broken), "the schema must reject misspelt fields"
+
+
+def test_prometheusrule_validates_and_carries_exactly_the_alert_rules() -> None:
+    schema = json.loads((DEPLOY / "schemas" / "prometheusrule-v1.schema.json").read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    validator = jsonschema.Draft202012Validator(schema)
+    rule = k8s_object("PrometheusRule")
+    validator.validate(rule)
+    broken = json.loads(json.dumps(rule))
+    broken["spec"]["groups"][0]["rules"][0]["for"] = "2 minutes"
+    assert not validator.is_valid(broken), "the schema must reject a malformed duration"
+    alerts = load_yaml_docs(DEPLOY / "prometheus" / "alerts.yml")[0]
+    assert rule["spec"]["groups"] == alerts["groups"], "deploy/k8s/prometheusrule.yaml and alerts.yml drifted apart"
 
 
 def test_configmap_holds_a_valid_server_config(tmp_path: Path) -> None:
