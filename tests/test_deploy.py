@@ -524,3 +524,17 @@ def test_image_healthcheck_script_follows_the_grpc_health_status() -> None:
     finally:
         server.stop(grace=None)
     assert check(f"127.0.0.1:{port}") == 1  # nobody listening
+
+
+def test_operations_guide_documents_every_exported_metric(exported: dict[str, set[str]]) -> None:
+    """docs/operations.md's metric table lists exactly the families the server exports (the accelerator gauge only
+    appears on GPU servers, so it is allowed in the table without being in a CPU scrape)."""
+    text = (ROOT / "docs" / "operations.md").read_text(encoding="utf-8")
+    table = set(re.findall(r"^\| `(linlens_[a-z0-9_]+)` \|", text, re.M))
+    families = {
+        re.sub(r"_(bucket|sum|count)$", "", name)  # histogram parts; counters keep their _total
+        for name in exported
+        if name.startswith("linlens_") and not name.endswith("_created")
+    }
+    assert families - table == set(), f"exported but not documented: {sorted(families - table)}"
+    assert table - families <= {"linlens_accelerator_peak_memory_bytes"}, sorted(table - families)
