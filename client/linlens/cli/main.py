@@ -19,8 +19,15 @@ from typing import Any
 import grpc
 from google.protobuf.json_format import MessageToDict
 
-from linlens.cli.render import explanation_text, generation_text, models_text
-from linlens.client import AttributionTarget, ExplainOptions, GateMode, PositionSelection, Precision
+from linlens.cli.render import explanation_text, generation_text, layers_text, models_text
+from linlens.client import (
+    AttributionTarget,
+    ExplainOptions,
+    GateMode,
+    LayerAnalysisOptions,
+    PositionSelection,
+    Precision,
+)
 from linlens.client.convert import (
     build_input,
     build_sampling,
@@ -60,6 +67,22 @@ def _targets(args: argparse.Namespace) -> tuple[AttributionTarget, ...]:
     return tuple(targets)
 
 
+def _layer_options(args: argparse.Namespace) -> LayerAnalysisOptions | None:
+    if not args.layers:
+        return None
+    try:
+        return LayerAnalysisOptions.parse(
+            args.layers,
+            up_to_layer=not args.no_up_to_layer,
+            layer_alone=args.layer_alone,
+            component_spectra=args.component_spectra,
+            top_k=args.layer_top_k,
+            tokens_per_vector=args.layer_tokens_per_vector,
+        )
+    except ValueError as error:
+        raise SystemExit(f"linlens: {error}") from None
+
+
 def _explain_options(args: argparse.Namespace, *, steps: Any = "first") -> pb.ExplainOptions:
     return explain_options_to_proto(
         ExplainOptions(
@@ -72,6 +95,7 @@ def _explain_options(args: argparse.Namespace, *, steps: Any = "first") -> pb.Ex
             precision=Precision(args.precision),
             ordinary_contrast=args.ordinary,
             gate_mode=GateMode(args.gate_mode),
+            layers=_layer_options(args),
         )
     )
 
@@ -90,7 +114,14 @@ def _explain_in_process(args: argparse.Namespace, options: pb.ExplainOptions) ->
     try:
         from linlens.models import load_model
         from linlens.server.config import ServerConfig
-        from linlens.server.service import RpcFailure, encode_input, explain_options_from_proto, explanation_proto
+        from linlens.server.service import (
+            RpcFailure,
+            encode_input,
+            explain_options_from_proto,
+            explanation_proto,
+            layer_options_from_proto,
+            run_layer_analysis,
+        )
     except ImportError as error:
         raise SystemExit(
             f"in-process explanations need the server extra (pip install 'linlens[server]'): {error}; "
@@ -103,14 +134,21 @@ def _explain_in_process(args: argparse.Namespace, options: pb.ExplainOptions) ->
     try:
         ids = encode_input(loaded, _input(args), config)
         engine_options = explain_options_from_proto(options, loaded, config)
+        layer_options = layer_options_from_proto(options, loaded, config)
     except RpcFailure as failure:  # the same checks the server applies, reported the same way
         raise SystemExit(f"linlens: {failure.code.name}: {failure.message}") from None
-    explanation = loaded.explainer.explain(ids, engine_options, on_progress=_progress if sys.stderr.isatty() else None)
-    return pb.ExplainResponse(
+    progress = _progress if sys.stderr.isatty() else None
+    explanation = loaded.explainer.explain(ids, engine_options, on_progress=progress)
+    response = pb.ExplainResponse(
         model=loaded.name,
         explanation=explanation_proto(explanation, 0),
         prompt_text=loaded.tokenizer.decode(ids),
     )
+    if layer_options is not None:
+        analysis = run_layer_analysis(loaded, ids, engine_options, layer_options, 0, on_progress=progress)
+        response.layer_attributions.CopyFrom(analysis.attributions)
+        response.layers.extend(analysis.layers)
+    return response
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -126,6 +164,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
         result = explain_result_from_proto(response)
         print(f"model: {result.model}")
         print(explanation_text(result.explanation))
+        if result.layer_attributions is not None or result.layers:
+            print()
+            print(layers_text(result.layer_attributions, result.layers))
     return 0
 
 
@@ -151,6 +192,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return 0
     # Stream: print each token as soon as the server has it, then the explanations.
     explanations = []
+    layer_events: dict[int, pb.ExplainResponse] = {}  # per step: the layer analysis, in ExplainResponse's fields
     for event in stub.GenerateStream(pb.GenerateStreamRequest(**fields), timeout=args.timeout):
         kind = event.WhichOneof("event")
         if kind == "token":
@@ -158,12 +200,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
             sys.stdout.flush()
         elif kind == "explanation":
             explanations.append(event.explanation)
+        elif kind == "layer_attributions":
+            layer_events.setdefault(event.layer_attributions.step, pb.ExplainResponse()).layer_attributions.CopyFrom(
+                event.layer_attributions
+            )
+        elif kind == "layer":
+            layer_events.setdefault(event.layer.step, pb.ExplainResponse()).layers.append(event.layer)
         elif kind == "done":
             print(f"\n\nfinish: {pb.FinishReason.Name(event.done.finish_reason)}")
     for message in explanations:
-        result = explain_result_from_proto(pb.ExplainResponse(explanation=message))
+        response = pb.ExplainResponse(explanation=message)
+        if message.step in layer_events:
+            response.MergeFrom(layer_events[message.step])
+        result = explain_result_from_proto(response)
         print(f"\n--- explanation of generated step {message.step} ---")
         print(explanation_text(result.explanation))
+        if result.layer_attributions is not None or result.layers:
+            print()
+            print(layers_text(result.layer_attributions, result.layers))
     return 0
 
 
@@ -213,6 +267,17 @@ def _add_explain(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", choices=["float32", "float64", "bfloat16"], default="float32")
     parser.add_argument("--ordinary", action="store_true", help="contrast with the ordinary (not detached) Jacobian")
     parser.add_argument("--gate-mode", choices=["freeze_gate", "freeze_up"], default="freeze_gate")
+    layers = parser.add_argument_group(
+        "layer by layer",
+        "--layers adds the layers x tokens attribution matrix (cheap) and, per selected layer, the up-to-layer "
+        "Jacobian decoded logit-lens style (hidden_size VJPs per layer: seconds each on a CPU)",
+    )
+    layers.add_argument("--layers", metavar="all|every:K|I,J,...", help="layers to analyse (e.g. 29, every:5, all)")
+    layers.add_argument("--no-up-to-layer", action="store_true", help="skip the up-to-layer Jacobians")
+    layers.add_argument("--layer-alone", action="store_true", help="also each layer's own map of its input")
+    layers.add_argument("--component-spectra", action="store_true", help="also attention / MLP spectra (2d VJPs)")
+    layers.add_argument("--layer-top-k", type=int, default=None, help="singular components per layer map")
+    layers.add_argument("--layer-tokens-per-vector", type=int, default=None, help="tokens per layer singular vector")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from linlens.client import Explanation, Generation, ModelInfo
+import numpy as np
+
+from linlens.client import Explanation, Generation, LayerAttributions, LayerResult, LinearMapSpectrum, ModelInfo
 
 
 def _bar(value: float, scale: float, width: int = 24) -> str:
@@ -72,12 +74,112 @@ def explanation_text(exp: Explanation, *, tokens_per_vector: int = 8) -> str:
     return "\n".join(lines)
 
 
+#: Shades of |value| / max |value| in the heat map, faint to strong.
+_SHADES = "·░▒▓█"
+
+
+def _shade(value: float, scale: float) -> str:
+    """Two characters for one heat-map cell: the shade twice when positive, "-" and the shade when negative.
+
+    The shade follows sqrt(|value| / scale), so that a few large cells (the first token often soaks up attention)
+    do not wash every other cell out to the faintest shade.
+    """
+    ratio = 0.0 if scale <= 0 else min(1.0, abs(value) / scale)
+    level = min(len(_SHADES) - 1, int(ratio**0.5 * (len(_SHADES) - 1) + 0.5))
+    glyph = _SHADES[level]
+    return glyph * 2 if value >= 0 else "-" + glyph
+
+
+def heatmap_text(attributions: LayerAttributions) -> str:
+    """The layers x tokens matrix as a text heat map: one row per layer, one column per input token."""
+    matrix = np.asarray(attributions.per_layer, dtype=np.float64)
+    if matrix.ndim != 2 or matrix.size == 0:
+        return "(no layers x tokens matrix)"
+    scale = float(np.abs(matrix).max())
+    count, n = matrix.shape
+    lines = [
+        f"layers x tokens: contribution of each input token, through each layer, to the logit of "
+        f"{attributions.explained.text!r} (shade: sqrt(|value| / {scale:.3f}); '-' marks negative)",
+        "      " + " ".join(f"{i:>2}" for i in range(n)) + "    layer total",
+    ]
+    for layer in range(count):
+        row = matrix[layer]
+        cells = " ".join(_shade(float(v), scale) for v in row)
+        lines.append(f"  {layer:>3} {cells}  {float(row.sum()):+9.4f}")
+    direct = np.asarray(attributions.direct, dtype=np.float64)
+    lines.append(f"  dir {' '.join(_shade(float(v), scale) for v in direct)}  {float(direct.sum()):+9.4f}")
+    lines.append("  tokens: " + "  ".join(f"{i} {t!r}" for i, t in enumerate(attributions.input_tokens)))
+    return "\n".join(lines)
+
+
+def _top(spectrum: LinearMapSpectrum | None, limit: int) -> tuple[str, str]:
+    if spectrum is None:
+        return "", "-"
+    rank = f"{spectrum.stable_rank:6.2f}"
+    if not spectrum.components:
+        return rank, "(top_k 0)"
+    return rank, _tokens(spectrum.components[0].left_tokens, limit)
+
+
+def layers_text(
+    attributions: LayerAttributions | None, layers: Sequence[LayerResult], *, tokens: int = 5, heatmap: bool = True
+) -> str:
+    """A compact table per analysed layer (component, share of the explained logit, stable rank, top decoded
+    tokens of the first singular vector), then the layers x tokens heat map."""
+    lines: list[str] = []
+    logit = attributions.logit if attributions is not None else 0.0
+    cumulative: list[float] = []
+    if attributions is not None:
+        e = attributions.explained
+        running = float(np.asarray(attributions.direct, dtype=np.float64).sum())
+        lines.append(
+            f"layer by layer: logit of {e.text!r} (id {e.token_id}) = {logit:.4f}; direct path {running:+.4f}; "
+            f"blocks + direct path = logit (completeness error {attributions.completeness_error:.1e}, "
+            f"decomposition error {attributions.decomposition_error:.1e})"
+        )
+        for a, m in zip(attributions.attention_logits, attributions.mlp_logits, strict=True):
+            running += float(a) + float(m)
+            cumulative.append(running)
+
+    def share(value: float) -> str:
+        return f"{100.0 * value / logit:+7.1f}%" if logit else "      - "
+
+    if layers:
+        lines.append("share: of the explained logit (up-to-layer: direct path and every block up to this layer)")
+        lines.append(f"{'layer':>5}  {'component':<12} {'share':>8} {'srank':>6}  top tokens (1st singular vector)")
+    for result in layers:
+        rank, top = _top(result.up_to_layer, tokens)
+        up_to_share = share(cumulative[result.layer]) if result.layer < len(cumulative) else "      - "
+        rows = [("up-to-layer", up_to_share, rank, top) if result.up_to_layer is not None else None]
+        if result.layer_alone is not None:
+            rank, top = _top(result.layer_alone, tokens)
+            rows.append(("layer alone", share(result.attention.logit + result.mlp.logit), rank, top))
+        for block in (result.attention, result.mlp):
+            rank, top = _top(block.spectrum, tokens)
+            rows.append((block.component, share(block.logit), rank, top))
+        first = True
+        for row in rows:
+            if row is None:
+                continue
+            name, value, rank, top = row
+            label = f"{result.layer:>5}" if first else " " * 5
+            lines.append(f"{label}  {name:<12} {value:>8} {rank:>6}  {top}".rstrip())
+            first = False
+    if heatmap and attributions is not None:
+        lines.append("")
+        lines.append(heatmap_text(attributions))
+    return "\n".join(lines)
+
+
 def generation_text(result: Generation) -> str:
     lines = [result.text, "", f"finish: {result.finish_reason.value}, tokens: {result.usage.completion_tokens}"]
     for exp in result.explanations:
         lines.append("")
         lines.append(f"--- explanation of generated step {exp.step} ---")
         lines.append(explanation_text(exp))
+        if exp.layer_attributions is not None or exp.layers:
+            lines.append("")
+            lines.append(layers_text(exp.layer_attributions, exp.layers))
     return "\n".join(lines)
 
 
