@@ -11,11 +11,16 @@ import os
 import subprocess
 import sys
 import time
+import urllib.request
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
 import pytest
+from conftest import free_port
+from prometheus_client.parser import text_string_to_metric_families
 
 from linlens.client import (
     NO_RETRY,
@@ -170,6 +175,23 @@ def test_deadline_stops_a_long_layer_analysis(target: str) -> None:
         waited = time.monotonic() - started
     assert result.explanation.predicted.text
     assert waited < 10, f"the next request waited {waited:.1f} s: the layer analysis was not stopped"
+
+
+def test_layer_phase_time_is_exported(make_server: Callable[..., Any]) -> None:
+    running = make_server(metrics_host="127.0.0.1", metrics_port=free_port())
+    options = ExplainOptions(top_k=0, layers=LayerAnalysisOptions(every=10, up_to_layer=False))
+    with Client(running.target) as client:
+        client.explain(PROMPT, options=options, timeout=60)
+    with urllib.request.urlopen(f"http://127.0.0.1:{running.metrics_port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    samples = {
+        (sample.name, sample.labels.get("phase")): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name.startswith("linlens_explanation_phase_duration_seconds")
+    }
+    assert samples[("linlens_explanation_phase_duration_seconds_count", "layers")] == 1
+    assert samples[("linlens_explanation_phase_duration_seconds_sum", "layers")] > 0
 
 
 def test_cli_in_process_layers_table() -> None:
