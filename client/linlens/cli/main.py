@@ -179,7 +179,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         seed=args.seed,
         stop=args.stop,
     )
-    explain = _explain_options(args, steps=args.explain_steps) if args.explain else None
+    # --layers implies --explain: the layer analysis belongs to the explained steps
+    explain = _explain_options(args, steps=args.explain_steps) if args.explain or args.layers else None
     stub = _stub(args.server or os.environ.get("LINLENS_SERVER", DEFAULT_SERVER))
     fields: dict[str, Any] = dict(model=args.model or "", input=_input(args), sampling=sampling)
     if explain is not None:

@@ -1632,7 +1632,9 @@ Global___GenerateDone: _TypeAlias = GenerateDone  # noqa: Y015
 @_typing.final
 class GenerateStreamResponse(_message.Message):
     """GenerateStreamResponse is one event of a streamed generation. Token events arrive in step order; an explanation
-    event arrives as soon as it is computed (its step field ties it to a token event); GenerateDone comes last.
+    event arrives as soon as it is computed (its step field ties it to a token event); with ExplainOptions.layers, the
+    step's layer_attributions and then its layer events follow its explanation, each as soon as it is computed;
+    GenerateDone comes last.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
