@@ -96,6 +96,9 @@ def cotangent_products(
     y: torch.Tensor, x: torch.Tensor, cotangents: torch.Tensor, *, retain_graph: bool
 ) -> torch.Tensor:
     """Return w_t^T J_i for each row w_t of ``cotangents`` (T, d_out): shape (T, n, d_in), one batched backward."""
+    if cotangents.shape[0] == 1:  # a plain backward is cheaper than a batch of one
+        (product,) = torch.autograd.grad(y, x, grad_outputs=cotangents[0].to(y.dtype), retain_graph=retain_graph)
+        return product[None]
     (products,) = torch.autograd.grad(
         y, x, grad_outputs=cotangents.to(y.dtype), is_grads_batched=True, retain_graph=retain_graph
     )
