@@ -16,6 +16,8 @@ with Client(f"localhost:{sys.argv[1]}") as client:
 PY
 echo "== linlens explain --server localhost:$PORT 'The bridge out of Marin is the'"
 linlens explain --server "localhost:$PORT" "The bridge out of Marin is the" --top-k 3
+echo "== linlens explain --server localhost:$PORT 'The bridge out of Marin is the' --top-k 0 --layers every:10"
+linlens explain --server "localhost:$PORT" "The bridge out of Marin is the" --top-k 0 --layers every:10 --layer-top-k 1
 echo "== linlens generate --server localhost:$PORT 'The bridge out of Marin is the' --max-new-tokens 8"
 linlens generate --server "localhost:$PORT" "The bridge out of Marin is the" --max-new-tokens 8
 if [ "${1:-}" = "--exit" ]; then exit 0; fi

@@ -208,7 +208,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         elif kind == "layer":
             layer_events.setdefault(event.layer.step, pb.ExplainResponse()).layers.append(event.layer)
         elif kind == "done":
-            print(f"\n\nfinish: {pb.FinishReason.Name(event.done.finish_reason)}")
+            reason = pb.FinishReason.Name(event.done.finish_reason).removeprefix("FINISH_REASON_").lower()
+            print(f"\n\nfinish: {reason}")
     for message in explanations:
         response = pb.ExplainResponse(explanation=message)
         if message.step in layer_events:
