@@ -29,8 +29,8 @@ from typing import Any, TypeVar
 
 import grpc
 import numpy as np
-import numpy.typing as npt
 
+from linlens.client.tensors import tensor_from_array as tensor  # one wire encoding for both sides
 from linlens.engine import (
     AttributionTarget,
     ComponentContribution,
@@ -286,18 +286,6 @@ _FINISH_TO_PB = {
     FinishReason.EOS: pb.FINISH_REASON_EOS,
     FinishReason.CONTEXT_LENGTH: pb.FINISH_REASON_CONTEXT_LENGTH,
 }
-
-
-def tensor(array: npt.ArrayLike) -> pb.Tensor:
-    """A numpy array as a Tensor message: float32 or float64, little-endian, row-major."""
-    a = np.asarray(array)
-    wire: np.dtype[Any]
-    if a.dtype == np.float64:
-        dtype, wire = pb.TENSOR_DTYPE_FLOAT64, np.dtype("<f8")
-    else:  # float32, and anything narrower (bfloat16 explanations arrive as float32 from the engine)
-        dtype, wire = pb.TENSOR_DTYPE_FLOAT32, np.dtype("<f4")
-    data = np.ascontiguousarray(a, dtype=wire).tobytes()
-    return pb.Tensor(shape=list(a.shape), dtype=dtype, data=data)
 
 
 def _ms(seconds: float) -> float:
