@@ -78,6 +78,62 @@ def measure(function: Callable[[], Any], *, memory: bool = True) -> tuple[float,
     return seconds, (peak - baseline) / 2**20, result
 
 
+def layer_costs(explainer: Any, ids: list[int], repeats: int) -> str:
+    """(c) What the layer analysis costs: the layers x tokens matrix from one batched VJP with 2L seeds, against 2L
+    separate VJPs (one per block), and one layer's up-to-layer Jacobian (d VJPs) against the full final Jacobian."""
+    from linlens.engine import LayerOptions
+
+    options = ExplainOptions(top_k=0)
+    count = explainer.num_layers
+
+    def matrix() -> Any:
+        return next(iter(explainer.explain_layers(ids, options, LayerOptions(up_to_layer=False))))
+
+    def one_layer() -> Any:
+        return list(explainer.explain_layers(ids, options, LayerOptions(layers=(count - 1,), top_k=3)))
+
+    def final_jacobian() -> Any:
+        return explainer.explain(ids, ExplainOptions(top_k=3))
+
+    twin = explainer.twin(options.precision, options.gate_mode)
+    x0 = explainer.model.get_input_embeddings()(torch.tensor(ids)).detach()
+    head = explainer.model.get_output_embeddings().weight.detach()
+
+    def separate_vjps() -> Any:
+        """The same matrix the naive way: one backward per block (2L of them) on one retained graph."""
+        from linlens.engine.capture import capturing
+
+        x = x0.clone().requires_grad_(True)
+        with capturing() as capture, torch.enable_grad():
+            twin.base_model(inputs_embeds=x[None], use_cache=False)
+            seed = head[0]
+            rows = []
+            for terms in (capture.attention, capture.mlp):
+                for layer in range(count):
+                    (grad,) = torch.autograd.grad(terms[layer][0, -1], x, grad_outputs=seed, retain_graph=True)
+                    rows.append((grad * x.detach()).sum(dim=-1))
+        return rows
+
+    jobs = [
+        ("layers x tokens matrix, one batched VJP with 2L seeds", matrix, f"1 (batch of {2 * count})"),
+        ("the same matrix as 2L separate VJPs", separate_vjps, f"{2 * count}"),
+        ("one layer's up-to-layer Jacobian + spectra (matrix included)", one_layer, f"{explainer.hidden_size} + 1"),
+        ("the final Jacobian + spectra (Explain top_k=3)", final_jacobian, f"{explainer.hidden_size} + 1"),
+    ]
+    for _, function, _ in jobs:
+        function()
+    rows = [
+        f"(c) layer analysis, {count} layers, median of {repeats}:",
+        "",
+        "| what | VJPs | seconds |",
+        "|---|---|---|",
+    ]
+    for name, function, vjps in jobs:
+        seconds = statistics.median(measure(function, memory=False)[0] for _ in range(repeats))
+        rows.append(f"| {name} | {vjps} | {seconds:.3f} |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
@@ -197,6 +253,7 @@ def main() -> None:
             f"| {captum_e:.1e} | |",
         ]
     )
+    table += "\n\n" + layer_costs(explainer, ids, args.repeats)
     print(table)
     if args.markdown:
         with open(args.markdown, "a", encoding="utf-8") as handle:
