@@ -18,7 +18,11 @@ Conventions used throughout:
 - Durations are milliseconds as doubles.
 - Errors use gRPC status codes: INVALID_ARGUMENT for bad input (empty prompt, unknown step, out-of-vocabulary
   token id, prompt longer than the model's context), NOT_FOUND for an unknown model, RESOURCE_EXHAUSTED when the
-  request queue is full, DEADLINE_EXCEEDED / CANCELLED when the caller gives up, UNAVAILABLE while shutting down.
+  request queue is full, DEADLINE_EXCEEDED / CANCELLED when the caller gives up, UNAVAILABLE while the model is
+  still loading or the server is shutting down (retry), FAILED_PRECONDITION for a model that failed to load (do not
+  retry: the operator must fix the server).
+- Health: the standard grpc.health.v1 service reports "" (and "linlens.v1.LinlensService") SERVING once the server
+  has finished loading and its default model is ready, and each model under its own name (ModelInfo.name).
 """
 
 from collections import abc as _abc
@@ -77,7 +81,9 @@ class _ExplainStepsEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ExplainS
     EXPLAIN_STEPS_FIRST: _ExplainSteps.ValueType  # 1
     """Only step 0, the prediction of the first generated token."""
     EXPLAIN_STEPS_LIST: _ExplainSteps.ValueType  # 2
-    """The steps listed in ExplainOptions.step_indices. Indices past the last generated step are ignored."""
+    """The steps listed in ExplainOptions.step_indices. An index that max_new_tokens can never reach is
+    INVALID_ARGUMENT; one past the last step a generation actually made (it stopped early) is skipped.
+    """
     EXPLAIN_STEPS_ALL: _ExplainSteps.ValueType  # 3
     """Every generated step."""
 
@@ -89,7 +95,9 @@ EXPLAIN_STEPS_UNSPECIFIED: ExplainSteps.ValueType  # 0
 EXPLAIN_STEPS_FIRST: ExplainSteps.ValueType  # 1
 """Only step 0, the prediction of the first generated token."""
 EXPLAIN_STEPS_LIST: ExplainSteps.ValueType  # 2
-"""The steps listed in ExplainOptions.step_indices. Indices past the last generated step are ignored."""
+"""The steps listed in ExplainOptions.step_indices. An index that max_new_tokens can never reach is
+INVALID_ARGUMENT; one past the last step a generation actually made (it stopped early) is skipped.
+"""
 EXPLAIN_STEPS_ALL: ExplainSteps.ValueType  # 3
 """Every generated step."""
 Global___ExplainSteps: _TypeAlias = ExplainSteps  # noqa: Y015
@@ -236,6 +244,39 @@ FINISH_REASON_CONTEXT_LENGTH: FinishReason.ValueType  # 4
 FINISH_REASON_CANCELLED: FinishReason.ValueType  # 5
 """The caller cancelled the call or its deadline passed."""
 Global___FinishReason: _TypeAlias = FinishReason  # noqa: Y015
+
+class _ModelState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ModelStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ModelState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    MODEL_STATE_UNSPECIFIED: _ModelState.ValueType  # 0
+    """Never sent by the server."""
+    MODEL_STATE_LOADING: _ModelState.ValueType  # 1
+    """Being loaded (or converted, on its first load): requests for it fail with UNAVAILABLE until it is ready."""
+    MODEL_STATE_READY: _ModelState.ValueType  # 2
+    """Loaded and taking requests."""
+    MODEL_STATE_FAILED: _ModelState.ValueType  # 3
+    """Loading failed; requests for it fail with FAILED_PRECONDITION. ModelInfo.state_detail says why."""
+
+class ModelState(_ModelState, metaclass=_ModelStateEnumTypeWrapper):
+    """---------------------------------------------------------------------------------------------------------------
+    Models
+    ---------------------------------------------------------------------------------------------------------------
+
+    ModelState is where a configured model is in its life.
+    """
+
+MODEL_STATE_UNSPECIFIED: ModelState.ValueType  # 0
+"""Never sent by the server."""
+MODEL_STATE_LOADING: ModelState.ValueType  # 1
+"""Being loaded (or converted, on its first load): requests for it fail with UNAVAILABLE until it is ready."""
+MODEL_STATE_READY: ModelState.ValueType  # 2
+"""Loaded and taking requests."""
+MODEL_STATE_FAILED: ModelState.ValueType  # 3
+"""Loading failed; requests for it fail with FAILED_PRECONDITION. ModelInfo.state_detail says why."""
+Global___ModelState: _TypeAlias = ModelState  # noqa: Y015
 
 @_typing.final
 class Tensor(_message.Message):
@@ -954,6 +995,7 @@ class Timings(_message.Message):
     DECODE_MS_FIELD_NUMBER: _builtins.int
     ORDINARY_MS_FIELD_NUMBER: _builtins.int
     TOTAL_MS_FIELD_NUMBER: _builtins.int
+    LAYERS_MS_FIELD_NUMBER: _builtins.int
     queue_ms: _builtins.float
     """Time spent waiting in the server's queue before work started."""
     generation_ms: _builtins.float
@@ -972,6 +1014,10 @@ class Timings(_message.Message):
     """Explanation: the ordinary-Jacobian contrast."""
     total_ms: _builtins.float
     """Wall-clock time of the whole piece of work, queueing included."""
+    layers_ms: _builtins.float
+    """Explanation: the layer-by-layer analysis (ExplainOptions.layers): the layers x tokens matrix and every selected
+    layer's maps.
+    """
     def __init__(
         self,
         *,
@@ -984,10 +1030,11 @@ class Timings(_message.Message):
         decode_ms: _builtins.float = ...,
         ordinary_ms: _builtins.float = ...,
         total_ms: _builtins.float = ...,
+        layers_ms: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attribution_ms", b"attribution_ms", "decode_ms", b"decode_ms", "forward_ms", b"forward_ms", "generation_ms", b"generation_ms", "jacobian_ms", b"jacobian_ms", "ordinary_ms", b"ordinary_ms", "queue_ms", b"queue_ms", "svd_ms", b"svd_ms", "total_ms", b"total_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attribution_ms", b"attribution_ms", "decode_ms", b"decode_ms", "forward_ms", b"forward_ms", "generation_ms", b"generation_ms", "jacobian_ms", b"jacobian_ms", "layers_ms", b"layers_ms", "ordinary_ms", b"ordinary_ms", "queue_ms", b"queue_ms", "svd_ms", b"svd_ms", "total_ms", b"total_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1085,13 +1132,16 @@ class Explanation(_message.Message):
 
     @_builtins.property
     def layer_attributions(self) -> Global___LayerAttributions:
-        """The layers x tokens matrix when ExplainOptions.layers was set (Generate only: Explain returns it in
-        ExplainResponse, and GenerateStream sends it as its own event).
+        """The layers x tokens matrix when ExplainOptions.layers was set. This is its one home in Generate and Explain
+        responses. GenerateStream delivers it as a layer_attributions event instead (so that it arrives as soon as it is
+        computed) and leaves this field empty.
         """
 
     @_builtins.property
     def layers(self) -> _containers.RepeatedCompositeFieldContainer[Global___LayerResult]:
-        """One result per selected layer when ExplainOptions.layers was set (Generate only, like layer_attributions)."""
+        """One result per selected layer, in the requested order, when ExplainOptions.layers was set. As for
+        layer_attributions, GenerateStream delivers each as a layer event instead.
+        """
 
     def __init__(
         self,
@@ -1499,6 +1549,7 @@ class GenerateResponse(_message.Message):
     EXPLANATIONS_FIELD_NUMBER: _builtins.int
     TIMINGS_FIELD_NUMBER: _builtins.int
     PROMPT_TEXT_FIELD_NUMBER: _builtins.int
+    SEED_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The model that served the request (the resolved name when the request left it empty)."""
     text: _builtins.str
@@ -1507,6 +1558,10 @@ class GenerateResponse(_message.Message):
     """Why generation stopped."""
     prompt_text: _builtins.str
     """The input as text, after chat templating (the decoded token ids for a TokenIds input)."""
+    seed: _builtins.int
+    """The seed a sampled generation used (drawn at random when the request gave none), so that it can be repeated.
+    Absent for greedy decoding.
+    """
     @_builtins.property
     def tokens(self) -> _containers.RepeatedCompositeFieldContainer[Global___GeneratedToken]:
         """The generated tokens, in order. A token a stop sequence cut through is still listed."""
@@ -1534,12 +1589,15 @@ class GenerateResponse(_message.Message):
         explanations: _abc.Iterable[Global___Explanation] | None = ...,
         timings: Global___Timings | None = ...,
         prompt_text: _builtins.str = ...,
+        seed: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["timings", b"timings", "usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "seed", b"seed", "timings", b"timings", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["explanations", b"explanations", "finish_reason", b"finish_reason", "model", b"model", "prompt_text", b"prompt_text", "text", b"text", "timings", b"timings", "tokens", b"tokens", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "explanations", b"explanations", "finish_reason", b"finish_reason", "model", b"model", "prompt_text", b"prompt_text", "seed", b"seed", "text", b"text", "timings", b"timings", "tokens", b"tokens", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
+    _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
 
 Global___GenerateResponse: _TypeAlias = GenerateResponse  # noqa: Y015
 
@@ -1595,6 +1653,7 @@ class GenerateDone(_message.Message):
     USAGE_FIELD_NUMBER: _builtins.int
     TIMINGS_FIELD_NUMBER: _builtins.int
     PROMPT_TEXT_FIELD_NUMBER: _builtins.int
+    SEED_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The model that served the request."""
     text: _builtins.str
@@ -1603,6 +1662,8 @@ class GenerateDone(_message.Message):
     """Why generation stopped."""
     prompt_text: _builtins.str
     """The input as text, after chat templating."""
+    seed: _builtins.int
+    """The seed a sampled generation used, as in GenerateResponse.seed. Absent for greedy decoding."""
     @_builtins.property
     def usage(self) -> Global___Usage:
         """Token counts."""
@@ -1620,12 +1681,15 @@ class GenerateDone(_message.Message):
         usage: Global___Usage | None = ...,
         timings: Global___Timings | None = ...,
         prompt_text: _builtins.str = ...,
+        seed: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["timings", b"timings", "usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "seed", b"seed", "timings", b"timings", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "model", b"model", "prompt_text", b"prompt_text", "text", b"text", "timings", b"timings", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "finish_reason", b"finish_reason", "model", b"model", "prompt_text", b"prompt_text", "seed", b"seed", "text", b"text", "timings", b"timings", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
+    _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
 
 Global___GenerateDone: _TypeAlias = GenerateDone  # noqa: Y015
 
@@ -1733,23 +1797,13 @@ class ExplainResponse(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     EXPLANATION_FIELD_NUMBER: _builtins.int
     PROMPT_TEXT_FIELD_NUMBER: _builtins.int
-    LAYER_ATTRIBUTIONS_FIELD_NUMBER: _builtins.int
-    LAYERS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The model that served the request."""
     prompt_text: _builtins.str
     """The input as text, after chat templating."""
     @_builtins.property
     def explanation(self) -> Global___Explanation:
-        """The explanation (step 0)."""
-
-    @_builtins.property
-    def layer_attributions(self) -> Global___LayerAttributions:
-        """The layers x tokens attribution matrix. Absent unless options.layers was set."""
-
-    @_builtins.property
-    def layers(self) -> _containers.RepeatedCompositeFieldContainer[Global___LayerResult]:
-        """One result per selected layer, in the requested order. Empty unless options.layers was set."""
+        """The explanation (step 0), with its layer analysis when options.layers was set."""
 
     def __init__(
         self,
@@ -1757,12 +1811,10 @@ class ExplainResponse(_message.Message):
         model: _builtins.str = ...,
         explanation: Global___Explanation | None = ...,
         prompt_text: _builtins.str = ...,
-        layer_attributions: Global___LayerAttributions | None = ...,
-        layers: _abc.Iterable[Global___LayerResult] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["explanation", b"explanation", "layer_attributions", b"layer_attributions"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["explanation", b"explanation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["explanation", b"explanation", "layer_attributions", b"layer_attributions", "layers", b"layers", "model", b"model", "prompt_text", b"prompt_text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["explanation", b"explanation", "model", b"model", "prompt_text", b"prompt_text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1770,12 +1822,7 @@ Global___ExplainResponse: _TypeAlias = ExplainResponse  # noqa: Y015
 
 @_typing.final
 class ModelInfo(_message.Message):
-    """---------------------------------------------------------------------------------------------------------------
-    Models
-    ---------------------------------------------------------------------------------------------------------------
-
-    ModelInfo describes a model the server can serve.
-    """
+    """ModelInfo describes a model the server can serve."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -1792,6 +1839,8 @@ class ModelInfo(_message.Message):
     SOURCE_FIELD_NUMBER: _builtins.int
     IS_DEFAULT_FIELD_NUMBER: _builtins.int
     LOADED_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    STATE_DETAIL_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The name requests use to select it, e.g. "smollm2-135m"."""
     family: _builtins.str
@@ -1817,7 +1866,15 @@ class ModelInfo(_message.Message):
     is_default: _builtins.bool
     """Whether this is the model used when a request leaves model empty."""
     loaded: _builtins.bool
-    """Whether the model is loaded in memory. When false, only name, source and is_default are meaningful."""
+    """Whether the model is loaded in memory. When false, only name, source, is_default, state and state_detail are
+    meaningful.
+    """
+    state: Global___ModelState.ValueType
+    """Loading, ready or failed."""
+    state_detail: _builtins.str
+    """While loading: what the loader is doing, e.g. "converting the GGUF file (12 s)"; after a failure: why it
+    failed. Empty when ready.
+    """
     def __init__(
         self,
         *,
@@ -1834,10 +1891,12 @@ class ModelInfo(_message.Message):
         source: _builtins.str = ...,
         is_default: _builtins.bool = ...,
         loaded: _builtins.bool = ...,
+        state: Global___ModelState.ValueType = ...,
+        state_detail: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "device", b"device", "dtype", b"dtype", "family", b"family", "hidden_size", b"hidden_size", "is_default", b"is_default", "load_seconds", b"load_seconds", "loaded", b"loaded", "max_positions", b"max_positions", "name", b"name", "num_layers", b"num_layers", "source", b"source", "vocab_size", b"vocab_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "device", b"device", "dtype", b"dtype", "family", b"family", "hidden_size", b"hidden_size", "is_default", b"is_default", "load_seconds", b"load_seconds", "loaded", b"loaded", "max_positions", b"max_positions", "name", b"name", "num_layers", b"num_layers", "source", b"source", "state", b"state", "state_detail", b"state_detail", "vocab_size", b"vocab_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

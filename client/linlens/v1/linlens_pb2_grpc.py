@@ -89,14 +89,15 @@ class LinlensServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListModels(self, request, context):
-        """ListModels lists the models this server can serve.
+        """ListModels lists the models this server can serve, loaded or not (with their ModelState).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetModel(self, request, context):
-        """GetModel describes one model. Unknown names fail with NOT_FOUND.
+        """GetModel describes one model, also while it loads (an empty name means the default model). Unknown names fail
+        with NOT_FOUND.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

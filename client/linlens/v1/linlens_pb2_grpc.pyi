@@ -18,7 +18,11 @@ Conventions used throughout:
 - Durations are milliseconds as doubles.
 - Errors use gRPC status codes: INVALID_ARGUMENT for bad input (empty prompt, unknown step, out-of-vocabulary
   token id, prompt longer than the model's context), NOT_FOUND for an unknown model, RESOURCE_EXHAUSTED when the
-  request queue is full, DEADLINE_EXCEEDED / CANCELLED when the caller gives up, UNAVAILABLE while shutting down.
+  request queue is full, DEADLINE_EXCEEDED / CANCELLED when the caller gives up, UNAVAILABLE while the model is
+  still loading or the server is shutting down (retry), FAILED_PRECONDITION for a model that failed to load (do not
+  retry: the operator must fix the server).
+- Health: the standard grpc.health.v1 service reports "" (and "linlens.v1.LinlensService") SERVING once the server
+  has finished loading and its default model is ready, and each model under its own name (ModelInfo.name).
 """
 
 from collections import abc as _abc
@@ -60,9 +64,11 @@ class LinlensServiceStub:
     Explain: _grpc.UnaryUnaryMultiCallable[_linlens_pb2.ExplainRequest, _linlens_pb2.ExplainResponse]
     """Explain explains the model's next-token prediction for an input without generating anything."""
     ListModels: _grpc.UnaryUnaryMultiCallable[_linlens_pb2.ListModelsRequest, _linlens_pb2.ListModelsResponse]
-    """ListModels lists the models this server can serve."""
+    """ListModels lists the models this server can serve, loaded or not (with their ModelState)."""
     GetModel: _grpc.UnaryUnaryMultiCallable[_linlens_pb2.GetModelRequest, _linlens_pb2.GetModelResponse]
-    """GetModel describes one model. Unknown names fail with NOT_FOUND."""
+    """GetModel describes one model, also while it loads (an empty name means the default model). Unknown names fail
+    with NOT_FOUND.
+    """
 
 @_typing.type_check_only
 class LinlensServiceAsyncStub(LinlensServiceStub):
@@ -78,9 +84,11 @@ class LinlensServiceAsyncStub(LinlensServiceStub):
     Explain: _aio.UnaryUnaryMultiCallable[_linlens_pb2.ExplainRequest, _linlens_pb2.ExplainResponse]  # type: ignore[assignment]
     """Explain explains the model's next-token prediction for an input without generating anything."""
     ListModels: _aio.UnaryUnaryMultiCallable[_linlens_pb2.ListModelsRequest, _linlens_pb2.ListModelsResponse]  # type: ignore[assignment]
-    """ListModels lists the models this server can serve."""
+    """ListModels lists the models this server can serve, loaded or not (with their ModelState)."""
     GetModel: _aio.UnaryUnaryMultiCallable[_linlens_pb2.GetModelRequest, _linlens_pb2.GetModelResponse]  # type: ignore[assignment]
-    """GetModel describes one model. Unknown names fail with NOT_FOUND."""
+    """GetModel describes one model, also while it loads (an empty name means the default model). Unknown names fail
+    with NOT_FOUND.
+    """
 
 class LinlensServiceServicer(metaclass=_abc_1.ABCMeta):
     """LinlensService generates text and explains the model's next-token predictions."""
@@ -117,7 +125,7 @@ class LinlensServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _linlens_pb2.ListModelsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_linlens_pb2.ListModelsResponse, _abc.Awaitable[_linlens_pb2.ListModelsResponse]]:
-        """ListModels lists the models this server can serve."""
+        """ListModels lists the models this server can serve, loaded or not (with their ModelState)."""
 
     @_abc_1.abstractmethod
     def GetModel(
@@ -125,6 +133,8 @@ class LinlensServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _linlens_pb2.GetModelRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_linlens_pb2.GetModelResponse, _abc.Awaitable[_linlens_pb2.GetModelResponse]]:
-        """GetModel describes one model. Unknown names fail with NOT_FOUND."""
+        """GetModel describes one model, also while it loads (an empty name means the default model). Unknown names fail
+        with NOT_FOUND.
+        """
 
 def add_LinlensServiceServicer_to_server(servicer: LinlensServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
