@@ -2,7 +2,7 @@
 
 Vectors and Jacobians travel as raw little-endian, row-major bytes plus a shape, instead of ``repeated double``, so
 that an (n, d, d) Jacobian costs one copy on each side rather than n*d*d per-element field operations.
-Both directions live here so that the server and the client agree on the encoding by construction.
+Both directions live here, in the package both sides import, so that they agree on the encoding by construction.
 """
 
 from __future__ import annotations
