@@ -2,31 +2,38 @@
 
     from linlens.client import Client, ExplainOptions
 
-    with Client("localhost:50051") as client:
+    with Client() as client:                      # $LINLENS_SERVER, else localhost:50051
+        client.wait_until_ready()                 # the default model loaded and SERVING
         result = client.generate("The bridge out of Marin is the", max_new_tokens=8, explain=True)
         print(result.text)
         attribution = result.explanations[0].attributions[0]
         print(attribution.label, attribution.per_token)
 
-``AsyncClient`` offers the same methods as coroutines. Failed calls raise LinlensError subclasses.
+``AsyncClient`` offers the same methods as coroutines. Failed calls raise LinlensError subclasses. The option and
+result types are the contract's (``linlens.contract``), re-exported here; the same types come back from a local
+model through ``linlens.server.inprocess.InProcessClient``.
 """
 
+from linlens.client._base import DEFAULT_TARGET, SERVER_ENV
 from linlens.client.aio import AsyncClient, AsyncGenerationStream
 from linlens.client.errors import (
     CancelledError,
     DeadlineExceededError,
+    FailedPreconditionError,
     InternalError,
     InvalidArgumentError,
     LinlensError,
     NotFoundError,
     ResourceExhaustedError,
+    ServerUnreachableError,
     UnavailableError,
+    error_for_code,
     from_rpc_error,
 )
+from linlens.client.health import HealthStatus
 from linlens.client.retry import DEFAULT_RETRY, NO_RETRY, RetryPolicy
 from linlens.client.sync import Client, GenerationStream
-from linlens.client.tensors import array_from_tensor, tensor_from_array
-from linlens.client.types import (
+from linlens.contract import (
     Attribution,
     AttributionTarget,
     ChatMessage,
@@ -36,15 +43,18 @@ from linlens.client.types import (
     Explanation,
     FinishReason,
     GateMode,
+    GenerateArgs,
     GeneratedToken,
     Generation,
     GenerationDone,
-    HealthStatus,
+    InputArgs,
     LayerAnalysisOptions,
     LayerAttributions,
     LayerResult,
     LinearMapSpectrum,
     ModelInfo,
+    ModelState,
+    OptionError,
     OrdinaryContrast,
     PositionSelection,
     PositionSpectrum,
@@ -62,7 +72,9 @@ from linlens.client.types import (
 
 __all__ = [
     "DEFAULT_RETRY",
+    "DEFAULT_TARGET",
     "NO_RETRY",
+    "SERVER_ENV",
     "AsyncClient",
     "AsyncGenerationStream",
     "Attribution",
@@ -75,13 +87,16 @@ __all__ = [
     "ExplainOptions",
     "ExplainResult",
     "Explanation",
+    "FailedPreconditionError",
     "FinishReason",
     "GateMode",
+    "GenerateArgs",
     "GeneratedToken",
     "Generation",
     "GenerationDone",
     "GenerationStream",
     "HealthStatus",
+    "InputArgs",
     "InternalError",
     "InvalidArgumentError",
     "LayerAnalysisOptions",
@@ -90,7 +105,9 @@ __all__ = [
     "LinearMapSpectrum",
     "LinlensError",
     "ModelInfo",
+    "ModelState",
     "NotFoundError",
+    "OptionError",
     "OrdinaryContrast",
     "PositionSelection",
     "PositionSpectrum",
@@ -99,15 +116,15 @@ __all__ = [
     "Reconstruction",
     "ResourceExhaustedError",
     "RetryPolicy",
+    "ServerUnreachableError",
     "SingularComponent",
     "StreamEvent",
     "Timings",
     "TokenScore",
     "UnavailableError",
     "Usage",
-    "array_from_tensor",
     "collect_stream",
+    "error_for_code",
     "from_rpc_error",
-    "tensor_from_array",
     "to_jsonable",
 ]

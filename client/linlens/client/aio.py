@@ -3,66 +3,51 @@
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from types import TracebackType
-from typing import Any, cast
+from typing import Any, Unpack, cast
 
 import grpc
 import grpc.aio
 
-from linlens.client._base import (
-    DEFAULT_MAX_MESSAGE_BYTES,
-    DEFAULT_TARGET,
-    DEFAULT_TIMEOUT,
+from linlens.client._base import USE_DEFAULT, ClientBase, MetadataLike
+from linlens.client.errors import DeadlineExceededError, LinlensError, UnavailableError, from_rpc_error
+from linlens.client.health import (
     HEALTH_CHECK_METHOD,
-    MetadataLike,
-    channel_options,
+    HealthStatus,
+    OnWait,
+    ReadinessWait,
     decode_health_response,
     encode_health_request,
-    explain_request,
-    generate_parts,
-    make_credentials,
-    normalise_metadata,
-    resolve_retry,
 )
-from linlens.client.convert import (
-    MessageLike,
+from linlens.client.retry import NO_RETRY, Attempts, RetryPolicy
+from linlens.contract import ExplainOptions, ExplainResult, Generation, ModelInfo, StreamEvent
+from linlens.contract.requests import (
+    GenerateArgs,
+    InputArgs,
+    explain_request,
+    generate_request,
+    generate_stream_request,
+)
+from linlens.contract.wire import (
     explain_result_from_proto,
     generation_from_proto,
     model_info_from_proto,
     stream_event_from_proto,
 )
-from linlens.client.errors import DeadlineExceededError, UnavailableError, from_rpc_error, status_code_of
-from linlens.client.retry import DEFAULT_RETRY, NO_RETRY, RetryPolicy
-from linlens.client.types import ExplainOptions, ExplainResult, Generation, HealthStatus, ModelInfo, StreamEvent
 from linlens.v1 import linlens_pb2 as pb
 from linlens.v1 import linlens_pb2_grpc as pb_grpc
 
-_USE_DEFAULT: Any = object()
-
 
 class AsyncGenerationStream(AsyncIterator[StreamEvent]):
-    """The events of one GenerateStream call: ``async for event in stream``.
+    """The events of one GenerateStream call: ``async for event in stream``. See GenerationStream."""
 
-    Events are GeneratedToken, Explanation and, last, GenerationDone. ``cancel()`` (or leaving an ``async with``
-    block) stops the server's work. A failure before the first event is retried like a unary call; later failures are
-    raised, since a retry would repeat events already delivered.
-    """
-
-    def __init__(self, start: Callable[[float | None], Any], retry: RetryPolicy, deadline: float | None) -> None:
+    def __init__(self, start: Callable[[float | None], Any], attempts: Attempts) -> None:
         self._start = start
-        self._retry = retry
-        self._deadline = deadline
+        self._attempts = attempts
         self._call: Any = None
-        self._attempt = 0
         self._received = False
         self._finished = False
-
-    def _open(self) -> None:
-        self._attempt += 1
-        remaining = None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
-        self._call = self._start(remaining)
 
     def __aiter__(self) -> AsyncGenerationStream:
         return self
@@ -72,19 +57,20 @@ class AsyncGenerationStream(AsyncIterator[StreamEvent]):
             if self._finished:
                 raise StopAsyncIteration
             if self._call is None:
-                self._open()
+                self._call = self._start(self._attempts.remaining())
             try:
                 message = await self._call.read()
             except grpc.RpcError as error:
-                code = status_code_of(error)
-                if not self._received and self._retry.should_retry(code, self._attempt):
-                    wait = self._retry.backoff(self._attempt)
-                    if self._deadline is None or time.monotonic() + wait < self._deadline:
-                        await asyncio.sleep(wait)
-                        self._call = None
-                        continue
-                self._finished = True
-                raise from_rpc_error(error) from error
+                try:
+                    if self._received:
+                        raise from_rpc_error(error) from error
+                    wait = self._attempts.backoff_after(error)
+                except LinlensError:
+                    self._finished = True
+                    raise
+                await asyncio.sleep(wait)
+                self._call = None
+                continue
             if message is grpc.aio.EOF:
                 self._finished = True
                 raise StopAsyncIteration
@@ -108,158 +94,56 @@ class AsyncGenerationStream(AsyncIterator[StreamEvent]):
         self.cancel()
 
 
-class AsyncClient:
+class AsyncClient(ClientBase):
     """An asyncio linlens client; create it inside a running event loop and ``await close()`` it (or use
-    ``async with``). Arguments mean what they mean for Client."""
+    ``async with``). Arguments and methods mean what they mean for Client."""
 
-    def __init__(
-        self,
-        target: str = DEFAULT_TARGET,
-        *,
-        tls: bool = False,
-        root_certificates: bytes | None = None,
-        private_key: bytes | None = None,
-        certificate_chain: bytes | None = None,
-        credentials: grpc.ChannelCredentials | None = None,
-        timeout: float | None = DEFAULT_TIMEOUT,
-        retry: RetryPolicy | int | None = DEFAULT_RETRY,
-        metadata: MetadataLike | None = None,
-        wait_for_ready: bool = False,
-        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        options: Sequence[tuple[str, int | str]] | None = None,
-    ) -> None:
-        self.target = target
-        self.timeout = timeout
-        self.retry = resolve_retry(retry)
-        self.metadata = normalise_metadata(metadata)
-        self.wait_for_ready = wait_for_ready
-        creds = make_credentials(
-            tls=tls,
-            root_certificates=root_certificates,
-            private_key=private_key,
-            certificate_chain=certificate_chain,
-            credentials=credentials,
-        )
-        opts = channel_options(max_message_bytes, options)
-        self._channel: Any = (
-            grpc.aio.secure_channel(target, creds, options=opts)
-            if creds is not None
-            else grpc.aio.insecure_channel(target, options=opts)
-        )
-        self._stub: Any = pb_grpc.LinlensServiceStub(self._channel)
-        self._health: Any = self._channel.unary_unary(
+    def _open_channel(self, credentials: grpc.ChannelCredentials | None, options: list[tuple[str, int | str]]) -> Any:
+        if credentials is not None:
+            channel = grpc.aio.secure_channel(self.target, credentials, options=options)
+        else:
+            channel = grpc.aio.insecure_channel(self.target, options=options)
+        self._stub: Any = pb_grpc.LinlensServiceStub(channel)
+        self._health: Any = channel.unary_unary(
             HEALTH_CHECK_METHOD, request_serializer=encode_health_request, response_deserializer=decode_health_response
         )
-
-    def _deadline(self, timeout: float | None) -> float | None:
-        effective = self.timeout if timeout is _USE_DEFAULT else timeout
-        return None if effective is None else time.monotonic() + effective
-
-    def _metadata(self, metadata: MetadataLike | None) -> tuple[tuple[str, str], ...]:
-        return self.metadata + normalise_metadata(metadata)
+        return channel
 
     async def _unary(
-        self,
-        method: Any,
-        request: object,
-        timeout: float | None,
-        metadata: MetadataLike | None,
-        retry: RetryPolicy | None = None,
+        self, method: Any, request: object, timeout: float | None, metadata: MetadataLike | None, retry: RetryPolicy
     ) -> Any:
-        policy = retry or self.retry
-        deadline = self._deadline(timeout)
+        attempts = Attempts(retry, self._deadline(timeout))
         merged = self._metadata(metadata)
-        attempt = 0
         while True:
-            attempt += 1
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                raise DeadlineExceededError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed between retries")
             try:
-                return await method(request, timeout=remaining, metadata=merged, wait_for_ready=self.wait_for_ready)
+                return await method(
+                    request, timeout=attempts.remaining(), metadata=merged, wait_for_ready=self.wait_for_ready
+                )
             except grpc.RpcError as error:
-                code = status_code_of(error)
-                if not policy.should_retry(code, attempt):
-                    raise from_rpc_error(error) from error
-                wait = policy.backoff(attempt)
-                if deadline is not None and time.monotonic() + wait >= deadline:
-                    raise from_rpc_error(error) from error
-                await asyncio.sleep(wait)
+                await asyncio.sleep(attempts.backoff_after(error))
 
     async def generate(
         self,
         prompt: str | None = None,
         *,
-        token_ids: Sequence[int] | None = None,
-        messages: Sequence[MessageLike] | None = None,
-        add_generation_prompt: bool = True,
-        model: str | None = None,
-        max_new_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        top_k: int | None = None,
-        seed: int | None = None,
-        stop: str | Sequence[str] | None = None,
-        ignore_eos: bool = False,
-        explain: ExplainOptions | bool = False,
-        timeout: float | None = _USE_DEFAULT,
+        timeout: float | None = USE_DEFAULT,
         metadata: MetadataLike | None = None,
+        **kwargs: Unpack[GenerateArgs],
     ) -> Generation:
         """See Client.generate."""
-        parts = generate_parts(
-            prompt=prompt,
-            token_ids=token_ids,
-            messages=messages,
-            add_generation_prompt=add_generation_prompt,
-            model=model,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            seed=seed,
-            stop=stop,
-            ignore_eos=ignore_eos,
-            explain=explain,
-        )
-        response = await self._unary(self._stub.Generate, parts.unary(), timeout, metadata)
-        return generation_from_proto(cast(pb.GenerateResponse, response))
+        request = generate_request(prompt, kwargs)
+        return generation_from_proto(await self._unary(self._stub.Generate, request, timeout, metadata, self.retry))
 
     def generate_stream(
         self,
         prompt: str | None = None,
         *,
-        token_ids: Sequence[int] | None = None,
-        messages: Sequence[MessageLike] | None = None,
-        add_generation_prompt: bool = True,
-        model: str | None = None,
-        max_new_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        top_k: int | None = None,
-        seed: int | None = None,
-        stop: str | Sequence[str] | None = None,
-        ignore_eos: bool = False,
-        explain: ExplainOptions | bool = False,
-        timeout: float | None = _USE_DEFAULT,
+        timeout: float | None = USE_DEFAULT,
         metadata: MetadataLike | None = None,
+        **kwargs: Unpack[GenerateArgs],
     ) -> AsyncGenerationStream:
-        """See Client.generate_stream; iterate the result with ``async for``. The call starts on first iteration."""
-        parts = generate_parts(
-            prompt=prompt,
-            token_ids=token_ids,
-            messages=messages,
-            add_generation_prompt=add_generation_prompt,
-            model=model,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            seed=seed,
-            stop=stop,
-            ignore_eos=ignore_eos,
-            explain=explain,
-        )
-        request = parts.stream()
+        """See Client.generate_stream; iterate the result with ``async for``."""
+        request = generate_stream_request(prompt, kwargs)
         merged = self._metadata(metadata)
 
         def start(remaining: float | None) -> Any:
@@ -267,44 +151,39 @@ class AsyncClient:
                 request, timeout=remaining, metadata=merged, wait_for_ready=self.wait_for_ready
             )
 
-        return AsyncGenerationStream(start, self.retry, self._deadline(timeout))
+        return AsyncGenerationStream(start, Attempts(self.retry, self._deadline(timeout)))
 
     async def explain(
         self,
         prompt: str | None = None,
         *,
-        token_ids: Sequence[int] | None = None,
-        messages: Sequence[MessageLike] | None = None,
-        add_generation_prompt: bool = True,
-        model: str | None = None,
         options: ExplainOptions | None = None,
-        timeout: float | None = _USE_DEFAULT,
+        timeout: float | None = USE_DEFAULT,
         metadata: MetadataLike | None = None,
+        **kwargs: Unpack[InputArgs],
     ) -> ExplainResult:
         """See Client.explain."""
-        request = explain_request(
-            prompt=prompt,
-            token_ids=token_ids,
-            messages=messages,
-            add_generation_prompt=add_generation_prompt,
-            model=model,
-            options=options,
-        )
-        response = await self._unary(self._stub.Explain, request, timeout, metadata)
-        return explain_result_from_proto(cast(pb.ExplainResponse, response))
+        request = explain_request(prompt, options, kwargs)
+        response = await self._unary(self._stub.Explain, request, timeout, metadata, self.retry)
+        return explain_result_from_proto(response)
 
     async def list_models(
-        self, *, timeout: float | None = _USE_DEFAULT, metadata: MetadataLike | None = None
+        self, *, timeout: float | None = USE_DEFAULT, metadata: MetadataLike | None = None
     ) -> list[ModelInfo]:
         """See Client.list_models."""
-        response = await self._unary(self._stub.ListModels, pb.ListModelsRequest(), timeout, metadata)
+        response = await self._unary(self._stub.ListModels, pb.ListModelsRequest(), timeout, metadata, self.retry)
         return [model_info_from_proto(m) for m in cast(pb.ListModelsResponse, response).models]
 
     async def get_model(
-        self, name: str = "", *, timeout: float | None = _USE_DEFAULT, metadata: MetadataLike | None = None
+        self, name: str = "", *, timeout: float | None = USE_DEFAULT, metadata: MetadataLike | None = None
     ) -> ModelInfo:
         """See Client.get_model."""
-        response = await self._unary(self._stub.GetModel, pb.GetModelRequest(name=name), timeout, metadata)
+        return await self._get_model(name, timeout, metadata, self.retry)
+
+    async def _get_model(
+        self, name: str, timeout: float | None, metadata: MetadataLike | None, retry: RetryPolicy
+    ) -> ModelInfo:
+        response = await self._unary(self._stub.GetModel, pb.GetModelRequest(name=name), timeout, metadata, retry)
         return model_info_from_proto(cast(pb.GetModelResponse, response).model)
 
     async def health(
@@ -312,21 +191,38 @@ class AsyncClient:
         model: str | None = None,
         *,
         service: str | None = None,
-        timeout: float | None = _USE_DEFAULT,
+        timeout: float | None = USE_DEFAULT,
         metadata: MetadataLike | None = None,
     ) -> HealthStatus:
         """See Client.health."""
         name = service if service is not None else (model or "")
-        return cast(HealthStatus, await self._unary(self._health, name, timeout, metadata, retry=NO_RETRY))
+        return cast(HealthStatus, await self._unary(self._health, name, timeout, metadata, NO_RETRY))
 
-    async def wait_until_ready(self, timeout: float = 30.0) -> None:
-        """Wait until the channel is connected; UnavailableError when it is not within ``timeout`` seconds."""
+    async def wait_until_ready(
+        self,
+        timeout: float = 300.0,
+        *,
+        model: str | None = None,
+        connect_timeout: float | None = None,
+        on_wait: OnWait | None = None,
+    ) -> ModelInfo:
+        """See Client.wait_until_ready."""
+        wait = ReadinessWait(self.target, model, timeout, on_wait)
         try:
-            await asyncio.wait_for(self._channel.channel_ready(), timeout)
-        except TimeoutError as error:
-            raise UnavailableError(
-                grpc.StatusCode.UNAVAILABLE, f"{self.target} not ready after {timeout:g} s"
-            ) from error
+            await asyncio.wait_for(self._channel.channel_ready(), wait.connect_within(connect_timeout))
+        except TimeoutError:
+            raise wait.timed_out("connect") from None
+        while True:
+            remaining = wait.remaining()  # UnavailableError, saying what it waited for, once the time is up
+            try:
+                info = await self._get_model(model or "", remaining, None, NO_RETRY)
+                serving = info.loaded and await self.health(info.name, timeout=remaining) is HealthStatus.SERVING
+            except (UnavailableError, DeadlineExceededError) as error:
+                wait.unanswered(error)
+            else:
+                if wait.observe(info, serving):
+                    return info
+            await asyncio.sleep(wait.pause())
 
     async def close(self) -> None:
         """Close the channel; calls in flight are cancelled."""

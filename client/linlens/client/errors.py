@@ -24,6 +24,11 @@ class InvalidArgumentError(LinlensError):
     """The request was malformed (INVALID_ARGUMENT, FAILED_PRECONDITION, OUT_OF_RANGE): fix it, do not retry."""
 
 
+class FailedPreconditionError(InvalidArgumentError):
+    """The server cannot do this in its present state (FAILED_PRECONDITION), e.g. the model failed to load: do not
+    retry until an operator has fixed the server."""
+
+
 class NotFoundError(LinlensError):
     """The named model (or other entity) does not exist (NOT_FOUND)."""
 
@@ -44,13 +49,17 @@ class UnavailableError(LinlensError):
     """The server cannot be reached or is shutting down (UNAVAILABLE): retry later."""
 
 
+class ServerUnreachableError(UnavailableError):
+    """No server answered at the target at all (nothing listening, wrong address, blocked network)."""
+
+
 class InternalError(LinlensError):
     """The server failed (INTERNAL, UNKNOWN, DATA_LOSS): a bug or a broken model, not your input."""
 
 
 _BY_CODE: dict[grpc.StatusCode, type[LinlensError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
-    grpc.StatusCode.FAILED_PRECONDITION: InvalidArgumentError,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPreconditionError,
     grpc.StatusCode.OUT_OF_RANGE: InvalidArgumentError,
     grpc.StatusCode.NOT_FOUND: NotFoundError,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,

@@ -8,9 +8,12 @@ exponential with jitter so that many clients rejected together do not come back 
 from __future__ import annotations
 
 import random
+import time
 from dataclasses import dataclass
 
 import grpc
+
+from linlens.client.errors import DeadlineExceededError, from_rpc_error, status_code_of
 
 _DEFAULT_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
@@ -51,6 +54,44 @@ class RetryPolicy:
         base = min(self.max_backoff, self.initial_backoff * self.multiplier ** (retry - 1))
         spread = (rng or random).uniform(-self.jitter, self.jitter)
         return max(0.0, base * (1.0 + spread))
+
+
+class Attempts:
+    """The attempts of one call under a policy and a deadline: how long each may take, and whether and how long to
+    wait after a failure. It does no I/O, so the sync and async clients share it and differ only in how they sleep::
+
+        attempts = Attempts(policy, deadline)
+        while True:
+            try:
+                return method(request, timeout=attempts.remaining())
+            except grpc.RpcError as error:
+                time.sleep(attempts.backoff_after(error))  # raises when the failure is final
+    """
+
+    def __init__(self, policy: RetryPolicy, deadline: float | None) -> None:
+        self.policy = policy
+        #: time.monotonic() value after which the call has failed, or None.
+        self.deadline = deadline
+        self.attempt = 0
+
+    def remaining(self) -> float | None:
+        """Seconds the next attempt may take (None: no deadline); starts that attempt. Raises when none is left."""
+        self.attempt += 1
+        if self.deadline is None:
+            return None
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise DeadlineExceededError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed between retries")
+        return left
+
+    def backoff_after(self, error: grpc.RpcError) -> float:
+        """Seconds to wait before retrying after ``error``; raises its LinlensError when it is not to be retried."""
+        if not self.policy.should_retry(status_code_of(error), self.attempt):
+            raise from_rpc_error(error) from error
+        wait = self.policy.backoff(self.attempt)
+        if self.deadline is not None and time.monotonic() + wait >= self.deadline:
+            raise from_rpc_error(error) from error
+        return wait
 
 
 #: The policy clients use unless told otherwise.
