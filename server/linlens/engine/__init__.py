@@ -1,22 +1,21 @@
 """The exact linear-explanation engine (arXiv 2505.24293, "detached Jacobian").
 
-It knows about PyTorch and transformers, and nothing of gRPC: the service maps its dataclasses to protobuf.
+It knows PyTorch and transformers, and nothing of gRPC. It takes and returns the contract's dataclasses
+(``linlens.contract``), re-exported here for notebooks: ``Explainer(model, tokenizer).explain(ids, ExplainOptions())``.
 """
 
-from linlens.engine.explainer import Explainer
-from linlens.engine.families import SUPPORTED_ARCHITECTURES, UnsupportedArchitectureError, family_of
-from linlens.engine.jacobian import ExplanationCancelled
-from linlens.engine.results import (
+from linlens.contract import (
     Attribution,
     AttributionTarget,
     ComponentContribution,
     ExplainOptions,
     Explanation,
     GateMode,
+    LayerAnalysisOptions,
     LayerAttributions,
-    LayerOptions,
     LayerResult,
     LinearMapSpectrum,
+    OptionError,
     OrdinaryContrast,
     PositionSelection,
     PositionSpectrum,
@@ -27,6 +26,9 @@ from linlens.engine.results import (
     Timings,
     TokenScore,
 )
+from linlens.engine.explainer import Explainer, ExplanationEvent, check_token_id
+from linlens.engine.families import SUPPORTED_ARCHITECTURES, UnsupportedArchitectureError, family_of
+from linlens.engine.jacobian import ExplanationCancelled
 
 __all__ = [
     "SUPPORTED_ARCHITECTURES",
@@ -37,11 +39,13 @@ __all__ = [
     "Explainer",
     "Explanation",
     "ExplanationCancelled",
+    "ExplanationEvent",
     "GateMode",
+    "LayerAnalysisOptions",
     "LayerAttributions",
-    "LayerOptions",
     "LayerResult",
     "LinearMapSpectrum",
+    "OptionError",
     "OrdinaryContrast",
     "PositionSelection",
     "PositionSpectrum",
@@ -52,5 +56,6 @@ __all__ = [
     "Timings",
     "TokenScore",
     "UnsupportedArchitectureError",
+    "check_token_id",
     "family_of",
 ]

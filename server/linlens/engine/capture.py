@@ -33,9 +33,10 @@ _ACTIVE: contextvars.ContextVar[Capture | None] = contextvars.ContextVar("linlen
 
 
 @contextlib.contextmanager
-def capturing() -> Iterator[Capture]:
-    """Record the twin's intermediate tensors for the forward passes run in this block (in this thread)."""
-    capture = Capture()
+def capturing(capture: Capture | None = None) -> Iterator[Capture]:
+    """Record the twin's intermediate tensors for the forward passes run in this block (in this thread), into
+    ``capture`` (a new one when None)."""
+    capture = capture if capture is not None else Capture()
     token = _ACTIVE.set(capture)
     try:
         yield capture

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from linlens.engine.results import TokenScore
+from linlens.contract import TokenScore
 
 
 class TokenDecoder:

@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.autograd.forward_ad as forward_ad
 
 
 class ExplanationCancelled(RuntimeError):
@@ -103,13 +102,3 @@ def cotangent_products(
         y, x, grad_outputs=cotangents.to(y.dtype), is_grads_batched=True, retain_graph=retain_graph
     )
     return products
-
-
-def jacobian_vector_product(function: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """J x through forward-mode AD: for an affine y = J x + c this gives J x, and so c = y - J x exactly."""
-    with forward_ad.dual_level():
-        dual = forward_ad.make_dual(x.detach(), x.detach())
-        tangent = forward_ad.unpack_dual(function(dual)).tangent
-    if tangent is None:
-        return torch.zeros_like(function(x.detach()))
-    return tangent

@@ -32,10 +32,10 @@ from transformers import PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 from transformers.modeling_utils import AttentionInterface
 
+from linlens.contract import GateMode
 from linlens.engine.activations import coefficient_for, frozen_activation
 from linlens.engine.capture import install_capture_hooks
 from linlens.engine.families import Family, UnsupportedArchitectureError, family_of
-from linlens.engine.results import GateMode
 
 #: The attention implementation name under which the twin's attention is registered.
 ATTENTION_IMPLEMENTATION = "linlens_linear"

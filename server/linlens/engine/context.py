@@ -1,0 +1,135 @@
+"""What every explanation pass of one model shares: its dimensions, its linear twins, its token decoder, and the
+served model's own prediction.
+
+A :class:`ModelContext` is built once per loaded model. It never modifies the model: explanation passes run on
+linear twins (:mod:`linlens.engine.linearize`) that share its weights, built lazily once per precision and gate mode
+and cached here. It is safe to use from several threads at once, also while other threads generate with the model.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from linlens.contract import GateMode, Precision, PredictedToken
+from linlens.engine import jacobian as jac
+from linlens.engine.decode import TokenDecoder
+from linlens.engine.families import Family, family_of
+from linlens.engine.linearize import build_twin
+
+DTYPES = {Precision.FLOAT32: torch.float32, Precision.FLOAT64: torch.float64, Precision.BFLOAT16: torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What the served model itself computed for a token sequence."""
+
+    #: The output embedding y (final hidden state, last position, after the final norm).
+    y_model: torch.Tensor
+    logits: torch.Tensor
+    predicted: PredictedToken
+    explained: PredictedToken
+
+
+class ModelContext:
+    """One loaded model as the engine sees it."""
+
+    def __init__(
+        self, model: PreTrainedModel, tokenizer: Any, *, vjp_memory_bytes: int = jac.DEFAULT_VJP_MEMORY_BYTES
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.family: Family = family_of(type(model).__name__)
+        self.vjp_memory_bytes = vjp_memory_bytes
+        config = model.config
+        self.hidden_size: int = config.hidden_size
+        self.vocab_size: int = config.vocab_size
+        self.num_layers: int = config.num_hidden_layers
+        self._intermediate: int = getattr(config, "intermediate_size", 4 * self.hidden_size)
+        self._heads: int = config.num_attention_heads
+        self.softcap: float | None = getattr(config, "final_logit_softcapping", None)
+        self.has_bias = any(isinstance(m, nn.Linear) and m.bias is not None for m in model.base_model.modules())
+        output_embeddings = model.get_output_embeddings()
+        if output_embeddings is None or getattr(output_embeddings, "bias", None) is not None:
+            raise ValueError("the engine needs a bias-free LM head to map y to logits")
+        input_embeddings = model.get_input_embeddings().weight
+        assert isinstance(input_embeddings, torch.Tensor)
+        self.decoder = TokenDecoder(tokenizer, output_embeddings.weight, input_embeddings)
+        self._lock = threading.Lock()
+        self._bases: dict[torch.dtype, PreTrainedModel] = {}
+        self._twins: dict[tuple[torch.dtype, GateMode | None], PreTrainedModel] = {}
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # -- twins -------------------------------------------------------------------------------------------------
+
+    def base(self, dtype: torch.dtype) -> PreTrainedModel:
+        """The served model itself, or (once, cached) a copy of it in another precision for explanations."""
+        if next(self.model.parameters()).dtype == dtype:
+            return self.model
+        with self._lock:
+            if dtype not in self._bases:
+                copied: Any = copy.deepcopy(self.model)
+                self._bases[dtype] = copied.to(dtype).requires_grad_(False).eval()
+            return self._bases[dtype]
+
+    def twin(self, precision: Precision, mode: GateMode | None) -> PreTrainedModel:
+        """The linear twin for a precision and gate mode (None: the ordinary, undetached twin), built once."""
+        dtype = DTYPES[precision]
+        base = self.base(dtype)
+        with self._lock:
+            key = (dtype, mode)
+            if key not in self._twins:
+                self._twins[key] = build_twin(base, mode)
+            return self._twins[key]
+
+    # -- the served model's own answer -------------------------------------------------------------------------
+
+    def predict(self, input_ids: Sequence[int], explained_token_id: int | None = None) -> Prediction:
+        """The served model's own, unmodified forward pass: y, the logits, the top token and the explained one."""
+        ids = torch.tensor([int(t) for t in input_ids], dtype=torch.long, device=self.device)
+        with torch.no_grad():
+            y_model = self.model.base_model(input_ids=ids[None], use_cache=False).last_hidden_state[0, -1]
+            logits = self.decoder.lm_head @ y_model
+            shown = logits.float()
+            if self.softcap is not None:
+                shown = torch.tanh(shown / self.softcap) * self.softcap
+            probabilities = torch.softmax(shown, dim=-1)
+        predicted_id = int(torch.argmax(shown))
+        explained_id = predicted_id if explained_token_id is None else int(explained_token_id)
+
+        def token(token_id: int) -> PredictedToken:
+            return PredictedToken(
+                token_id=token_id,
+                text=self.decoder.text(token_id),
+                logit=float(logits[token_id]),
+                probability=float(probabilities[token_id]),
+            )
+
+        return Prediction(y_model, logits, token(predicted_id), token(explained_id))
+
+    # -- memory ------------------------------------------------------------------------------------------------
+
+    def vjp_chunk(self, n_tokens: int, dtype: torch.dtype) -> int:
+        """VJPs per batched backward that keep one batch within the memory budget."""
+        return jac.vjp_chunk_size(
+            n_tokens=n_tokens,
+            hidden=self.hidden_size,
+            intermediate=self._intermediate,
+            layers=self.num_layers,
+            heads=self._heads,
+            itemsize=torch.empty((), dtype=dtype).element_size(),
+            budget=self.vjp_memory_bytes,
+        )
+
+
+__all__ = ["DTYPES", "ModelContext", "Prediction"]

@@ -1,0 +1,86 @@
+"""One prediction's forward passes, run once and shared by everything an explanation reads off them.
+
+An :class:`ExplanationPass` holds, for one token sequence and one set of options:
+
+- the served model's own prediction (y, logits, the predicted and the explained token);
+- the linear twin's forward pass from the input embeddings x, kept as an autograd graph, so that the whole-output
+  explanation (:mod:`linlens.engine.explanation`) and the layer analysis (:mod:`linlens.engine.layers`) take their
+  vector-Jacobian products from the same graph; with a layer analysis, the residual stream of every layer is
+  recorded on the way (:mod:`linlens.engine.capture`);
+- for models with bias terms, the affine constants of y and of every layer and block term, from one forward-mode
+  pass with tangent x (y = J x + c, so c = y - J x).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Sequence
+
+import torch
+import torch.autograd.forward_ad as forward_ad
+
+from linlens.contract import ExplainOptions
+from linlens.engine.capture import Capture, capturing
+from linlens.engine.context import DTYPES, ModelContext
+
+
+class ExplanationPass:
+    """The forward passes of one explanation; see the module docstring."""
+
+    def __init__(self, context: ModelContext, input_ids: Sequence[int], options: ExplainOptions) -> None:
+        started = time.perf_counter()
+        self.context = context
+        self.options = options
+        self.input_ids = tuple(int(t) for t in input_ids)
+        self.ids = torch.tensor(self.input_ids, dtype=torch.long, device=context.device)
+        self.n = len(self.input_ids)
+        self.dtype = DTYPES[options.precision]
+        #: The served model's own answer, which the explanation explains.
+        self.prediction = context.predict(self.input_ids, options.explained_token_id)
+        self.twin = context.twin(options.precision, options.gate_mode)
+        base = context.base(self.dtype)
+        #: The LM head in the explanation's precision.
+        self.head: torch.Tensor = base.get_output_embeddings().weight.detach()
+        #: The input embeddings x (n, d), the leaf every Jacobian is taken with respect to.
+        self.x: torch.Tensor = base.get_input_embeddings()(self.ids).detach().requires_grad_(True)
+        #: Whether a layer analysis follows the whole-output explanation on the same graph.
+        self.analyses_layers = options.layers is not None
+        #: The residual stream of every layer (recorded only when a layer analysis follows).
+        self.capture = Capture()
+        recording = capturing(self.capture) if self.analyses_layers else contextlib.nullcontext()
+        with recording, torch.enable_grad():
+            #: y from the twin: numerically the model's y, and exactly linear (affine) in x.
+            self.y: torch.Tensor = self.twin.base_model(inputs_embeds=self.x[None], use_cache=False).last_hidden_state[
+                0, -1
+            ]
+        #: c in y = sum_i J_i x_i + c (zeros for bias-free models) and, with a layer analysis, the constant of every
+        #: layer output and block term at the last position, keyed ("layer" | "attention" | "mlp", layer).
+        self.constant = torch.zeros_like(self.y.detach())
+        self.block_constants: dict[tuple[str, int], torch.Tensor] = {}
+        if context.has_bias:
+            self._affine_constants()
+        self.seconds = time.perf_counter() - started
+
+    def vjp_chunk(self) -> int:
+        """VJPs per batched backward: the options' choice, else one that bounds peak memory."""
+        return self.options.vjp_chunk_size or self.context.vjp_chunk(self.n, self.dtype)
+
+    def _affine_constants(self) -> None:
+        """c = h - J x for y and (with a layer analysis) every recorded tensor, from one forward-mode JVP along x."""
+        capture = Capture()
+        recording = capturing(capture) if self.analyses_layers else contextlib.nullcontext()
+        x = self.x.detach()
+        with forward_ad.dual_level(), recording, torch.no_grad():
+            out = self.twin.base_model(inputs_embeds=forward_ad.make_dual(x, x)[None], use_cache=False)
+            primal, tangent = forward_ad.unpack_dual(out.last_hidden_state[0, -1])
+            if tangent is not None:
+                self.constant = (primal - tangent).detach()
+            recorded = (("layer", capture.layer_outputs), ("attention", capture.attention), ("mlp", capture.mlp))
+            for kind, tensors in recorded:
+                for layer, output in tensors.items():
+                    p, t = forward_ad.unpack_dual(output)
+                    self.block_constants[(kind, layer)] = (p - t if t is not None else p)[0, -1].detach()
+
+
+__all__ = ["ExplanationPass"]
