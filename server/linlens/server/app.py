@@ -2,9 +2,9 @@
 
 Health (grpc.health.v1) reports three kinds of service name:
 
-- ``""`` (the whole server) and ``linlens.v1.LinlensService``: SERVING once every configured model is loaded,
-  NOT_SERVING while models load, when one failed to load, and from the moment a drain starts. This is the name for
-  readiness and start-up probes;
+- ``""`` (the whole server) and ``linlens.v1.LinlensService``: SERVING once loading has finished and the default
+  model is ready (see :mod:`linlens.server.hosting`); NOT_SERVING while it loads, when it failed to load, and from
+  the moment a drain starts. This is what start-up, readiness and liveness probes and load balancers ask;
 - each model's name (e.g. ``smollm2-135m``): SERVING when that model can take requests.
 
 A drain (SIGTERM or SIGINT, or :meth:`RunningServer.drain`) turns every health status to NOT_SERVING, refuses new
@@ -23,18 +23,21 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from linlens.contract import ModelState
+from linlens.models import LoadedModel
+from linlens.server.calls import SERVICE_NAME, CallInterceptor, Lifecycle
 from linlens.server.config import ServerConfig, build_config
+from linlens.server.hosting import ModelHost, ModelSlot, model_labels
+from linlens.server.jobs import JobRunner
 from linlens.server.logs import setup_logging
 from linlens.server.metrics import Metrics
 from linlens.server.scheduler import Scheduler, StopReason
-from linlens.server.service import SERVICE_NAME, Lifecycle, LinlensServicer, ModelHost, ModelSlot
-from linlens.v1 import linlens_pb2 as pb
+from linlens.server.service import LinlensServicer
 from linlens.v1 import linlens_pb2_grpc as pb_grpc
 
 _log = logging.getLogger(__name__)
@@ -130,7 +133,7 @@ def _apply_torch_threads(config: ServerConfig) -> None:
 def start_server(
     config: ServerConfig,
     *,
-    models: Sequence[Any] = (),
+    models: Sequence[LoadedModel] = (),
     metrics: Metrics | None = None,
     load_in_background: bool = True,
 ) -> RunningServer:
@@ -145,10 +148,11 @@ def start_server(
     host = ModelHost(config)
     lifecycle = Lifecycle()
     scheduler = Scheduler(config.max_concurrent_jobs, config.max_queue, on_queue_depth=metrics.set_queue_depth)
-    servicer = LinlensServicer(config, host, scheduler, metrics, lifecycle)
+    servicer = LinlensServicer(config, host, JobRunner(scheduler), metrics)
 
     server = grpc.server(
         ThreadPoolExecutor(max_workers=config.grpc_threads, thread_name_prefix="linlens-grpc"),
+        interceptors=[CallInterceptor(metrics, lifecycle)],
         options=[
             ("grpc.max_receive_message_length", _MAX_RECEIVE_BYTES),
             ("grpc.max_send_message_length", -1),
@@ -158,26 +162,22 @@ def start_server(
     pb_grpc.add_LinlensServiceServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    service_names = (
-        pb.DESCRIPTOR.services_by_name["LinlensService"].full_name,
-        health.SERVICE_NAME,
-        reflection.SERVICE_NAME,
-    )
+    service_names = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(service_names, server)
 
     for name in ("", SERVICE_NAME, *host.slots):
         health_servicer.set(name, _NOT_SERVING)
 
     def on_model_change(slot: ModelSlot) -> None:
-        health_servicer.set(slot.name, _SERVING if slot.state == "ready" else _NOT_SERVING)
-        overall = _SERVING if host.all_ready else _NOT_SERVING
+        health_servicer.set(slot.name, _SERVING if slot.state is ModelState.READY else _NOT_SERVING)
+        overall = _SERVING if host.serving else _NOT_SERVING
         health_servicer.set("", overall)
         health_servicer.set(SERVICE_NAME, overall)
 
     host.on_change(on_model_change)
     for loaded in models:
         host.adopt(loaded)
-        metrics.observe_model_load(loaded.name, loaded.load_seconds, _labels(loaded))
+        metrics.observe_model_load(loaded.name, loaded.load_seconds, model_labels(loaded))
 
     address = f"{config.host}:{config.port}"
     port = server.add_insecure_port(address)
@@ -219,19 +219,13 @@ def start_server(
     return running
 
 
-def _labels(loaded: Any) -> dict[str, str]:
-    from linlens.server.service import model_labels
-
-    return model_labels(loaded)
-
-
 def serve(config: ServerConfig, *, install_signal_handlers: bool = True) -> int:
     """Run a server until SIGTERM or SIGINT, then drain it. Returns the process exit status.
 
     Exit status 0 after a drain (whether or not every call finished within the grace period: the orchestrator
-    asked us to stop, and we did), 1 when the ports cannot be bound or no configured model could be loaded (a server
-    that cannot serve anything should fail visibly rather than sit NOT_SERVING forever). Signal handlers are only
-    installed from the main thread (Python allows no other).
+    asked us to stop, and we did), 1 when the ports cannot be bound or the default model could not be loaded (a
+    server that cannot serve requests that name no model should fail visibly rather than sit NOT_SERVING forever).
+    Signal handlers are only installed from the main thread (Python allows no other).
     """
     stop_requested = threading.Event()
     try:
@@ -254,9 +248,10 @@ def serve(config: ServerConfig, *, install_signal_handlers: bool = True) -> int:
         signal.signal(signal.SIGINT, on_signal)
 
     status = 0
+    default = running.host.slots[running.host.default_name]
     while not stop_requested.wait(0.5):
-        if running.loaded_event.is_set() and not any(s.state == "ready" for s in running.host.slots.values()):
-            _log.error("no model could be loaded; stopping")
+        if default.state is ModelState.FAILED:
+            _log.error("the default model %s could not be loaded (%s); stopping", default.name, default.detail)
             status = 1
             break
     running.drain()

@@ -13,7 +13,6 @@ output by construction (not a re-implementation that could drift). Two hooks are
 
 from __future__ import annotations
 
-import enum
 import math
 import secrets
 import time
@@ -24,6 +23,8 @@ from typing import Any
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
+from linlens.contract import FinishReason, GeneratedToken
+from linlens.engine import check_token_id
 from linlens.server.scheduler import StopReason
 
 #: max_new_tokens when a request leaves it unset.
@@ -41,13 +42,6 @@ class GenerationStopped(Exception):
         super().__init__(f"generation stopped after {len(tokens)} token(s): {reason.value}")
         self.reason = reason
         self.tokens = tuple(tokens)
-
-
-class FinishReason(str, enum.Enum):
-    LENGTH = "length"
-    STOP_SEQUENCE = "stop_sequence"
-    EOS = "eos"
-    CONTEXT_LENGTH = "context_length"
 
 
 @dataclass(frozen=True)
@@ -89,18 +83,9 @@ class Sampling:
 
 
 @dataclass(frozen=True)
-class GeneratedToken:
-    index: int
-    token_id: int
-    #: The text this token adds to the generation (incremental decoding: the pieces concatenate to the text, which
-    #: decoding tokens one by one does not guarantee for tokenizers that merge spaces or split UTF-8 characters).
-    text: str
-    #: Natural-log probability under the model's own distribution (temperature 1, no truncation).
-    logprob: float
+class GenerationRun:
+    """What one run of the model's ``generate`` produced (the service adds explanations and timings)."""
 
-
-@dataclass(frozen=True)
-class Generation:
     prompt_ids: tuple[int, ...]
     tokens: tuple[GeneratedToken, ...]
     #: The generated text, cut before the first stop sequence.
@@ -155,15 +140,10 @@ def encode_chat(tokenizer: Any, messages: Sequence[tuple[str, str]], add_generat
 
 
 def check_token_ids(ids: Sequence[int], vocab_size: int) -> list[int]:
-    """Refuse an empty id list or an id outside the vocabulary, naming the first bad position."""
+    """Refuse an empty id list or an id outside the vocabulary (OptionError naming the first bad position)."""
     if not ids:
         raise InputError("input.token_ids.ids is empty; send at least one token id")
-    for pos, tid in enumerate(ids):
-        if not 0 <= tid < vocab_size:
-            raise InputError(
-                f"input.token_ids.ids[{pos}] = {tid} is not a token id of this model (valid: 0..{vocab_size - 1})"
-            )
-    return [int(i) for i in ids]
+    return [check_token_id(int(tid), vocab_size, f"input.token_ids.ids[{pos}]") for pos, tid in enumerate(ids)]
 
 
 # --- generation ------------------------------------------------------------------------------------------------------
@@ -268,7 +248,7 @@ def generate(
     should_stop: Callable[[], bool] = lambda: False,
     stop_reason: Callable[[], StopReason | None] = lambda: None,
     on_token: Callable[[GeneratedToken], None] | None = None,
-) -> Generation:
+) -> GenerationRun:
     """Generate up to ``sampling.max_new_tokens`` tokens after ``prompt_ids``.
 
     ``on_token`` is called on the generating thread as soon as each token exists. When ``should_stop`` turns true,
@@ -338,7 +318,7 @@ def generate(
     else:
         reason = FinishReason.LENGTH
     first = None if hook.first_token_at is None else hook.first_token_at - started
-    return Generation(
+    return GenerationRun(
         prompt_ids=tuple(prompt),
         tokens=tuple(hook.tokens),
         text=text,
@@ -374,9 +354,7 @@ def _first(value: Any, default: int) -> int:
 
 __all__ = [
     "DEFAULT_MAX_NEW_TOKENS",
-    "FinishReason",
-    "GeneratedToken",
-    "Generation",
+    "GenerationRun",
     "GenerationStopped",
     "InputError",
     "Sampling",

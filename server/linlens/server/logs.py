@@ -81,6 +81,12 @@ def setup_logging(log_format: str = "text", level: str = "info", stream: TextIO 
     # transformers and friends are chatty at INFO; their warnings still come through
     for noisy in ("transformers", "accelerate", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    if log_format == "json" or not handler.stream.isatty():
+        # A progress bar redrawn with carriage returns is noise in a log file or collector; the loader logs its own
+        # progress lines (linlens.models.progress) instead.
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
 
 
 def log_request(fields: Mapping[str, Any]) -> None:

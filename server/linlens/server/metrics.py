@@ -46,6 +46,8 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
+from linlens.contract.results import EXPLANATION_PHASES as TIMED_PHASES
+
 __all__ = [
     "DEFAULT_METRICS_PORT",
     "EXPLANATION_PHASES",
@@ -63,14 +65,12 @@ METRIC_PREFIX = "linlens"
 #: this value; tests/test_deploy.py checks that they agree.
 DEFAULT_METRICS_PORT = 9464
 
-#: Phases of an explanation whose durations are recorded (the fields of the engine's ``Timings``): ``forward`` the
-#: detached forward pass, ``jacobian`` the vector-Jacobian products, ``attribution`` the per-token attributions,
-#: ``svd`` the singular-value decompositions, ``decode`` mapping singular vectors to tokens, ``ordinary`` the optional
-#: contrast with the ordinary (not detached) Jacobian, ``layers`` the whole layer-by-layer analysis of one step
-#: (ExplainOptions.layers: the layers x tokens matrix and every selected layer's Jacobians).
-EXPLANATION_PHASES: frozenset[str] = frozenset(
-    {"forward", "jacobian", "attribution", "svd", "decode", "ordinary", "layers"}
-)
+#: Phases of an explanation whose durations are recorded (the ``<phase>_ms`` fields of the contract's ``Timings``):
+#: ``forward`` the detached forward pass, ``jacobian`` the vector-Jacobian products, ``attribution`` the per-token
+#: attributions, ``svd`` the singular-value decompositions, ``decode`` mapping singular vectors to tokens,
+#: ``ordinary`` the optional contrast with the ordinary (not detached) Jacobian, ``layers`` the whole layer-by-layer
+#: analysis of one step (ExplainOptions.layers: the layers x tokens matrix and every selected layer's Jacobians).
+EXPLANATION_PHASES: frozenset[str] = frozenset(TIMED_PHASES)
 
 #: Label value used for a phase outside :data:`EXPLANATION_PHASES`, so that a typo cannot explode label cardinality.
 OTHER_PHASE = "other"

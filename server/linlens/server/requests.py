@@ -1,0 +1,228 @@
+"""Admission: from a request message to validated work (the input as token ids, the sampling, the options).
+
+It runs on the gRPC thread before anything is queued, so a bad request fails at once, with INVALID_ARGUMENT naming
+the field, without taking a queue slot. It applies three kinds of rules, each from its one home:
+
+- the options' own rules (``top_k >= 0``, ``every`` xor ``layers``): the contract's dataclasses, while decoding;
+- the model's (a token id inside the vocabulary, a layer that exists): ``Explainer.validate``;
+- this server's limits (``max_top_k``, ``max_explained_steps``, ...): here, from :class:`ServerConfig`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from linlens.contract import ExplainOptions, OptionError
+from linlens.contract.wire import explain_options_from_proto
+from linlens.models import LoadedModel
+from linlens.server.config import ServerConfig
+from linlens.server.generation import (
+    DEFAULT_MAX_NEW_TOKENS,
+    InputError,
+    Sampling,
+    check_token_ids,
+    encode_chat,
+    encode_text,
+)
+from linlens.server.hosting import ModelHost
+from linlens.server.status import invalid
+from linlens.v1 import linlens_pb2 as pb
+
+
+@dataclass(frozen=True)
+class ExplainWork:
+    """An admitted Explain request."""
+
+    loaded: LoadedModel
+    prompt_ids: list[int]
+    options: ExplainOptions
+
+
+@dataclass(frozen=True)
+class GenerationWork:
+    """An admitted Generate or GenerateStream request."""
+
+    loaded: LoadedModel
+    prompt_ids: list[int]
+    sampling: Sampling
+    #: How to explain each explained step (explained_token_id cleared: a step explains the token it generated).
+    explain: ExplainOptions | None
+    #: The steps to explain; None means every step the generation makes.
+    steps: tuple[int, ...] | None
+
+    def steps_for(self, generated: int) -> list[int]:
+        """The explained steps of a generation that made ``generated`` tokens (it may have stopped early)."""
+        if self.explain is None:
+            return []
+        if self.steps is None:
+            return list(range(generated))
+        return [s for s in self.steps if s < generated]
+
+
+def encode_input(loaded: LoadedModel, message: pb.Input, config: ServerConfig) -> list[int]:
+    """The request's input as token ids, validated against the model and the server's limits."""
+    kind = message.WhichOneof("kind")
+    try:
+        if kind == "text":
+            ids = encode_text(loaded.tokenizer, message.text)
+        elif kind == "token_ids":
+            ids = check_token_ids(list(message.token_ids.ids), loaded.vocab_size)
+        elif kind == "chat":
+            turns = [(m.role, m.content) for m in message.chat.messages]
+            ids = encode_chat(loaded.tokenizer, turns, not message.chat.omit_generation_prompt)
+        else:
+            raise invalid("input is missing: set exactly one of input.text, input.token_ids or input.chat")
+    except (InputError, OptionError) as exc:
+        raise invalid(str(exc)) from None
+    if len(ids) > config.max_prompt_tokens:
+        raise invalid(
+            f"the input has {len(ids)} tokens, above this server's limit of {config.max_prompt_tokens}; shorten it"
+        )
+    if loaded.max_positions and len(ids) >= loaded.max_positions:
+        raise invalid(
+            f"the input has {len(ids)} tokens, which fills the model's context of {loaded.max_positions}; shorten it"
+        )
+    return ids
+
+
+def sampling_from_proto(message: pb.SamplingParams | None, config: ServerConfig) -> Sampling:
+    """The request's sampling, validated (absent: greedy decoding with the default length)."""
+    default_length = min(DEFAULT_MAX_NEW_TOKENS, config.max_new_tokens)
+    if message is None:
+        return Sampling(max_new_tokens=default_length)
+    sampling = Sampling(
+        max_new_tokens=message.max_new_tokens if message.HasField("max_new_tokens") else default_length,
+        temperature=message.temperature,
+        top_p=1.0 if message.top_p == 0.0 else message.top_p,
+        top_k=message.top_k,
+        seed=message.seed if message.HasField("seed") else None,
+        stop_sequences=tuple(message.stop_sequences),
+        ignore_eos=message.ignore_eos,
+    )
+    try:
+        return sampling.validate(config.max_new_tokens)
+    except InputError as exc:
+        raise invalid(str(exc)) from None
+
+
+def explain_options(
+    message: pb.ExplainOptions,
+    field: str,
+    loaded: LoadedModel,
+    prompt_ids: list[int],
+    config: ServerConfig,
+    *,
+    max_new_tokens: int | None = None,
+) -> tuple[ExplainOptions, tuple[int, ...] | None]:
+    """Decode and check a request's ExplainOptions (``field`` names it in messages: "options" or "explain").
+
+    Returns the options and, for a generation of at most ``max_new_tokens`` tokens, the steps to explain (None:
+    every step). Raises RpcFailure(INVALID_ARGUMENT) naming the field that breaks a rule.
+    """
+    try:
+        options = explain_options_from_proto(message)
+        steps = options.explained_steps(max_new_tokens) if max_new_tokens is not None else (0,)
+        if max_new_tokens is not None:
+            options = dataclasses.replace(options, explained_token_id=None)
+        loaded.explainer.validate(prompt_ids, options)
+        _check_limits(options, steps, loaded, config, max_new_tokens)
+    except OptionError as error:
+        raise invalid(str(error.under(field))) from None
+    return options, steps
+
+
+def _check_limits(
+    options: ExplainOptions,
+    steps: tuple[int, ...] | None,
+    loaded: LoadedModel,
+    config: ServerConfig,
+    max_new_tokens: int | None,
+) -> None:
+    """This server's limits on an explanation request (OptionError naming the option and the limit)."""
+
+    def at_most(name: str, value: int, limit: int, setting: str, advice: str) -> None:
+        if value > limit:
+            raise OptionError(name, f"is {value}, above this server's limit of {limit} ({setting}); {advice}")
+
+    at_most("top_k", options.top_k, config.max_top_k, "max_top_k", "ask for fewer singular components")
+    at_most(
+        "tokens_per_vector",
+        options.tokens_per_vector,
+        config.max_tokens_per_vector,
+        "max_tokens_per_vector",
+        "ask for fewer",
+    )
+    at_most(
+        "targets",
+        len(options.targets),
+        config.max_attribution_targets,
+        "max_attribution_targets",
+        "attribute fewer targets per request",
+    )
+    explained = len(steps) if steps is not None else int(max_new_tokens or 1)
+    if steps is None:
+        at_most(
+            "steps",
+            explained,
+            config.max_explained_steps,
+            "max_explained_steps; EXPLAIN_STEPS_ALL may explain every one of max_new_tokens steps",
+            "lower max_new_tokens or list the steps (EXPLAIN_STEPS_LIST)",
+        )
+    else:
+        at_most("step_indices", explained, config.max_explained_steps, "max_explained_steps", "explain fewer steps")
+    layers = options.layers
+    if layers is None:
+        return
+    at_most("layers.top_k", layers.top_k, config.max_top_k, "max_top_k", "ask for fewer singular components")
+    at_most(
+        "layers.tokens_per_vector",
+        layers.tokens_per_vector,
+        config.max_tokens_per_vector,
+        "max_tokens_per_vector",
+        "ask for fewer",
+    )
+    if layers.needs_jacobians:
+        analysed = len(layers.selected(loaded.num_layers)) * explained
+        at_most(
+            "layers",
+            analysed,
+            config.max_analyzed_layers,
+            f"max_analyzed_layers; layers with Jacobians summed over {explained} explained step(s)",
+            "select fewer layers (layers or every), explain fewer steps, or turn up_to_layer, layer_alone and "
+            "component_spectra off for the cheap attribution matrix only",
+        )
+
+
+def prepare_explain(request: pb.ExplainRequest, host: ModelHost, config: ServerConfig) -> ExplainWork:
+    """Admit an Explain request (RpcFailure for an unknown or unready model, or bad input)."""
+    loaded = host.ready(request.model)
+    prompt_ids = encode_input(loaded, request.input, config)
+    options, _ = explain_options(request.options, "options", loaded, prompt_ids, config)
+    return ExplainWork(loaded, prompt_ids, options)
+
+
+def prepare_generation(
+    request: pb.GenerateRequest | pb.GenerateStreamRequest, host: ModelHost, config: ServerConfig
+) -> GenerationWork:
+    """Admit a Generate or GenerateStream request."""
+    loaded = host.ready(request.model)
+    prompt_ids = encode_input(loaded, request.input, config)
+    sampling = sampling_from_proto(request.sampling if request.HasField("sampling") else None, config)
+    if not request.HasField("explain"):
+        return GenerationWork(loaded, prompt_ids, sampling, None, None)
+    options, steps = explain_options(
+        request.explain, "explain", loaded, prompt_ids, config, max_new_tokens=sampling.max_new_tokens
+    )
+    return GenerationWork(loaded, prompt_ids, sampling, options, steps)
+
+
+__all__ = [
+    "ExplainWork",
+    "GenerationWork",
+    "encode_input",
+    "explain_options",
+    "prepare_explain",
+    "prepare_generation",
+    "sampling_from_proto",
+]

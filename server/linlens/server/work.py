@@ -1,0 +1,154 @@
+"""The model work of each request: what runs on a scheduler worker (or, in-process, on the caller's thread).
+
+Both functions take admitted work (:mod:`linlens.server.requests`) and return the contract's results, so the gRPC
+service and :class:`~linlens.server.inprocess.InProcessClient` run exactly the same code. ``emit`` receives each
+stream event as soon as it exists: every generated token, each explanation (without its layer analysis), then that
+step's layers x tokens matrix and each layer's result. ``should_stop`` is polled between tokens, between batches of
+VJPs and between layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+
+from linlens.contract import (
+    ExplainResult,
+    Explanation,
+    GeneratedToken,
+    Generation,
+    StreamEvent,
+    Timings,
+    Usage,
+)
+from linlens.engine import ExplanationEvent
+from linlens.server.generation import generate
+from linlens.server.metrics import Metrics
+from linlens.server.requests import ExplainWork, GenerationWork
+from linlens.server.scheduler import StopReason
+
+Emit = Callable[[StreamEvent], None]
+ShouldStop = Callable[[], bool]
+OnProgress = Callable[[int, int], None]
+
+
+def _never() -> bool:
+    return False
+
+
+def explanation_at_step(explanation: Explanation, step: int) -> Explanation:
+    """The explanation of generation step ``step``, its layer analysis included."""
+    matrix = explanation.layer_attributions
+    return dataclasses.replace(
+        explanation,
+        step=step,
+        layer_attributions=dataclasses.replace(matrix, step=step) if matrix is not None else None,
+        layers=tuple(dataclasses.replace(r, step=step) for r in explanation.layers),
+    )
+
+
+def at_step(event: ExplanationEvent, step: int) -> ExplanationEvent:
+    """An explanation event of generation step ``step``."""
+    if isinstance(event, Explanation):
+        return explanation_at_step(event, step)
+    return dataclasses.replace(event, step=step)
+
+
+def observe_explanation(metrics: Metrics | None, model: str, explanation: Explanation) -> None:
+    """Record an explanation's phase durations and its reconstruction error."""
+    if metrics is None:
+        return
+    for phase, ms in explanation.timings.phases_ms().items():
+        metrics.observe_explanation_phase(model, phase, ms / 1000.0)
+    if explanation.reconstruction is not None:
+        metrics.observe_reconstruction_error(model, explanation.reconstruction.relative_error_vs_model)
+
+
+def run_explain(
+    work: ExplainWork,
+    *,
+    should_stop: ShouldStop = _never,
+    metrics: Metrics | None = None,
+    on_progress: OnProgress | None = None,
+) -> ExplainResult:
+    """Explain the prediction after the prompt (its layer analysis included when asked)."""
+    loaded = work.loaded
+    explanation = loaded.explainer.explain(
+        work.prompt_ids, work.options, should_stop=should_stop, on_progress=on_progress
+    )
+    observe_explanation(metrics, loaded.name, explanation)
+    return ExplainResult(
+        model=loaded.name, prompt_text=loaded.tokenizer.decode(work.prompt_ids), explanation=explanation
+    )
+
+
+def run_generation(
+    work: GenerationWork,
+    *,
+    arrived: float,
+    should_stop: ShouldStop = _never,
+    stop_reason: Callable[[], StopReason | None] = lambda: None,
+    metrics: Metrics | None = None,
+    emit: Emit | None = None,
+    on_progress: OnProgress | None = None,
+) -> Generation:
+    """Generate, then explain the selected steps. ``arrived`` is the request's arrival (time.monotonic()), from which
+    the time to the first token is measured."""
+    loaded = work.loaded
+    first_token_seen = False
+
+    def on_token(token: GeneratedToken) -> None:
+        nonlocal first_token_seen
+        if not first_token_seen and metrics is not None:
+            metrics.observe_time_to_first_token(loaded.name, time.monotonic() - arrived)
+        first_token_seen = True
+        if emit is not None:
+            emit(token)
+
+    run = generate(
+        loaded.model,
+        loaded.tokenizer,
+        work.prompt_ids,
+        work.sampling,
+        max_positions=loaded.max_positions or None,
+        should_stop=should_stop,
+        stop_reason=stop_reason,
+        on_token=on_token,
+    )
+    if metrics is not None:
+        metrics.add_generated_tokens(loaded.name, len(run.tokens))
+    explanations: list[Explanation] = []
+    timings = Timings(generation_ms=run.seconds * 1000.0)
+    for step in work.steps_for(len(run.tokens)):
+        assert work.explain is not None  # steps_for is empty without it
+        options = dataclasses.replace(work.explain, explained_token_id=run.tokens[step].token_id)
+        ids = work.prompt_ids + [t.token_id for t in run.tokens[:step]]
+
+        def forward(event: ExplanationEvent, step: int = step) -> None:
+            if emit is not None:
+                emit(at_step(event, step))
+
+        explanation = explanation_at_step(
+            loaded.explainer.explain(ids, options, should_stop=should_stop, on_progress=on_progress, on_event=forward),
+            step,
+        )
+        observe_explanation(metrics, loaded.name, explanation)
+        explanations.append(explanation)
+        timings = timings + dataclasses.replace(explanation.timings, total_ms=0.0)
+    return Generation(
+        model=loaded.name,
+        text=run.text,
+        tokens=run.tokens,
+        finish_reason=run.finish_reason,
+        usage=Usage(
+            prompt_tokens=len(work.prompt_ids), completion_tokens=len(run.tokens), explained_steps=len(explanations)
+        ),
+        explanations=tuple(explanations),
+        timings=timings,
+        prompt_text=loaded.tokenizer.decode(work.prompt_ids),
+        seed=run.seed,
+    )
+
+
+__all__ = ["Emit", "at_step", "explanation_at_step", "observe_explanation", "run_explain", "run_generation"]
