@@ -1,103 +1,86 @@
-"""The ``linlens`` command line: serve, generate, explain, models.
+"""The ``linlens`` command line: serve, explain, generate, models.
 
-``generate`` and ``models`` talk to a server (``--server``, default $LINLENS_SERVER or localhost:50051). ``explain``
-runs in-process on a local model when no ``--server`` is given (this needs the ``linlens[server]`` extra: torch and
-transformers are imported only then), and through the server otherwise. Both paths build the same protobuf
-messages and go through the same option checks, so ``--json`` prints the same document either way: the response
-message as JSON with the proto's snake_case field names.
+Every command but ``serve`` works two ways, through the same SDK API:
+
+- with ``--server HOST:PORT`` (or ``$LINLENS_SERVER``), through :class:`linlens.client.Client`: retries, TLS and
+  metadata as the SDK has them; a model that is still loading is waited for (bounded by ``--timeout``, with a notice
+  on stderr), a model that failed to load is an immediate error, and no server at all is said plainly;
+- without, in this process, through ``linlens.server.inprocess.InProcessClient`` (needs the ``linlens[server]``
+  extra): the server's own request path on a model loaded here.
+
+``--json`` prints the result as JSON (field names as in the proto; arrays as lists), the same document either way.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Protocol, Unpack
 
-import grpc
-from google.protobuf.json_format import MessageToDict
-
-from linlens.cli.render import explanation_text, generation_text, layers_text, models_text
+from linlens.cli.render import (
+    explanation_report,
+    explanations_text,
+    finish_text,
+    generation_text,
+    models_text,
+)
 from linlens.client import (
+    SERVER_ENV,
     AttributionTarget,
+    Client,
     ExplainOptions,
+    ExplainResult,
+    Explanation,
     GateMode,
+    GeneratedToken,
+    Generation,
+    GenerationDone,
     LayerAnalysisOptions,
+    LinlensError,
+    ModelInfo,
+    OptionError,
     PositionSelection,
     Precision,
+    ServerUnreachableError,
+    StreamEvent,
+    to_jsonable,
 )
-from linlens.client.convert import (
-    build_input,
-    build_sampling,
-    explain_options_to_proto,
-    explain_result_from_proto,
-    generation_from_proto,
-    model_info_from_proto,
-)
-from linlens.v1 import linlens_pb2 as pb
-from linlens.v1 import linlens_pb2_grpc as pb_grpc
+from linlens.contract import GenerateArgs, InputArgs, StreamAssembler
 
-DEFAULT_SERVER = "localhost:50051"
+#: The model a command uses in-process when --model is not given (the server's default is the server's choice).
+IN_PROCESS_DEFAULT_MODEL = "smollm2-135m"
+#: Seconds a command waits for a server to answer at all before saying that none does.
+CONNECT_TIMEOUT = 10.0
 
 
-def _print_json(message: Any) -> None:
-    print(json.dumps(MessageToDict(message, preserving_proto_field_name=True), indent=2, ensure_ascii=False))
+class Backend(Protocol):
+    """What the commands need: Client and InProcessClient both have it."""
+
+    def explain(
+        self, prompt: str | None = None, *, options: ExplainOptions | None = None, **kwargs: Unpack[InputArgs]
+    ) -> ExplainResult: ...
+
+    def generate(self, prompt: str | None = None, **kwargs: Unpack[GenerateArgs]) -> Generation: ...
+
+    def generate_stream(self, prompt: str | None = None, **kwargs: Unpack[GenerateArgs]) -> Iterator[StreamEvent]: ...
+
+    def list_models(self) -> list[ModelInfo]: ...
+
+    def close(self) -> None: ...
 
 
-def _stub(target: str) -> pb_grpc.LinlensServiceStub:
-    channel = grpc.insecure_channel(target, options=[("grpc.max_receive_message_length", 512 * 1024 * 1024)])
-    return pb_grpc.LinlensServiceStub(channel)
+class CommandError(Exception):
+    """A failure the command reports on one line (exit status 1)."""
 
 
-def _input(args: argparse.Namespace) -> pb.Input:
-    if args.token_ids:
-        return build_input(token_ids=[int(t) for t in args.token_ids.split(",")])
-    if args.chat:
-        return build_input(messages=[("user", args.prompt)])
-    return build_input(args.prompt)
-
-
-def _targets(args: argparse.Namespace) -> tuple[AttributionTarget, ...]:
-    targets = [AttributionTarget(int(t)) for t in args.target or ()]
-    for pair in args.contrast or ():
-        a, _, b = pair.partition(":")
-        targets.append(AttributionTarget(int(a), int(b)))
-    return tuple(targets)
-
-
-def _layer_options(args: argparse.Namespace) -> LayerAnalysisOptions | None:
-    if not args.layers:
-        return None
-    try:
-        return LayerAnalysisOptions.parse(
-            args.layers,
-            up_to_layer=not args.no_up_to_layer,
-            layer_alone=args.layer_alone,
-            component_spectra=args.component_spectra,
-            top_k=args.layer_top_k,
-            tokens_per_vector=args.layer_tokens_per_vector,
-        )
-    except ValueError as error:
-        raise SystemExit(f"linlens: {error}") from None
-
-
-def _explain_options(args: argparse.Namespace, *, steps: Any = "first") -> pb.ExplainOptions:
-    return explain_options_to_proto(
-        ExplainOptions(
-            steps=steps,
-            top_k=args.top_k,
-            tokens_per_vector=args.tokens_per_vector,
-            positions=PositionSelection(args.positions),
-            targets=_targets(args),
-            include_jacobians=args.include_jacobians,
-            precision=Precision(args.precision),
-            ordinary_contrast=args.ordinary,
-            gate_mode=GateMode(args.gate_mode),
-            layers=_layer_options(args),
-        )
-    )
+def _say(text: str) -> None:
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
 
 
 def _progress(done: int, total: int) -> None:
@@ -109,128 +92,174 @@ def _progress(done: int, total: int) -> None:
     sys.stderr.flush()
 
 
-def _explain_in_process(args: argparse.Namespace, options: pb.ExplainOptions) -> pb.ExplainResponse:
-    """Load the model here and explain with the same option mapping the server uses."""
+def open_backend(args: argparse.Namespace) -> Backend:
+    """A client for the command: the server named by --server or $LINLENS_SERVER, else the model in-process."""
+    target = args.server or os.environ.get(SERVER_ENV)
+    if target:
+        return _remote(args, target)
     try:
-        from linlens.models import load_model
-        from linlens.server.config import ServerConfig
-        from linlens.server.service import (
-            RpcFailure,
-            encode_input,
-            explain_options_from_proto,
-            explanation_proto,
-            layer_options_from_proto,
-            run_layer_analysis,
-        )
+        from linlens.server.inprocess import InProcessClient
     except ImportError as error:
-        raise SystemExit(
-            f"in-process explanations need the server extra (pip install 'linlens[server]'): {error}; "
-            "or pass --server HOST:PORT"
+        raise CommandError(
+            f"running in-process needs the server extra (pip install 'linlens[server]'): {error}; "
+            f"or pass --server HOST:PORT (or set {SERVER_ENV}) to use a running server"
         ) from None
+    model = args.model or IN_PROCESS_DEFAULT_MODEL
     if sys.stderr.isatty():
-        sys.stderr.write(f"loading {args.model or 'smollm2-135m'} ...\n")
-    loaded = load_model(args.model or "smollm2-135m")
-    config = ServerConfig()
+        _say(f"loading {model} in this process (pass --server HOST:PORT to use a running server) ...")
+    return InProcessClient(model, on_progress=_progress if sys.stderr.isatty() else None, timeout=args.timeout)
+
+
+def _remote(args: argparse.Namespace, target: str) -> Backend:
+    metadata = []
+    for header in args.header or ():
+        key, sep, value = header.partition("=")
+        if not sep:
+            raise CommandError(f"--header {header!r}: use KEY=VALUE")
+        metadata.append((key.strip(), value.strip()))
+    root = Path(args.ca_cert).read_bytes() if args.ca_cert else None
+    client = Client(target, timeout=args.timeout, tls=args.tls, root_certificates=root, metadata=metadata)
+    noticed = False
+
+    def notice(info: ModelInfo) -> None:
+        nonlocal noticed
+        if not noticed:
+            detail = f": {info.state_detail}" if info.state_detail else ""
+            _say(f"linlens: waiting for model {info.name!r} on {target} to finish {info.state.value}{detail} ...")
+            noticed = True
+
     try:
-        ids = encode_input(loaded, _input(args), config)
-        engine_options = explain_options_from_proto(options, loaded, config)
-        layer_options = layer_options_from_proto(options, loaded, config)
-    except RpcFailure as failure:  # the same checks the server applies, reported the same way
-        raise SystemExit(f"linlens: {failure.code.name}: {failure.message}") from None
-    progress = _progress if sys.stderr.isatty() else None
-    explanation = loaded.explainer.explain(ids, engine_options, on_progress=progress)
-    response = pb.ExplainResponse(
-        model=loaded.name,
-        explanation=explanation_proto(explanation, 0),
-        prompt_text=loaded.tokenizer.decode(ids),
-    )
-    if layer_options is not None:
-        analysis = run_layer_analysis(loaded, ids, engine_options, layer_options, 0, on_progress=progress)
-        response.layer_attributions.CopyFrom(analysis.attributions)
-        response.layers.extend(analysis.layers)
-    return response
+        client.wait_until_ready(
+            args.timeout, model=args.model or None, connect_timeout=min(CONNECT_TIMEOUT, args.timeout), on_wait=notice
+        )
+    except ServerUnreachableError as error:
+        client.close()
+        raise CommandError(
+            f"{error.details}. Start one with `linlens serve` (or `bash scripts/demo.sh`), or leave out --server "
+            f"(and {SERVER_ENV}) to run the model in this process"
+        ) from None
+    except LinlensError:
+        client.close()
+        raise
+    return client
 
 
-def cmd_explain(args: argparse.Namespace) -> int:
+# --- options from flags ------------------------------------------------------------------------------------------
+
+
+def _input(args: argparse.Namespace) -> dict[str, Any]:
+    """The input keyword arguments: prompt text, --token-ids or --chat."""
+    if args.token_ids:
+        return {"token_ids": [int(t) for t in args.token_ids.split(",")]}
+    if args.chat:
+        return {"messages": [("user", args.prompt)]}
+    return {"prompt": args.prompt}
+
+
+def _explain_options(args: argparse.Namespace, steps: Any = "first") -> ExplainOptions:
+    targets = [AttributionTarget(int(t)) for t in args.target or ()]
+    for pair in args.contrast or ():
+        a, _, b = pair.partition(":")
+        targets.append(AttributionTarget(int(a), int(b)))
+    layers = None
+    if args.layers:
+        layer_fields: dict[str, Any] = {
+            "up_to_layer": not args.no_up_to_layer,
+            "layer_alone": args.layer_alone,
+            "component_spectra": args.component_spectra,
+        }
+        if args.layer_top_k is not None:
+            layer_fields["top_k"] = args.layer_top_k
+        if args.layer_tokens_per_vector is not None:
+            layer_fields["tokens_per_vector"] = args.layer_tokens_per_vector
+        layers = LayerAnalysisOptions.parse(args.layers, **layer_fields)
+    fields: dict[str, Any] = {
+        "steps": steps,
+        "positions": PositionSelection(args.positions),
+        "targets": tuple(targets),
+        "include_jacobians": args.include_jacobians,
+        "precision": Precision(args.precision),
+        "ordinary_contrast": args.ordinary,
+        "gate_mode": GateMode(args.gate_mode),
+        "layers": layers,
+    }
+    if args.top_k is not None:
+        fields["top_k"] = args.top_k
+    if args.tokens_per_vector is not None:
+        fields["tokens_per_vector"] = args.tokens_per_vector
+    return ExplainOptions(**fields)
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(to_jsonable(value), indent=2, ensure_ascii=False))
+
+
+# --- commands ----------------------------------------------------------------------------------------------------
+
+
+Connect = Callable[[], Backend]
+
+
+def cmd_explain(args: argparse.Namespace, connect: Connect) -> int:
     options = _explain_options(args)
-    if args.server:
-        request = pb.ExplainRequest(model=args.model or "", input=_input(args), options=options)
-        response = _stub(args.server).Explain(request, timeout=args.timeout)
-    else:
-        response = _explain_in_process(args, options)
+    with contextlib.closing(connect()) as backend:
+        result = backend.explain(model=args.model or None, options=options, **_input(args))
     if args.json:
-        _print_json(response)
+        _print_json(result)
     else:
-        result = explain_result_from_proto(response)
         print(f"model: {result.model}")
-        print(explanation_text(result.explanation))
-        if result.layer_attributions is not None or result.layers:
-            print()
-            print(layers_text(result.layer_attributions, result.layers))
+        print(explanation_report(result.explanation))
     return 0
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    sampling = build_sampling(
+def cmd_generate(args: argparse.Namespace, connect: Connect) -> int:
+    steps: Any = args.explain_steps
+    if steps not in ("first", "all"):
+        steps = tuple(int(s) for s in steps.split(","))
+    # --layers implies --explain: the layer analysis belongs to the explained steps
+    explain = _explain_options(args, steps) if args.explain or args.layers else None
+    request: dict[str, Any] = dict(
+        model=args.model or None,
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_p=args.top_p,
         top_k=args.sample_top_k,
         seed=args.seed,
         stop=args.stop,
+        explain=explain,
+        **_input(args),
     )
-    # --layers implies --explain: the layer analysis belongs to the explained steps
-    explain = _explain_options(args, steps=args.explain_steps) if args.explain or args.layers else None
-    stub = _stub(args.server or os.environ.get("LINLENS_SERVER", DEFAULT_SERVER))
-    fields: dict[str, Any] = dict(model=args.model or "", input=_input(args), sampling=sampling)
-    if explain is not None:
-        fields["explain"] = explain
-    if args.json:
-        _print_json(stub.Generate(pb.GenerateRequest(**fields), timeout=args.timeout))
-        return 0
-    if args.no_stream:
-        print(generation_text(generation_from_proto(stub.Generate(pb.GenerateRequest(**fields), timeout=args.timeout))))
-        return 0
-    # Stream: print each token as soon as the server has it, then the explanations.
-    explanations = []
-    layer_events: dict[int, pb.ExplainResponse] = {}  # per step: the layer analysis, in ExplainResponse's fields
-    for event in stub.GenerateStream(pb.GenerateStreamRequest(**fields), timeout=args.timeout):
-        kind = event.WhichOneof("event")
-        if kind == "token":
-            sys.stdout.write(event.token.text)
-            sys.stdout.flush()
-        elif kind == "explanation":
-            explanations.append(event.explanation)
-        elif kind == "layer_attributions":
-            layer_events.setdefault(event.layer_attributions.step, pb.ExplainResponse()).layer_attributions.CopyFrom(
-                event.layer_attributions
-            )
-        elif kind == "layer":
-            layer_events.setdefault(event.layer.step, pb.ExplainResponse()).layers.append(event.layer)
-        elif kind == "done":
-            reason = pb.FinishReason.Name(event.done.finish_reason).removeprefix("FINISH_REASON_").lower()
-            print(f"\n\nfinish: {reason}")
-    for message in explanations:
-        response = pb.ExplainResponse(explanation=message)
-        if message.step in layer_events:
-            response.MergeFrom(layer_events[message.step])
-        result = explain_result_from_proto(response)
-        print(f"\n--- explanation of generated step {message.step} ---")
-        print(explanation_text(result.explanation))
-        if result.layer_attributions is not None or result.layers:
-            print()
-            print(layers_text(result.layer_attributions, result.layers))
+    with contextlib.closing(connect()) as backend:
+        if args.json or args.no_stream:
+            result = backend.generate(**request)
+            _print_json(result) if args.json else print(generation_text(result))
+            return 0
+        # Stream: print each token as soon as it exists; explanations (with their layers) once the stream is over.
+        assembler = StreamAssembler()
+        for event in backend.generate_stream(**request):
+            assembler.add(event)
+            _show(event)
+    print(explanations_text(assembler.explanations))
     return 0
 
 
-def cmd_models(args: argparse.Namespace) -> int:
-    response = _stub(args.server or os.environ.get("LINLENS_SERVER", DEFAULT_SERVER)).ListModels(
-        pb.ListModelsRequest(), timeout=args.timeout
-    )
+def _show(event: StreamEvent) -> None:
+    if isinstance(event, GeneratedToken):
+        sys.stdout.write(event.text)
+        sys.stdout.flush()
+    elif isinstance(event, GenerationDone):
+        print(f"\n\n{finish_text(event)}")
+    elif isinstance(event, Explanation):
+        _say(f"(explained step {event.step})")
+
+
+def cmd_models(args: argparse.Namespace, connect: Connect) -> int:
+    with contextlib.closing(connect()) as backend:
+        models = backend.list_models()
     if args.json:
-        _print_json(response)
+        _print_json(models)
     else:
-        print(models_text([model_info_from_proto(m) for m in response.models]))
+        print(models_text(models))
     return 0
 
 
@@ -248,27 +277,47 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(config)
 
 
+# --- the parser --------------------------------------------------------------------------------------------------
+
+
+def _add_connection(parser: argparse.ArgumentParser, timeout: float) -> None:
+    group = parser.add_argument_group("where it runs")
+    group.add_argument(
+        "--server",
+        default=None,
+        metavar="HOST:PORT",
+        help=f"use a running server (default: ${SERVER_ENV}); without it, the model runs in this process",
+    )
+    group.add_argument(
+        "--model", default="", help=f"model name (default: the server's default; in-process {IN_PROCESS_DEFAULT_MODEL})"
+    )
+    group.add_argument(
+        "--timeout", type=float, default=timeout, help="deadline in seconds, waiting for a model included"
+    )
+    group.add_argument("--tls", action="store_true", help="connect with TLS (system root certificates)")
+    group.add_argument("--ca-cert", metavar="FILE", help="PEM root certificates for TLS (implies --tls)")
+    group.add_argument("--header", action="append", metavar="KEY=VALUE", help="metadata sent with each call")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
 def _add_input(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompt", nargs="?", default="", help="prompt text")
     parser.add_argument("--token-ids", help="comma-separated token ids instead of a prompt")
     parser.add_argument("--chat", action="store_true", help="send the prompt as one user turn of a chat")
-    parser.add_argument("--model", default="", help="model name (default: the server's default / smollm2-135m)")
-    parser.add_argument("--json", action="store_true", help="print the response message as JSON (proto field names)")
-    parser.add_argument("--timeout", type=float, default=600.0, help="deadline in seconds")
 
 
 def _add_explain(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--top-k", type=int, default=None, help="singular components per position (0: attributions only)"
+        "--top-k", type=int, default=None, help="singular components per position (0: attributions only; default 3)"
     )
     parser.add_argument("--tokens-per-vector", type=int, default=None, help="tokens each singular vector decodes to")
     parser.add_argument("--positions", choices=["last", "all"], default="last")
     parser.add_argument("--target", action="append", metavar="TOKEN_ID", help="extra attribution target")
     parser.add_argument("--contrast", action="append", metavar="A:B", help="attribute logit(A) - logit(B)")
     parser.add_argument("--include-jacobians", action="store_true", help="return the per-token Jacobians")
-    parser.add_argument("--precision", choices=["float32", "float64", "bfloat16"], default="float32")
+    parser.add_argument("--precision", choices=[p.value for p in Precision], default="float32")
     parser.add_argument("--ordinary", action="store_true", help="contrast with the ordinary (not detached) Jacobian")
-    parser.add_argument("--gate-mode", choices=["freeze_gate", "freeze_up"], default="freeze_gate")
+    parser.add_argument("--gate-mode", choices=[g.value for g in GateMode], default="freeze_gate")
     layers = parser.add_argument_group(
         "layer by layer",
         "--layers adds the layers x tokens attribution matrix (cheap) and, per selected layer, the up-to-layer "
@@ -300,13 +349,13 @@ def build_parser() -> argparse.ArgumentParser:
     explain = commands.add_parser("explain", help="explain the next-token prediction for a prompt")
     _add_input(explain)
     _add_explain(explain)
-    explain.add_argument("--server", default=None, help="HOST:PORT of a server; without it, run in-process")
-    explain.set_defaults(handler=cmd_explain)
+    _add_connection(explain, 600.0)
+    explain.set_defaults(command_handler=cmd_explain)
 
-    generate = commands.add_parser("generate", help="generate text through a server, optionally explained")
+    generate = commands.add_parser("generate", help="generate text, optionally explained")
     _add_input(generate)
     _add_explain(generate)
-    generate.add_argument("--server", default=None, help=f"HOST:PORT (default: $LINLENS_SERVER or {DEFAULT_SERVER})")
+    _add_connection(generate, 600.0)
     generate.add_argument("--max-new-tokens", type=int, default=None)
     generate.add_argument("--temperature", type=float, default=None, help="0 or unset: greedy")
     generate.add_argument("--top-p", type=float, default=None)
@@ -316,27 +365,34 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--explain", action="store_true", help="explain generated steps")
     generate.add_argument("--explain-steps", default="first", help='"first", "all" or comma-separated step indices')
     generate.add_argument("--no-stream", action="store_true", help="one response at the end instead of streaming")
-    generate.set_defaults(handler=cmd_generate)
+    generate.set_defaults(command_handler=cmd_generate)
 
-    models = commands.add_parser("models", help="list the models a server has loaded")
-    models.add_argument("--server", default=None)
-    models.add_argument("--json", action="store_true")
-    models.add_argument("--timeout", type=float, default=30.0)
-    models.set_defaults(handler=cmd_models)
+    models = commands.add_parser("models", help="list the models (a server's, or the one loaded in-process)")
+    _add_connection(models, 30.0)
+    models.set_defaults(command_handler=cmd_models)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "explain_steps", None) not in (None, "first", "all"):
-        args.explain_steps = [int(s) for s in args.explain_steps.split(",")]
-    if getattr(args, "command", "") in ("explain", "generate") and not (args.prompt or args.token_ids):
+    if args.command == "serve":
+        return int(args.handler(args))
+    if args.command in ("explain", "generate") and not (args.prompt or args.token_ids):
         print("linlens: give a prompt or --token-ids", file=sys.stderr)
         return 2
+    if getattr(args, "ca_cert", None):
+        args.tls = True
+    handler: Callable[[argparse.Namespace, Connect], int] = args.command_handler
     try:
-        return int(args.handler(args))
-    except grpc.RpcError as error:
-        print(f"linlens: {error.code().name}: {error.details()}", file=sys.stderr)
+        return handler(args, lambda: open_backend(args))
+    except OptionError as error:
+        print(f"linlens: {error}", file=sys.stderr)
+        return 2
+    except LinlensError as error:
+        print(f"linlens: {error}", file=sys.stderr)
+        return 1
+    except CommandError as error:
+        print(f"linlens: {error}", file=sys.stderr)
         return 1
 
 

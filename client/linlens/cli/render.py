@@ -6,7 +6,15 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from linlens.client import Explanation, Generation, LayerAttributions, LayerResult, LinearMapSpectrum, ModelInfo
+from linlens.contract import (
+    Explanation,
+    Generation,
+    GenerationDone,
+    LayerAttributions,
+    LayerResult,
+    LinearMapSpectrum,
+    ModelInfo,
+)
 
 
 def _bar(value: float, scale: float, width: int = 24) -> str:
@@ -171,23 +179,39 @@ def layers_text(
     return "\n".join(lines)
 
 
+def explanation_report(exp: Explanation) -> str:
+    """The explanation and, when it has one, its layer-by-layer analysis."""
+    text = explanation_text(exp)
+    if exp.layer_attributions is not None or exp.layers:
+        text += "\n\n" + layers_text(exp.layer_attributions, exp.layers)
+    return text
+
+
+def finish_text(result: Generation | GenerationDone) -> str:
+    seed = f", seed {result.seed}" if result.seed is not None else ""
+    return f"finish: {result.finish_reason.value}, tokens: {result.usage.completion_tokens}{seed}"
+
+
+def explanations_text(explanations: Sequence[Explanation]) -> str:
+    return "\n".join(
+        f"\n--- explanation of generated step {exp.step} ---\n{explanation_report(exp)}" for exp in explanations
+    )
+
+
 def generation_text(result: Generation) -> str:
-    lines = [result.text, "", f"finish: {result.finish_reason.value}, tokens: {result.usage.completion_tokens}"]
-    for exp in result.explanations:
-        lines.append("")
-        lines.append(f"--- explanation of generated step {exp.step} ---")
-        lines.append(explanation_text(exp))
-        if exp.layer_attributions is not None or exp.layers:
-            lines.append("")
-            lines.append(layers_text(exp.layer_attributions, exp.layers))
-    return "\n".join(lines)
+    return "\n".join([result.text, "", finish_text(result), explanations_text(result.explanations)]).rstrip()
 
 
 def models_text(models: Sequence[ModelInfo]) -> str:
-    lines = [f"{'name':<16} {'family':<8} {'architecture':<20} {'d':>5} {'layers':>6} {'vocab':>7} dtype   device"]
+    lines = [
+        f"{'name':<16} {'state':<8} {'family':<8} {'architecture':<20} {'d':>5} {'layers':>6} {'vocab':>7} "
+        "dtype   device"
+    ]
     for m in models:
         lines.append(
-            f"{m.name:<16} {m.family:<8} {m.architecture:<20} {m.hidden_size:>5} {m.num_layers:>6} {m.vocab_size:>7} "
-            f"{m.dtype:<7} {m.device}{'  (default)' if m.is_default else ''}"
+            f"{m.name:<16} {m.state.value:<8} {m.family:<8} {m.architecture:<20} {m.hidden_size:>5} {m.num_layers:>6} "
+            f"{m.vocab_size:>7} {m.dtype:<7} {m.device}{'  (default)' if m.is_default else ''}"
         )
+        if m.state_detail:
+            lines.append(f"{'':<16} {m.state_detail}")
     return "\n".join(lines)
