@@ -81,16 +81,17 @@ def measure(function: Callable[[], Any], *, memory: bool = True) -> tuple[float,
 def layer_costs(explainer: Any, ids: list[int], repeats: int) -> str:
     """(c) What the layer analysis costs: the layers x tokens matrix from one batched VJP with 2L seeds, against 2L
     separate VJPs (one per block), and one layer's up-to-layer Jacobian (d VJPs) against the full final Jacobian."""
-    from linlens.engine import LayerOptions
+    from linlens.engine import LayerAnalysisOptions
 
     options = ExplainOptions(top_k=0)
     count = explainer.num_layers
 
     def matrix() -> Any:
-        return next(iter(explainer.explain_layers(ids, options, LayerOptions(up_to_layer=False))))
+        return explainer.explain(ids, ExplainOptions(top_k=0, layers=LayerAnalysisOptions(up_to_layer=False)))
 
     def one_layer() -> Any:
-        return list(explainer.explain_layers(ids, options, LayerOptions(layers=(count - 1,), top_k=3)))
+        one = LayerAnalysisOptions(layers=(count - 1,), top_k=3)
+        return explainer.explain(ids, ExplainOptions(top_k=0, layers=one))
 
     def final_jacobian() -> Any:
         return explainer.explain(ids, ExplainOptions(top_k=3))
@@ -157,7 +158,7 @@ def main() -> None:
         x = x0.clone().requires_grad_(True)
         with torch.enable_grad():
             y = detached(x)
-            return jac.full_jacobian(y, x, chunk=explainer._chunk(n, torch.float32))
+            return jac.full_jacobian(y, x, chunk=explainer.context.vjp_chunk(n, torch.float32))
 
     def paper_jacobian() -> torch.Tensor:
         return torch.autograd.functional.jacobian(detached, x0.clone(), vectorize=True, strategy="reverse-mode")

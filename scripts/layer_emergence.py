@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from linlens.engine import ExplainOptions, LayerAttributions, LayerOptions, LayerResult
+from linlens.engine import ExplainOptions, LayerAnalysisOptions, LayerAttributions, LayerResult
 from linlens.models import load_model
 
 PROMPT = "The bridge out of Marin is the"
@@ -29,11 +29,10 @@ def main() -> None:
     loaded = load_model(args.model)
     ids = [int(t) for t in loaded.tokenizer(args.prompt)["input_ids"]]
     started = time.perf_counter()
-    events = list(
-        loaded.explainer.explain_layers(ids, ExplainOptions(), LayerOptions(top_k=1, tokens_per_vector=args.tokens))
-    )
+    layers = LayerAnalysisOptions(top_k=1, tokens_per_vector=args.tokens)
+    explanation = loaded.explainer.explain(ids, ExplainOptions(top_k=0, layers=layers))
     seconds = time.perf_counter() - started
-    summary = events[0]
+    summary = explanation.layer_attributions
     assert isinstance(summary, LayerAttributions)
     target = summary.explained.text
     rows = [
@@ -48,7 +47,7 @@ def main() -> None:
     ]
     first = None
     present: list[int] = []
-    for event in events[1:]:
+    for event in explanation.layers:
         assert isinstance(event, LayerResult) and event.up_to_layer is not None
         tokens = [t.text for t in event.up_to_layer.components[0].left_tokens]
         if target in tokens:

@@ -1,4 +1,4 @@
-"""Unit tests of the client SDK: message conversion, error mapping, retries, streaming and health.
+"""Unit tests of the client SDK and the contract: message conversion, error mapping, retries, streaming, health.
 
 No model is involved. The transport tests run a real gRPC server in-process on a free localhost port with a small
 scripted LinlensService (the request says which status to abort with, how often to fail first, ...), so the client is
@@ -31,6 +31,7 @@ from linlens.client import (
     DeadlineExceededError,
     ExplainOptions,
     Explanation,
+    FailedPreconditionError,
     FinishReason,
     GateMode,
     GeneratedToken,
@@ -43,32 +44,36 @@ from linlens.client import (
     LayerResult,
     LinearMapSpectrum,
     LinlensError,
+    ModelInfo,
+    ModelState,
     NotFoundError,
+    OptionError,
     PositionSelection,
     Precision,
     ResourceExhaustedError,
     RetryPolicy,
+    ServerUnreachableError,
     Timings,
     UnavailableError,
     Usage,
-    array_from_tensor,
     collect_stream,
-    tensor_from_array,
     to_jsonable,
 )
-from linlens.client._base import decode_health_response, encode_health_request
-from linlens.client.convert import (
-    build_input,
-    build_sampling,
+from linlens.client.health import decode_health_response, encode_health_request
+from linlens.contract import TensorDecodeError, array_from_tensor, tensor_from_array
+from linlens.contract.requests import build_input, build_sampling
+from linlens.contract.wire import (
+    explain_options_from_proto,
     explain_options_to_proto,
     explain_result_from_proto,
     explanation_from_proto,
+    explanation_to_proto,
     generation_from_proto,
     layer_attributions_from_proto,
+    layer_options_from_proto,
     layer_result_from_proto,
     stream_event_from_proto,
 )
-from linlens.client.tensors import TensorDecodeError
 from linlens.v1 import linlens_pb2 as pb
 from linlens.v1 import linlens_pb2_grpc as pb_grpc
 
@@ -301,11 +306,15 @@ def test_generation_and_stream_events_convert() -> None:
 def test_explain_options_map_to_the_message() -> None:
     default = explain_options_to_proto(ExplainOptions())
     assert default.steps == pb.EXPLAIN_STEPS_FIRST
-    # Unset optionals stay unset so that the server's defaults apply.
-    for name in ("top_k", "tokens_per_vector", "explained_token_id", "vjp_chunk_size"):
+    # The defaults have one home, the dataclass: the SDK sends them explicitly, and a bare message (another
+    # language's client leaving fields unset) decodes to the very same options.
+    assert default.HasField("top_k") and default.top_k == 3 and default.tokens_per_vector == 8
+    for name in ("explained_token_id", "vjp_chunk_size"):
         assert not default.HasField(name)
     assert default.precision == pb.PRECISION_FLOAT32 and default.gate_mode == pb.GATE_MODE_FREEZE_GATE
     assert default.positions == pb.POSITION_SELECTION_LAST
+    assert explain_options_from_proto(pb.ExplainOptions()) == ExplainOptions()
+    assert explain_options_from_proto(default) == ExplainOptions()
 
     options = ExplainOptions(
         steps=[0, 3],
@@ -335,28 +344,72 @@ def test_explain_options_map_to_the_message() -> None:
     assert message.precision == pb.PRECISION_FLOAT64 and message.gate_mode == pb.GATE_MODE_FREEZE_UP
     assert message.explained_token_id == 42 and message.vjp_chunk_size == 64
     assert explain_options_to_proto(ExplainOptions(steps="all")).steps == pb.EXPLAIN_STEPS_ALL
+    # Both directions are one mapping: through the wire and back, the options are unchanged.
+    assert explain_options_from_proto(pb.ExplainOptions.FromString(message.SerializeToString())) == options
+    layered = ExplainOptions(steps="all", layers=LayerAnalysisOptions(every=4, layer_alone=True, top_k=1))
+    assert explain_options_from_proto(explain_options_to_proto(layered)) == layered
+
+
+def test_the_proto_documents_the_dataclass_defaults() -> None:
+    """The proto's comments state the defaults of unset fields; they must be the dataclasses' own."""
+    from pathlib import Path
+
+    proto = (Path(__file__).resolve().parents[1] / "protos/linlens/v1/linlens.proto").read_text()
+    explain, layers = proto.split("message ExplainOptions {")[1], proto.split("message LayerAnalysisOptions {")[1]
+    assert f"Unset means {ExplainOptions().top_k}." in explain.split("optional uint32 top_k")[0]
+    assert f"Unset means {ExplainOptions().tokens_per_vector}." in explain.split("optional uint32 tokens_per_vector")[0]
+    assert f"Unset means {LayerAnalysisOptions().top_k};" in layers.split("optional uint32 top_k")[0]
+    assert f"Unset means {LayerAnalysisOptions().tokens_per_vector}." in layers.split("optional uint32 tokens_per")[0]
+    assert layer_options_from_proto(pb.LayerAnalysisOptions()) == LayerAnalysisOptions()
+
+
+def test_unknown_enum_values_on_the_wire_name_the_field() -> None:
+    with pytest.raises(OptionError, match="precision 7 is not a known Precision value"):
+        explain_options_from_proto(pb.ExplainOptions(precision=7))  # type: ignore[arg-type]
+    with pytest.raises(OptionError, match="steps 9 is not a known ExplainSteps value"):
+        explain_options_from_proto(pb.ExplainOptions(steps=9))  # type: ignore[arg-type]
+    with pytest.raises(OptionError, match="step_indices is empty"):
+        explain_options_from_proto(pb.ExplainOptions(steps=pb.EXPLAIN_STEPS_LIST))
+    with pytest.raises(OptionError, match=r"layers\.every cannot be combined"):
+        explain_options_from_proto(pb.ExplainOptions(layers=pb.LayerAnalysisOptions(layers=[1], every=2)))
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "error"),
+    ("kwargs", "message"),
     [
-        ({"steps": "some"}, ValueError),
-        ({"steps": [-1]}, ValueError),
-        ({"top_k": -1}, ValueError),
-        ({"targets": ["x"]}, TypeError),
-        ({"precision": "float16"}, ValueError),
+        ({"steps": "some"}, "step_indices must be 'all'/'first' or a sequence"),
+        ({"steps": [-1]}, r"step_indices holds negative step indices \[-1\]"),
+        ({"steps": [1, 1]}, "step_indices names a step more than once"),
+        ({"steps": []}, "step_indices is empty"),
+        ({"top_k": -1}, "top_k must be at least 0, got -1"),
+        ({"tokens_per_vector": 0}, "tokens_per_vector must be at least 1, got 0"),
+        ({"vjp_chunk_size": 0}, "vjp_chunk_size must be at least 1, got 0"),
+        ({"explained_token_id": -2}, "explained_token_id must be a token id"),
+        ({"targets": [5, "x"]}, r"targets\[1\] cannot be used as an attribution target: 'x'"),
+        ({"targets": [(-1, 2)]}, r"targets\[0\].token_id must be a token id \(>= 0\), got -1"),
+        ({"precision": "float16"}, "precision must be one of float32, float64, bfloat16"),
+        ({"gate_mode": "freeze_all"}, "gate_mode must be one of"),
     ],
 )
-def test_bad_explain_options_fail_locally(kwargs: dict[str, Any], error: type[Exception]) -> None:
-    with pytest.raises(error):
+def test_bad_explain_options_fail_locally(kwargs: dict[str, Any], message: str) -> None:
+    """The options' own rules: one home (the dataclass), the same code on the client and the server."""
+    with pytest.raises(OptionError, match=message):
         ExplainOptions(**kwargs)
+
+
+def test_explained_steps_must_be_reachable() -> None:
+    assert ExplainOptions().explained_steps(4) == (0,)
+    assert ExplainOptions(steps="all").explained_steps(4) is None
+    assert ExplainOptions(steps=(3, 0)).explained_steps(4) == (0, 3)
+    with pytest.raises(OptionError, match=r"step_indices names step\(s\) \[1000000\].*max_new_tokens 2"):
+        ExplainOptions(steps=(0, 1_000_000)).explained_steps(2)
 
 
 def test_layer_options_map_to_the_message() -> None:
     every = explain_options_to_proto(ExplainOptions(layers=LayerAnalysisOptions.parse("every:5")))
     assert every.HasField("layers") and every.layers.every == 5 and not every.layers.layers
     assert every.layers.up_to_layer and every.layers.HasField("up_to_layer")
-    assert not every.layers.HasField("top_k") and not every.layers.HasField("tokens_per_vector")
+    assert every.layers.top_k == 3 and every.layers.tokens_per_vector == 8
     assert not explain_options_to_proto(ExplainOptions()).HasField("layers")
     everything = explain_options_to_proto(ExplainOptions(layers=LayerAnalysisOptions())).layers
     assert not everything.layers and everything.every == 0
@@ -372,22 +425,33 @@ def test_layer_options_map_to_the_message() -> None:
 
 
 @pytest.mark.parametrize(
-    ("make", "error"),
+    ("make", "message"),
     [
-        (lambda: LayerAnalysisOptions(layers=(3,), every=2), ValueError),
-        (lambda: LayerAnalysisOptions(layers=(-1,)), ValueError),
-        (lambda: LayerAnalysisOptions(layers=()), ValueError),
-        (lambda: LayerAnalysisOptions(layers="some"), ValueError),  # type: ignore[arg-type]
-        (lambda: LayerAnalysisOptions(every=0), ValueError),
-        (lambda: LayerAnalysisOptions(top_k=-1), ValueError),
-        (lambda: LayerAnalysisOptions.parse("every:x"), ValueError),
-        (lambda: LayerAnalysisOptions.parse("1,two"), ValueError),
-        (lambda: ExplainOptions(layers=True), TypeError),  # type: ignore[arg-type]
+        (lambda: LayerAnalysisOptions(layers=(3,), every=2), "every cannot be combined with explicit layers"),
+        (lambda: LayerAnalysisOptions(layers=(-1,)), "layers holds negative layer indices"),
+        (lambda: LayerAnalysisOptions(layers=(2, 2)), "layers names a layer more than once"),
+        (lambda: LayerAnalysisOptions(layers=()), "layers is empty"),
+        (lambda: LayerAnalysisOptions(layers="some"), "layers must be"),  # type: ignore[arg-type]
+        (lambda: LayerAnalysisOptions(every=0), "every must be at least 1"),
+        (lambda: LayerAnalysisOptions(top_k=-1), "top_k must be at least 0"),
+        (lambda: LayerAnalysisOptions.parse("every:x"), "every:K needs an integer"),
+        (lambda: LayerAnalysisOptions.parse("1,two"), "comma-separated layer indices"),
+        (lambda: ExplainOptions(layers=True), "layers must be LayerAnalysisOptions"),  # type: ignore[arg-type]
     ],
 )
-def test_bad_layer_options_fail_locally(make: Any, error: type[Exception]) -> None:
-    with pytest.raises(error):
+def test_bad_layer_options_fail_locally(make: Any, message: str) -> None:
+    with pytest.raises(OptionError, match=message):
         make()
+
+
+def test_layer_selection_needs_the_model_size() -> None:
+    assert LayerAnalysisOptions().selected(3) == (0, 1, 2)
+    assert LayerAnalysisOptions(every=10).selected(30) == (0, 10, 20, 29)
+    assert LayerAnalysisOptions(layers=(5, 1)).selected(6) == (5, 1)
+    with pytest.raises(OptionError, match=r"names layer\(s\) \[6\], but the model has layers 0..5"):
+        LayerAnalysisOptions(layers=(6,)).selected(6)
+    assert LayerAnalysisOptions(up_to_layer=False).vjps_per_layer(64) == 0
+    assert LayerAnalysisOptions(layer_alone=True, component_spectra=True).vjps_per_layer(64) == 3 * 64
 
 
 def _linear_map(d: int, error: float) -> pb.LinearMapSpectrum:
@@ -463,20 +527,19 @@ def test_layer_messages_convert_to_arrays_and_dataclasses() -> None:
     second = stream_event_from_proto(pb.GenerateStreamResponse(layer=result_messages[1]))
     assert isinstance(second, LayerResult) and second.up_to_layer is None and second.layer_alone is None
 
-    # Explain carries the analysis beside the explanation; the client attaches it to the explanation.
-    response = pb.ExplainResponse(model="m", explanation=sample_explanation(), layer_attributions=summary_message)
-    response.layers.extend(result_messages)
-    result = explain_result_from_proto(response)
+    # Explain and Generate carry the analysis in one place: inside the Explanation.
+    message = sample_explanation(step=1)
+    message.layer_attributions.CopyFrom(summary_message)
+    message.layers.extend(result_messages)
+    result = explain_result_from_proto(pb.ExplainResponse(model="m", explanation=message))
     assert result.layer_attributions is result.explanation.layer_attributions is not None
     assert [r.layer for r in result.layers] == [1, 0] == [r.layer for r in result.explanation.layers]
     plain = explain_result_from_proto(pb.ExplainResponse(explanation=sample_explanation()))
     assert plain.layer_attributions is None and plain.layers == ()
-    # Generate carries it inside each Explanation.
-    message = sample_explanation(step=1)
-    message.layer_attributions.CopyFrom(summary_message)
-    message.layers.extend(result_messages)
     exp = explanation_from_proto(message)
     assert exp.layer_attributions is not None and len(exp.layers) == 2
+    # And back: the server's encoding of the same dataclass is the message it came from.
+    assert explanation_to_proto(exp) == message
     data = json.loads(json.dumps(to_jsonable(exp)))
     assert data["layer_attributions"]["per_layer"] == [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]
     assert data["layers"][0]["attention"]["component"] == "attention"
@@ -517,17 +580,21 @@ def test_inputs_need_exactly_one_form() -> None:
         build_input(messages=[{"content": "no role"}])
 
 
-def test_sampling_defaults_and_validation() -> None:
-    default = build_sampling()
+def test_sampling_defaults_and_wire_checks() -> None:
+    default = build_sampling({})
     assert not default.HasField("max_new_tokens") and not default.HasField("seed")
     assert default.temperature == 0.0
-    sampling = build_sampling(max_new_tokens=4, temperature=0.7, top_p=0.9, top_k=40, seed=0, stop="\n")
+    sampling = build_sampling(
+        {"max_new_tokens": 4, "temperature": 0.7, "top_p": 0.9, "top_k": 40, "seed": 0, "stop": "\n"}
+    )
     assert sampling.max_new_tokens == 4 and sampling.HasField("seed") and sampling.seed == 0
     assert list(sampling.stop_sequences) == ["\n"]
-    assert list(build_sampling(stop=["a", "b"]).stop_sequences) == ["a", "b"]
-    for bad in ({"max_new_tokens": 0}, {"temperature": -1.0}, {"top_p": 1.5}, {"top_k": -2}, {"stop": [""]}):
-        with pytest.raises(ValueError):
-            build_sampling(**bad)
+    assert list(build_sampling({"stop": ["a", "b"]}).stop_sequences) == ["a", "b"]
+    # Value rules (a temperature, a top_p) are the server's; only what cannot go on the wire fails here.
+    assert build_sampling({"temperature": -1.0}).temperature == -1.0
+    for bad in ({"max_new_tokens": -1}, {"top_k": -2}, {"seed": -3}):
+        with pytest.raises(ValueError, match="must be >= 0"):
+            build_sampling(bad)  # type: ignore[arg-type]
 
 
 def test_health_wire_encoding_matches_grpc_health() -> None:
@@ -558,6 +625,7 @@ class ScriptedService(pb_grpc.LinlensServiceServicer):
         self.lock = threading.Lock()
         self.cancelled = threading.Event()
         self.last_generate: pb.GenerateRequest | None = None
+        self.health: Any = None
 
     def _count(self, key: str) -> int:
         with self.lock:
@@ -578,7 +646,30 @@ class ScriptedService(pb_grpc.LinlensServiceServicer):
         if kind == "echo-metadata":
             pairs = sorted(f"{k}={v}" for k, v in context.invocation_metadata() if k.startswith("x-"))
             return pb.GetModelResponse(model=pb.ModelInfo(name=request.name, source=",".join(pairs)))
-        return pb.GetModelResponse(model=pb.ModelInfo(name=request.name or "default", is_default=not request.name))
+        if kind == "loads":  # "loads:KEY:N": LOADING for N polls, then READY (and SERVING)
+            key, polls = rest.split(":")
+            if self._count(key) <= int(polls):
+                return pb.GetModelResponse(
+                    model=pb.ModelInfo(
+                        name=key, state=pb.MODEL_STATE_LOADING, state_detail=f"phase {self.attempts[key]}"
+                    )
+                )
+            if self.health is not None:
+                self.health.set(key, SERVING)
+            return pb.GetModelResponse(model=pb.ModelInfo(name=key, loaded=True, state=pb.MODEL_STATE_READY))
+        if kind == "broken":
+            return pb.GetModelResponse(
+                model=pb.ModelInfo(name=request.name, state=pb.MODEL_STATE_FAILED, state_detail="OSError: disk full")
+            )
+        if kind == "stuck":
+            return pb.GetModelResponse(
+                model=pb.ModelInfo(name=request.name, state=pb.MODEL_STATE_LOADING, state_detail="converting (9 s)")
+            )
+        return pb.GetModelResponse(
+            model=pb.ModelInfo(
+                name=request.name or "default", is_default=not request.name, loaded=True, state=pb.MODEL_STATE_READY
+            )
+        )
 
     def ListModels(self, request: pb.ListModelsRequest, context: grpc.ServicerContext) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(
@@ -638,7 +729,7 @@ def scripted() -> Iterator[tuple[str, ScriptedService]]:
     service = ScriptedService()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
     pb_grpc.add_LinlensServiceServicer_to_server(service, server)
-    _add_health_service(server)
+    service.health = _add_health_service(server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     try:
@@ -647,21 +738,26 @@ def scripted() -> Iterator[tuple[str, ScriptedService]]:
         server.stop(grace=None)
 
 
-def _add_health_service(server: grpc.Server) -> None:
+SERVING = 1  # grpc.health.v1.HealthCheckResponse.SERVING
+
+
+def _add_health_service(server: grpc.Server) -> Any:
     """The real grpc.health.v1 servicer, when grpcio-health-checking is installed (the health tests skip if not)."""
     try:
         from grpc_health.v1 import health, health_pb2, health_pb2_grpc
     except ImportError:
-        return
+        return None
     servicer = health.HealthServicer()
     servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    servicer.set("default", health_pb2.HealthCheckResponse.SERVING)
     servicer.set("gemma-3-270m", health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    return servicer
 
 
 ERROR_CLASSES = {
     "INVALID_ARGUMENT": InvalidArgumentError,
-    "FAILED_PRECONDITION": InvalidArgumentError,
+    "FAILED_PRECONDITION": FailedPreconditionError,
     "OUT_OF_RANGE": InvalidArgumentError,
     "NOT_FOUND": NotFoundError,
     "RESOURCE_EXHAUSTED": ResourceExhaustedError,
@@ -841,8 +937,48 @@ def test_unreachable_server_is_unavailable() -> None:
     with Client(f"127.0.0.1:{port}", retry=RetryPolicy(max_attempts=2, initial_backoff=0.01)) as client:
         with pytest.raises(UnavailableError):
             client.list_models(timeout=5)
-        with pytest.raises(UnavailableError):
+        with pytest.raises(ServerUnreachableError, match=f"no linlens server answers at 127.0.0.1:{port}"):
             client.wait_until_ready(timeout=0.2)
+
+
+# -- waiting for a model -------------------------------------------------------------------------------------------
+
+
+def test_wait_until_ready_waits_through_loading(scripted: tuple[str, ScriptedService]) -> None:
+    pytest.importorskip("grpc_health.v1.health")
+    target, service = scripted
+    seen: list[ModelInfo] = []
+    with Client(target) as client:
+        info = client.wait_until_ready(timeout=10, model="loads:m1:3", on_wait=seen.append)
+        assert info.name == "m1" and info.state is ModelState.READY
+        assert client.wait_until_ready(timeout=5).name == "default"  # no name: the server's default model
+    assert service.attempts["m1"] == 4
+    assert [i.state_detail for i in seen] == ["phase 1", "phase 2", "phase 3"]  # each new phase, once
+
+    async def run() -> ModelInfo:
+        async with AsyncClient(target) as client:
+            return await client.wait_until_ready(timeout=10, model="loads:m2:2")
+
+    assert asyncio.run(run()).state is ModelState.READY
+
+
+def test_wait_until_ready_fails_at_once_for_a_broken_model(scripted: tuple[str, ScriptedService]) -> None:
+    target, _ = scripted
+    started = time.monotonic()
+    with (
+        Client(target) as client,
+        pytest.raises(FailedPreconditionError, match=r"failed to load \(OSError: disk full\)"),
+    ):
+        client.wait_until_ready(timeout=30, model="broken:x")
+    assert time.monotonic() - started < 5
+
+
+def test_wait_until_ready_says_what_it_waited_for(scripted: tuple[str, ScriptedService]) -> None:
+    target, _ = scripted
+    with Client(target) as client, pytest.raises(UnavailableError) as caught:
+        client.wait_until_ready(timeout=0.6, model="stuck:y")
+    assert "model 'stuck:y' was not ready after 0.6 s (it was still loading: converting (9 s))" in str(caught.value)
+    assert not isinstance(caught.value, ServerUnreachableError)
 
 
 # -- streaming ----------------------------------------------------------------------------------------------------

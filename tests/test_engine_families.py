@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,6 +17,8 @@ from linlens.engine import (
     ExplainOptions,
     ExplanationCancelled,
     GateMode,
+    LayerAnalysisOptions,
+    OptionError,
     PositionSelection,
     Precision,
     UnsupportedArchitectureError,
@@ -179,20 +182,24 @@ def test_cancellation_stops_the_jacobian(loaded: dict[str, LoadedModel]) -> None
 
 
 @pytest.mark.parametrize(
-    ("ids", "options", "message"),
+    ("ids", "fields", "message"),
     [
-        ([], ExplainOptions(), "empty"),
-        ([5, 10_000], ExplainOptions(), "outside the vocabulary"),
-        ([5, 6], ExplainOptions(top_k=-1), "top_k"),
-        ([5, 6], ExplainOptions(targets=(AttributionTarget(-3),)), "outside the vocabulary"),
-        ([5, 6], ExplainOptions(precision=Precision.BFLOAT16), "accelerator"),
+        ([], {}, "input is empty"),
+        ([5, 10_000], {}, r"input\[1\] = 10000 is not a token id of this model \(valid: 0..95\)"),
+        ([5, 6], {"targets": (AttributionTarget(96),)}, r"targets\[0\].token_id = 96 is not a token id"),
+        ([5, 6], {"explained_token_id": 500}, "explained_token_id = 500 is not a token id"),
+        ([5, 6], {"top_k": 65}, "top_k is 65, above the model's hidden size 64"),
+        ([5, 6], {"precision": Precision.BFLOAT16}, "accelerator"),
+        ([5, 6], {"layers": LayerAnalysisOptions(layers=(3,))}, r"layers.layers names layer\(s\) \[3\].*0..2"),
+        ([5, 6], {"layers": LayerAnalysisOptions(top_k=65)}, "layers.top_k is 65, above the model's hidden size"),
     ],
 )
 def test_bad_input_is_refused_clearly(
-    loaded: dict[str, LoadedModel], ids: list[int], options: ExplainOptions, message: str
+    loaded: dict[str, LoadedModel], ids: list[int], fields: dict[str, Any], message: str
 ) -> None:
-    with pytest.raises(ValueError, match=message):
-        loaded["llama"].explainer.explain(ids, options)
+    """The rules that need the model, each naming the option; the options' own rules are the contract's tests."""
+    with pytest.raises(OptionError, match=message):
+        loaded["llama"].explainer.explain(ids, ExplainOptions(**fields))
 
 
 def test_unsupported_architecture_is_refused(tmp_path: Path) -> None:

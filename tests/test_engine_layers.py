@@ -6,12 +6,17 @@ import numpy as np
 import pytest
 from tiny_models import FAMILIES, SEQUENCE_LENGTH, sample_ids, save_tiny_model
 
-from linlens.engine import ExplainOptions, Precision
-from linlens.engine.results import LayerAttributions, LayerOptions, LayerResult
+from linlens.engine import (
+    ExplainOptions,
+    LayerAnalysisOptions,
+    LayerAttributions,
+    LayerResult,
+    OptionError,
+    Precision,
+)
 from linlens.models import LoadedModel, load_model
 
 EXACT = 1e-10
-FLOAT64 = ExplainOptions(precision=Precision.FLOAT64)
 
 
 @pytest.fixture(scope="module")
@@ -20,18 +25,23 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, LoadedModel]:
     return {family: load_model(str(save_tiny_model(family, root / family))) for family in FAMILIES}
 
 
-def _run(model: LoadedModel, options: LayerOptions) -> tuple[LayerAttributions, list[LayerResult]]:
-    events = list(model.explainer.explain_layers(sample_ids(), FLOAT64, options))
-    summary, results = events[0], events[1:]
+def _run(model: LoadedModel, options: LayerAnalysisOptions) -> tuple[LayerAttributions, list[LayerResult]]:
+    """A float64 explanation with the layer analysis; also checks that the parts came out in streaming order."""
+    events: list[object] = []
+    options_64 = ExplainOptions(top_k=0, precision=Precision.FLOAT64, layers=options)
+    explanation = model.explainer.explain(sample_ids(), options_64, on_event=events.append)
+    summary, results = explanation.layer_attributions, list(explanation.layers)
     assert isinstance(summary, LayerAttributions)
     assert all(isinstance(r, LayerResult) for r in results)
-    return summary, results  # type: ignore[return-value]
+    assert [type(e).__name__ for e in events] == ["Explanation", "LayerAttributions"] + ["LayerResult"] * len(results)
+    assert events[1] is summary and events[2:] == results
+    return summary, results
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_layer_and_block_is_exact(models: dict[str, LoadedModel], family: str) -> None:
     model = models[family]
-    everything = LayerOptions(layer_alone=True, component_spectra=True, top_k=2, tokens_per_vector=4)
+    everything = LayerAnalysisOptions(layer_alone=True, component_spectra=True, top_k=2, tokens_per_vector=4)
     summary, results = _run(model, everything)
     layers = model.num_layers
     assert [r.layer for r in results] == list(range(layers))
@@ -64,19 +74,19 @@ def test_every_layer_and_block_is_exact(models: dict[str, LoadedModel], family: 
 
 def test_selected_layers_only_and_costs(models: dict[str, LoadedModel]) -> None:
     model = models["llama"]
-    summary, results = _run(model, LayerOptions(layers=(2, 0), top_k=1))
+    summary, results = _run(model, LayerAnalysisOptions(layers=(2, 0), top_k=1))
     assert [r.layer for r in results] == [2, 0]
     assert summary.per_layer.shape[0] == model.num_layers  # the matrix always covers every layer
     assert all(r.vjp_count == model.hidden_size for r in results)
     assert all(r.layer_alone is None and r.attention.spectrum is None for r in results)
-    _, cheap = _run(model, LayerOptions(up_to_layer=False, top_k=0))
+    _, cheap = _run(model, LayerAnalysisOptions(up_to_layer=False, top_k=0))
     assert all(r.vjp_count == 0 and r.up_to_layer is None for r in cheap)
 
 
 def test_last_layer_up_to_map_is_the_final_jacobian(models: dict[str, LoadedModel]) -> None:
     """Up to the last layer, the map's top direction decodes like the final J_last (same space, g applied)."""
     model = models["qwen3"]
-    _, results = _run(model, LayerOptions(layers=(model.num_layers - 1,), top_k=1, tokens_per_vector=5))
+    _, results = _run(model, LayerAnalysisOptions(layers=(model.num_layers - 1,), top_k=1, tokens_per_vector=5))
     final = model.explainer.explain(
         sample_ids(), ExplainOptions(top_k=1, tokens_per_vector=5, precision=Precision.FLOAT64)
     )
@@ -87,18 +97,21 @@ def test_last_layer_up_to_map_is_the_final_jacobian(models: dict[str, LoadedMode
     assert up_to.components[0].left_tokens[0].token_id == final.spectra[-1].components[0].left_tokens[0].token_id
 
 
-@pytest.mark.parametrize("bad", [LayerOptions(layers=(99,)), LayerOptions(layers=(1, 1)), LayerOptions(top_k=-1)])
-def test_bad_layer_options_are_refused(models: dict[str, LoadedModel], bad: LayerOptions) -> None:
-    with pytest.raises(ValueError):
-        models["llama"].explainer.explain_layers(sample_ids(), FLOAT64, bad)
+def test_bad_layer_options_are_refused(models: dict[str, LoadedModel]) -> None:
+    with pytest.raises(OptionError, match=r"layers.layers names layer\(s\) \[99\], but the model has layers 0..2"):
+        models["llama"].explainer.explain(sample_ids(), ExplainOptions(layers=LayerAnalysisOptions(layers=(99,))))
+    for structural in ({"layers": (1, 1)}, {"top_k": -1}, {"every": 2, "layers": (1,)}):
+        with pytest.raises(OptionError):
+            LayerAnalysisOptions(**structural)  # type: ignore[arg-type]
 
 
 def test_layer_analysis_on_smollm2(smollm2: LoadedModel) -> None:
     """The real model: the per-layer shares sum to the logit and " only" emerges in the up-to-layer vectors."""
     ids = [int(t) for t in smollm2.tokenizer("The bridge out of Marin is the")["input_ids"]]
     last = smollm2.num_layers - 1
-    events = list(smollm2.explainer.explain_layers(ids, ExplainOptions(), LayerOptions(layers=(last,), top_k=1)))
-    summary, result = events
+    options = ExplainOptions(top_k=0, layers=LayerAnalysisOptions(layers=(last,), top_k=1))
+    explanation = smollm2.explainer.explain(ids, options)
+    summary, (result,) = explanation.layer_attributions, explanation.layers
     assert isinstance(summary, LayerAttributions) and isinstance(result, LayerResult)
     assert summary.explained.text == " only"
     assert summary.completeness_error <= 1e-4 and summary.decomposition_error <= 1e-5

@@ -117,11 +117,23 @@ def test_generate_stream_sends_layer_events_live_and_in_order(target: str) -> No
 @pytest.mark.parametrize(
     ("layers", "steps", "message"),
     [
-        (pb.LayerAnalysisOptions(layers=[30]), None, "has layers 0..29"),
-        (pb.LayerAnalysisOptions(layers=[3, 3]), None, "more than once"),
-        (pb.LayerAnalysisOptions(layers=[1], every=2), None, "not both"),
-        (pb.LayerAnalysisOptions(layers=[1], top_k=9), None, "explain.layers.top_k"),
-        (pb.LayerAnalysisOptions(layers=[1], tokens_per_vector=0), None, "tokens_per_vector"),
+        (
+            pb.LayerAnalysisOptions(layers=[30]),
+            None,
+            "options.layers.layers names layer(s) [30], but the model has layers 0..29",
+        ),
+        (pb.LayerAnalysisOptions(layers=[3, 3]), None, "options.layers.layers names a layer more than once"),
+        (pb.LayerAnalysisOptions(layers=[1], every=2), None, "options.layers.every cannot be combined with explicit"),
+        (
+            pb.LayerAnalysisOptions(layers=[1], top_k=9),
+            None,
+            "options.layers.top_k is 9, above this server's limit of 8",
+        ),
+        (
+            pb.LayerAnalysisOptions(layers=[1], tokens_per_vector=0),
+            None,
+            "options.layers.tokens_per_vector must be at least 1",
+        ),
         # every layer for three steps: 90 layers with Jacobians, above the default max_analyzed_layers of 64
         (pb.LayerAnalysisOptions(), [0, 1, 2], "max_analyzed_layers"),
     ],
@@ -155,7 +167,7 @@ def test_bad_layer_options_are_invalid_argument(
         ),
         timeout=60,
     )
-    assert [r.layer for r in ok.layers] == [0, 10, 20, 29]
+    assert [r.layer for r in ok.explanation.layers] == [0, 10, 20, 29]
 
 
 def test_sdk_rejects_bad_layer_options_like_the_server(target: str) -> None:
@@ -232,7 +244,7 @@ def test_cli_in_process_layers_table() -> None:
     assert heat[32].split()[0] == "dir" and "' Marin'" in heat[33]
 
 
-def test_cli_layers_through_the_server_prints_json_with_proto_names(target: str) -> None:
+def test_cli_layers_through_the_server_prints_json(target: str) -> None:
     completed = subprocess.run(
         [
             sys.executable,
@@ -256,8 +268,11 @@ def test_cli_layers_through_the_server_prints_json_with_proto_names(target: str)
         check=False,
     )
     assert completed.returncode == 0, completed.stderr[-2000:]
-    document = json.loads(completed.stdout)
-    # proto3 JSON leaves out zero values, so layer 0 has no "layer" key
-    assert [entry.get("layer", 0) for entry in document["layers"]] == [0, 10, 20, 29]
-    assert document["layer_attributions"]["per_layer"]["shape"] == [str(LAYERS), "7"]
-    assert document["layers"][0]["attention"]["component"] == "LAYER_COMPONENT_ATTENTION"
+    document = json.loads(completed.stdout)["explanation"]
+    assert [entry["layer"] for entry in document["layers"]] == [0, 10, 20, 29]
+    per_layer = np.array(document["layer_attributions"]["per_layer"])
+    assert per_layer.shape == (LAYERS, 7)
+    assert document["layers"][0]["attention"]["component"] == "attention"
+    # The numbers are the explanation's: the matrix and the direct path sum to the explained logit.
+    total = per_layer.sum() + sum(document["layer_attributions"]["direct"])
+    assert total == pytest.approx(document["layer_attributions"]["logit"], rel=1e-5)

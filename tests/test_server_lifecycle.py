@@ -28,10 +28,13 @@ from linlens.client import (
     Client,
     DeadlineExceededError,
     ExplainOptions,
+    FailedPreconditionError,
     GeneratedToken,
     GenerationDone,
     HealthStatus,
     InvalidArgumentError,
+    ModelInfo,
+    ModelState,
     ResourceExhaustedError,
     UnavailableError,
 )
@@ -286,14 +289,27 @@ def test_unavailable_while_loading_and_for_a_model_that_failed(tmp_path: Path) -
             assert client.health("smollm2-135m") is HealthStatus.NOT_SERVING
             with pytest.raises(UnavailableError, match="still loading"):
                 client.generate(PROMPT, max_new_tokens=1)
-            assert server.wait_until_loaded(240)
+            # The SDK waits for the model it will use (the default one): loaded and SERVING, seeing each phase.
+            phases: list[ModelInfo] = []
+            info = client.wait_until_ready(240, on_wait=phases.append)
+            assert info.name == "smollm2-135m" and info.state is ModelState.READY
+            assert phases and all(p.state is ModelState.LOADING and p.state_detail for p in phases)
             assert client.generate(PROMPT, max_new_tokens=1).text == " only"
             assert client.health("smollm2-135m") is HealthStatus.SERVING
+            # Waiting for the broken model ends as soon as its load fails (or at once if it did already).
+            started = time.monotonic()
+            with pytest.raises(FailedPreconditionError, match="'missing-model' failed to load"):
+                client.wait_until_ready(60, model="missing-model")
+            assert time.monotonic() - started < 30
+            assert server.wait_until_loaded(10)
             assert client.health("missing-model") is HealthStatus.NOT_SERVING
-            assert client.health() is HealthStatus.NOT_SERVING  # not every configured model is there
-            with pytest.raises(UnavailableError, match="failed to load"):
+            # Loading is over and the default model serves: the server is in rotation; the broken model is not.
+            assert client.health() is HealthStatus.SERVING
+            with pytest.raises(FailedPreconditionError, match=r"failed to load .*no GGUF file at"):
                 client.generate(PROMPT, model="missing-model", max_new_tokens=1)
             infos = {m.name: m for m in client.list_models()}
-            assert infos["smollm2-135m"].loaded and not infos["missing-model"].loaded
+            assert infos["smollm2-135m"].loaded and infos["smollm2-135m"].state is ModelState.READY
+            assert not infos["missing-model"].loaded and infos["missing-model"].state is ModelState.FAILED
+            assert "no GGUF file at" in infos["missing-model"].state_detail
     finally:
         server.stop()
