@@ -1,25 +1,40 @@
 #!/usr/bin/env bash
-# The main job: start the server on the default model (smollm2-135m), wait until it is SERVING, then call it with
-# the client to show an explanation. The server keeps running afterwards (Ctrl-C stops it); pass --exit to stop.
+# The main job: start the server on the default model (smollm2-135m), wait until that model is loaded and SERVING,
+# then call it with the client to show explanations. A first start converts the model once (about a minute; the
+# server logs its progress every few seconds) and caches it in $LINLENS_CACHE_DIR. The server keeps running
+# afterwards; Ctrl-C stops it (exit status 0). Pass --exit to stop it right after the calls.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PATH"
 PORT=${LINLENS_PORT:-50051}
-linlens serve --port "$PORT" --metrics-port "${LINLENS_METRICS_PORT:-9464}" &
+METRICS_PORT=${LINLENS_METRICS_PORT:-9464}
+export LINLENS_SERVER="localhost:$PORT"  # the CLI and the SDK call this server
+
+linlens serve --port "$PORT" --metrics-port "$METRICS_PORT" &
 SERVER=$!
-trap 'kill -TERM $SERVER 2>/dev/null; wait $SERVER' EXIT
-python - "$PORT" <<'PY'
-import sys
-from linlens.client import Client
-with Client(f"localhost:{sys.argv[1]}") as client:
-    client.wait_until_ready(timeout=300)
-PY
-echo "== linlens explain --server localhost:$PORT 'The bridge out of Marin is the'"
-linlens explain --server "localhost:$PORT" "The bridge out of Marin is the" --top-k 3
-echo "== linlens explain --server localhost:$PORT 'The bridge out of Marin is the' --top-k 0 --layers every:10"
-linlens explain --server "localhost:$PORT" "The bridge out of Marin is the" --top-k 0 --layers every:10 --layer-top-k 1
-echo "== linlens generate --server localhost:$PORT 'The bridge out of Marin is the' --max-new-tokens 8"
-linlens generate --server "localhost:$PORT" "The bridge out of Marin is the" --max-new-tokens 8
+stop_server() {
+    kill -TERM "$SERVER" 2>/dev/null || true
+    wait "$SERVER" 2>/dev/null || true
+}
+trap stop_server EXIT
+trap 'echo; echo "stopping the server"; exit 0' INT TERM
+
+# Wait for the model, not just the port; give up at once if the server exits (it logs why).
+linlens wait --timeout 900 &
+WAITER=$!
+wait -n "$SERVER" "$WAITER" || true
+if ! kill -0 "$SERVER" 2>/dev/null; then
+    echo "demo: the server stopped before its model was ready (its log above says why)" >&2
+    exit 1
+fi
+wait "$WAITER"
+
+echo "== linlens explain 'The bridge out of Marin is the' --top-k 3"
+linlens explain "The bridge out of Marin is the" --top-k 3
+echo "== linlens explain 'The bridge out of Marin is the' --top-k 0 --layers every:10 --layer-top-k 1"
+linlens explain "The bridge out of Marin is the" --top-k 0 --layers every:10 --layer-top-k 1
+echo "== linlens generate 'The bridge out of Marin is the' --max-new-tokens 8"
+linlens generate "The bridge out of Marin is the" --max-new-tokens 8
 if [ "${1:-}" = "--exit" ]; then exit 0; fi
-echo "server running on localhost:$PORT (metrics on :${LINLENS_METRICS_PORT:-9464}/metrics); Ctrl-C to stop"
-wait $SERVER
+echo "server running on localhost:$PORT (metrics on :$METRICS_PORT/metrics); Ctrl-C to stop"
+wait "$SERVER"

@@ -1,4 +1,4 @@
-"""The ``linlens`` command line: serve, explain, generate, models.
+"""The ``linlens`` command line: serve, explain, generate, models, wait.
 
 Every command but ``serve`` works two ways, through the same SDK API:
 
@@ -30,6 +30,7 @@ from linlens.cli.render import (
     models_text,
 )
 from linlens.client import (
+    DEFAULT_TARGET,
     SERVER_ENV,
     AttributionTarget,
     Client,
@@ -119,18 +120,12 @@ def _remote(args: argparse.Namespace, target: str) -> Backend:
         metadata.append((key.strip(), value.strip()))
     root = Path(args.ca_cert).read_bytes() if args.ca_cert else None
     client = Client(target, timeout=args.timeout, tls=args.tls, root_certificates=root, metadata=metadata)
-    noticed = False
-
-    def notice(info: ModelInfo) -> None:
-        nonlocal noticed
-        if not noticed:
-            detail = f": {info.state_detail}" if info.state_detail else ""
-            _say(f"linlens: waiting for model {info.name!r} on {target} to finish {info.state.value}{detail} ...")
-            noticed = True
-
     try:
         client.wait_until_ready(
-            args.timeout, model=args.model or None, connect_timeout=min(CONNECT_TIMEOUT, args.timeout), on_wait=notice
+            args.timeout,
+            model=args.model or None,
+            connect_timeout=min(CONNECT_TIMEOUT, args.timeout),
+            on_wait=_loading_notice(target),
         )
     except ServerUnreachableError as error:
         client.close()
@@ -263,10 +258,35 @@ def cmd_models(args: argparse.Namespace, connect: Connect) -> int:
     return 0
 
 
+def cmd_wait(args: argparse.Namespace) -> int:
+    """Wait until a server's model can take requests (for scripts: start a server, wait, then call it)."""
+    target = args.server or os.environ.get(SERVER_ENV) or DEFAULT_TARGET
+    with Client(target) as client:
+        info = client.wait_until_ready(args.timeout, model=args.model or None, on_wait=_loading_notice(target))
+    print(f"{info.name} is ready on {target}")
+    return 0
+
+
+def _loading_notice(target: str) -> Callable[[ModelInfo], None]:
+    """A one-line notice on stderr the first time a wait sees the model still loading."""
+    noticed = False
+
+    def notice(info: ModelInfo) -> None:
+        nonlocal noticed
+        if not noticed:
+            detail = f": {info.state_detail}" if info.state_detail else ""
+            _say(f"linlens: waiting for model {info.name!r} on {target} to finish {info.state.value}{detail} ...")
+            noticed = True
+
+    return notice
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    from linlens.server.logs import quiet_progress_bars, setup_logging
+
+    quiet_progress_bars()  # before torch and transformers are imported
     from linlens.server.app import serve
     from linlens.server.config import ConfigError, config_from_args
-    from linlens.server.logs import setup_logging
 
     try:
         config = config_from_args(args)
@@ -370,13 +390,25 @@ def build_parser() -> argparse.ArgumentParser:
     models = commands.add_parser("models", help="list the models (a server's, or the one loaded in-process)")
     _add_connection(models, 30.0)
     models.set_defaults(command_handler=cmd_models)
+
+    wait = commands.add_parser(
+        "wait", help="wait until a server's model is loaded and SERVING (exit 0), e.g. after starting a server"
+    )
+    wait.add_argument("--server", default=None, help=f"HOST:PORT (default: ${SERVER_ENV} or {DEFAULT_TARGET})")
+    wait.add_argument("--model", default="", help="model name (default: the server's default model)")
+    wait.add_argument("--timeout", type=float, default=600.0, help="seconds to wait, the server's start included")
+    wait.set_defaults(handler=cmd_wait)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "serve":
-        return int(args.handler(args))
+    if args.command in ("serve", "wait"):
+        try:
+            return int(args.handler(args))
+        except LinlensError as error:
+            print(f"linlens: {error}", file=sys.stderr)
+            return 1
     if args.command in ("explain", "generate") and not (args.prompt or args.token_ids):
         print("linlens: give a prompt or --token-ids", file=sys.stderr)
         return 2

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Mapping
@@ -89,9 +90,21 @@ def setup_logging(log_format: str = "text", level: str = "info", stream: TextIO 
         transformers_logging.disable_progress_bar()
 
 
+def quiet_progress_bars(stream: TextIO | None = None) -> None:
+    """Turn off third-party progress bars when the log does not go to a terminal.
+
+    A bar redrawn with carriage returns is noise in a log file or collector; the loader logs its own progress lines
+    instead (linlens.models.progress). tqdm reads TQDM_DISABLE when it is first imported, so the server's entry
+    points call this before torch and transformers load.
+    """
+    if not (stream or sys.stderr).isatty():
+        os.environ.setdefault("TQDM_DISABLE", "1")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
 def log_request(fields: Mapping[str, Any]) -> None:
     """Write the access-log line of one finished request."""
     logging.getLogger(ACCESS_LOGGER).info("request", extra={"fields": dict(fields)})
 
 
-__all__ = ["ACCESS_LOGGER", "JsonFormatter", "TextFormatter", "log_request", "setup_logging"]
+__all__ = ["ACCESS_LOGGER", "JsonFormatter", "TextFormatter", "log_request", "quiet_progress_bars", "setup_logging"]
