@@ -307,6 +307,15 @@ _INVALID: list[tuple[str, Any, str]] = [
         "EXPLAIN_STEPS_ALL",
     ),
     (
+        "a step max_new_tokens never reaches",
+        pb.GenerateRequest(
+            input=pb.Input(text="x"),
+            sampling=pb.SamplingParams(max_new_tokens=2),
+            explain=pb.ExplainOptions(steps=pb.EXPLAIN_STEPS_LIST, step_indices=[1_000_000]),
+        ),
+        "explain.step_indices names step(s) [1000000], but a generation of max_new_tokens 2 has steps 0..1",
+    ),
+    (
         "target outside the vocabulary",
         pb.GenerateRequest(
             input=pb.Input(text="x"), explain=pb.ExplainOptions(targets=[pb.AttributionTarget(token_id=-3)])
@@ -321,12 +330,16 @@ _INVALID: list[tuple[str, Any, str]] = [
 ]
 
 
+@pytest.mark.parametrize("method", ["Generate", "GenerateStream"])
 @pytest.mark.parametrize(("request_", "fragment"), [(r, f) for _, r, f in _INVALID], ids=[n for n, _, _ in _INVALID])
 def test_invalid_requests_fail_with_invalid_argument(
-    stub: pb_grpc.LinlensServiceStub, request_: pb.GenerateRequest, fragment: str
+    stub: pb_grpc.LinlensServiceStub, request_: pb.GenerateRequest, fragment: str, method: str
 ) -> None:
     with pytest.raises(grpc.RpcError) as info:
-        stub.Generate(request_, timeout=30)
+        if method == "Generate":
+            stub.Generate(request_, timeout=30)
+        else:  # the same fields, field for field; the error arrives with the first read
+            list(stub.GenerateStream(pb.GenerateStreamRequest.FromString(request_.SerializeToString()), timeout=30))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert fragment in info.value.details()
 

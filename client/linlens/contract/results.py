@@ -321,6 +321,18 @@ class Generation:
     #: The seed a sampled generation used, so that it can be repeated; None for greedy decoding.
     seed: int | None = None
 
+    def done(self) -> GenerationDone:
+        """The summary event a stream of this generation ends with."""
+        return GenerationDone(
+            model=self.model,
+            text=self.text,
+            finish_reason=self.finish_reason,
+            usage=self.usage,
+            timings=self.timings,
+            prompt_text=self.prompt_text,
+            seed=self.seed,
+        )
+
 
 @dataclass(frozen=True)
 class GenerationDone:

@@ -26,10 +26,11 @@ from linlens.contract import (
     Reconstruction,
     SingularComponent,
     Timings,
+    TokenScore,
 )
 from linlens.engine import jacobian as jac
 from linlens.engine.forward import ExplanationPass
-from linlens.engine.spectra import decompose, truncated_relative_errors
+from linlens.engine.spectra import Spectrum, decompose, truncated_relative_errors
 
 
 def relative(error: torch.Tensor, reference: torch.Tensor) -> float:
@@ -40,6 +41,23 @@ def relative(error: torch.Tensor, reference: torch.Tensor) -> float:
 def numpy(tensor: torch.Tensor) -> np.ndarray:
     """A detached CPU copy as numpy, in the tensor's own precision."""
     return tensor.detach().cpu().numpy().copy()
+
+
+def singular_components(
+    spectrum: Spectrum, k: int, left_tokens: list[tuple[TokenScore, ...]], right_tokens: list[tuple[TokenScore, ...]]
+) -> tuple[SingularComponent, ...]:
+    """The top ``k`` singular triplets of ``spectrum`` with their decoded tokens, as the contract's components."""
+    return tuple(
+        SingularComponent(
+            rank=i + 1,
+            value=float(spectrum.values[i]),
+            left=numpy(spectrum.left[:, i]),
+            right=numpy(spectrum.right[:, i]),
+            left_tokens=left_tokens[i],
+            right_tokens=right_tokens[i],
+        )
+        for i in range(k)
+    )
 
 
 def _ms(seconds: float) -> float:
@@ -178,17 +196,7 @@ def _spectra(
     for position, spectrum in zip(positions, decomposed, strict=True):
         left_tokens = decoder.output_tokens(spectrum.left, options.tokens_per_vector)
         right_tokens = decoder.input_tokens(spectrum.right, options.tokens_per_vector)
-        components = tuple(
-            SingularComponent(
-                rank=k + 1,
-                value=float(spectrum.values[k]),
-                left=numpy(spectrum.left[:, k]),
-                right=numpy(spectrum.right[:, k]),
-                left_tokens=left_tokens[k],
-                right_tokens=right_tokens[k],
-            )
-            for k in range(spectrum.left.shape[-1])
-        )
+        components = singular_components(spectrum, spectrum.left.shape[-1], left_tokens, right_tokens)
         token_id = p.input_ids[position]
         results.append(
             PositionSpectrum(
@@ -206,4 +214,4 @@ def _spectra(
     return tuple(results), truncated
 
 
-__all__ = ["explain_output", "numpy", "relative"]
+__all__ = ["explain_output", "numpy", "relative", "singular_components"]

@@ -32,7 +32,7 @@ from linlens.contract import (
     SingularComponent,
 )
 from linlens.engine import jacobian as jac
-from linlens.engine.explanation import numpy, relative
+from linlens.engine.explanation import numpy, relative, singular_components
 from linlens.engine.forward import ExplanationPass
 from linlens.engine.linearize import LinearizedRMSNorm
 from linlens.engine.spectra import decompose
@@ -212,17 +212,7 @@ def _spectrum(
             right_tokens = decoder.input_tokens(right, options.tokens_per_vector)
         else:
             right_tokens = decoder.output_tokens(scale[:, None] * right, options.tokens_per_vector)
-        components = tuple(
-            SingularComponent(
-                rank=i + 1,
-                value=float(spectrum.values[i]),
-                left=numpy(spectrum.left[:, i]),
-                right=numpy(spectrum.right[:, i]),
-                left_tokens=left_tokens[i],
-                right_tokens=right_tokens[i],
-            )
-            for i in range(k)
-        )
+        components = singular_components(spectrum, k, left_tokens, right_tokens)
     return LinearMapSpectrum(
         components=components,
         singular_values=numpy(spectrum.values),

@@ -28,7 +28,6 @@ from linlens.contract import (
     ExplainOptions,
     ExplainResult,
     Generation,
-    GenerationDone,
     ModelInfo,
     StreamEvent,
 )
@@ -203,16 +202,7 @@ class InProcessStream(Iterator[StreamEvent]):
     def _run(self, produce: Callable[[Callable[[StreamEvent], None]], Generation]) -> None:
         try:
             generation = produce(lambda event: self._events.put(stream_event_to_proto(event)))
-            done = GenerationDone(
-                model=generation.model,
-                text=generation.text,
-                finish_reason=generation.finish_reason,
-                usage=generation.usage,
-                timings=generation.timings,
-                prompt_text=generation.prompt_text,
-                seed=generation.seed,
-            )
-            self._events.put(stream_event_to_proto(done))
+            self._events.put(stream_event_to_proto(generation.done()))
         except BaseException as exc:  # handed to the consumer, which raises it
             self._events.put(exc)
         self._events.put(self._END)

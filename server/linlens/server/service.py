@@ -20,7 +20,7 @@ from collections.abc import Iterator
 
 import grpc
 
-from linlens.contract import Generation, GenerationDone, Timings
+from linlens.contract import Generation, Timings
 from linlens.contract.wire import (
     explain_result_to_proto,
     generation_to_proto,
@@ -101,18 +101,7 @@ class LinlensServicer(pb_grpc.LinlensServiceServicer):
                 generation: Generation = finished.value
                 break
             yield stream_event_to_proto(event)
-        done = self._finished(call, generation)
-        yield stream_event_to_proto(
-            GenerationDone(
-                model=done.model,
-                text=done.text,
-                finish_reason=done.finish_reason,
-                usage=done.usage,
-                timings=done.timings,
-                prompt_text=done.prompt_text,
-                seed=done.seed,
-            )
-        )
+        yield stream_event_to_proto(self._finished(call, generation).done())
 
     def ListModels(self, request: pb.ListModelsRequest, context: grpc.ServicerContext) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(
