@@ -2,7 +2,8 @@
 
 SiLU, GELU and GELU's tanh approximation all have the form act(h) = h * s(h). Detaching s(h) from the gradient path
 leaves the forward value alone and makes the map h -> act(h) linear in h with slope s(h) frozen at the current input.
-The engine uses them for the "freeze the up projection" gate mode, where the gate keeps its linear path.
+The engine uses them for the "freeze the up projection" gate mode, where the gate keeps its linear path: the MLP
+computes g * s(g) with s(g) taken as a frozen coefficient (``linlens.engine.freeze``).
 """
 
 from __future__ import annotations
@@ -46,9 +47,3 @@ def coefficient_for(name: str) -> Coefficient:
     except KeyError:
         known = ", ".join(sorted(COEFFICIENTS))
         raise ValueError(f"activation {name!r} is not supported for linearisation; supported: {known}") from None
-
-
-def frozen_activation(h: torch.Tensor, coefficient: Coefficient, *, detach: bool = True) -> torch.Tensor:
-    """act(h) = h * s(h); with detach, s(h) is a constant of the gradient path and the result is linear in h."""
-    s = coefficient(h)
-    return h * (s.detach() if detach else s)

@@ -7,8 +7,10 @@ An :class:`ExplanationPass` holds, for one token sequence and one set of options
   explanation (:mod:`linlens.engine.explanation`) and the layer analysis (:mod:`linlens.engine.layers`) take their
   vector-Jacobian products from the same graph; with a layer analysis, the residual stream of every layer is
   recorded on the way (:mod:`linlens.engine.capture`);
-- for models with bias terms, the affine constants of y and of every layer and block term, from one forward-mode
-  pass with tangent x (y = J x + c, so c = y - J x).
+- the coefficients the twin froze (:mod:`linlens.engine.freeze`), so that the frozen system can be evaluated again
+  at other inputs (:meth:`ExplanationPass.frozen_output`); for models with bias terms, the affine constant c of
+  y = J x + c and the constants of every layer and block term are the frozen system at input zero, computed without
+  looking at y, so the reconstruction of an affine model is a real check.
 """
 
 from __future__ import annotations
@@ -18,11 +20,11 @@ import time
 from collections.abc import Sequence
 
 import torch
-import torch.autograd.forward_ad as forward_ad
 
 from linlens.contract import ExplainOptions
 from linlens.engine.capture import Capture, capturing
 from linlens.engine.context import DTYPES, ModelContext
+from linlens.engine.freeze import CoefficientTape, recording, replaying
 
 
 class ExplanationPass:
@@ -48,8 +50,10 @@ class ExplanationPass:
         self.analyses_layers = options.layers is not None
         #: The residual stream of every layer (recorded only when a layer analysis follows).
         self.capture = Capture()
-        recording = capturing(self.capture) if self.analyses_layers else contextlib.nullcontext()
-        with recording, torch.enable_grad():
+        #: The coefficients this pass froze, to evaluate the same frozen system at other inputs.
+        self.tape = CoefficientTape()
+        layers = capturing(self.capture) if self.analyses_layers else contextlib.nullcontext()
+        with recording(self.tape), layers, torch.enable_grad():
             #: y from the twin: numerically the model's y, and exactly linear (affine) in x.
             self.y: torch.Tensor = self.twin.base_model(inputs_embeds=self.x[None], use_cache=False).last_hidden_state[
                 0, -1
@@ -66,21 +70,25 @@ class ExplanationPass:
         """VJPs per batched backward: the options' choice, else one that bounds peak memory."""
         return self.options.vjp_chunk_size or self.context.vjp_chunk(self.n, self.dtype)
 
+    def frozen_output(self, inputs: torch.Tensor, capture: Capture | None = None) -> torch.Tensor:
+        """The frozen system at other input embeddings (n, d): the twin with this pass's coefficients, no graph.
+
+        At ``self.x`` it is y; it is exactly affine in ``inputs``. ``capture`` records its residual stream.
+        """
+        layers = capturing(capture) if capture is not None else contextlib.nullcontext()
+        with replaying(self.tape), layers, torch.no_grad():
+            out = self.twin.base_model(inputs_embeds=inputs.to(self.x.dtype)[None], use_cache=False)
+        return out.last_hidden_state[0, -1]
+
     def _affine_constants(self) -> None:
-        """c = h - J x for y and (with a layer analysis) every recorded tensor, from one forward-mode JVP along x."""
-        capture = Capture()
-        recording = capturing(capture) if self.analyses_layers else contextlib.nullcontext()
-        x = self.x.detach()
-        with forward_ad.dual_level(), recording, torch.no_grad():
-            out = self.twin.base_model(inputs_embeds=forward_ad.make_dual(x, x)[None], use_cache=False)
-            primal, tangent = forward_ad.unpack_dual(out.last_hidden_state[0, -1])
-            if tangent is not None:
-                self.constant = (primal - tangent).detach()
+        """The frozen system at input zero: c for y and (with a layer analysis) every recorded layer and block."""
+        capture = Capture() if self.analyses_layers else None
+        self.constant = self.frozen_output(torch.zeros_like(self.x), capture)
+        if capture is not None:
             recorded = (("layer", capture.layer_outputs), ("attention", capture.attention), ("mlp", capture.mlp))
             for kind, tensors in recorded:
                 for layer, output in tensors.items():
-                    p, t = forward_ad.unpack_dual(output)
-                    self.block_constants[(kind, layer)] = (p - t if t is not None else p)[0, -1].detach()
+                    self.block_constants[(kind, layer)] = output[0, -1].detach()
 
 
 __all__ = ["ExplanationPass"]

@@ -33,9 +33,10 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask
 from transformers.modeling_utils import AttentionInterface
 
 from linlens.contract import GateMode
-from linlens.engine.activations import coefficient_for, frozen_activation
+from linlens.engine.activations import coefficient_for
 from linlens.engine.capture import install_capture_hooks
 from linlens.engine.families import Family, UnsupportedArchitectureError, family_of
+from linlens.engine.freeze import frozen
 
 #: The attention implementation name under which the twin's attention is registered.
 ATTENTION_IMPLEMENTATION = "linlens_linear"
@@ -71,20 +72,24 @@ def linear_attention(
     """Eager softmax attention whose weights are frozen coefficients when the module is marked to detach.
 
     Queries and keys only feed the softmax weights (rotary embeddings, QK-norms and soft-capping act on them alone),
-    so detaching them freezes the weights while the values keep their linear path. Forward-mode AD also works here,
-    unlike CPU scaled_dot_product_attention.
+    so freezing the weights (:func:`~linlens.engine.freeze.frozen`: detached, and recorded or replayed on a
+    coefficient tape) leaves the values their linear path. Forward-mode AD also works here, unlike CPU
+    scaled_dot_product_attention.
     """
     detach = bool(getattr(module, "linlens_detach", True))
-    q = query.detach() if detach else query
-    k = _repeat_kv(key.detach() if detach else key, module.num_key_value_groups)  # type: ignore[arg-type]
     v = _repeat_kv(value, module.num_key_value_groups)  # type: ignore[arg-type]
-    scale = scaling if scaling is not None else q.shape[-1] ** -0.5
-    scores = torch.matmul(q, k.transpose(2, 3)) * scale
-    if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
-    if attention_mask is not None:
-        scores = scores + attention_mask[:, :, :, : k.shape[-2]]
-    weights = torch.softmax(scores, dim=-1, dtype=compute_dtype(scores.dtype)).to(v.dtype)
+
+    def softmax_weights() -> torch.Tensor:
+        k = _repeat_kv(key, module.num_key_value_groups)  # type: ignore[arg-type]
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        scores = torch.matmul(query, k.transpose(2, 3)) * scale
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
+        if attention_mask is not None:
+            scores = scores + attention_mask[:, :, :, : k.shape[-2]]
+        return torch.softmax(scores, dim=-1, dtype=compute_dtype(scores.dtype)).to(v.dtype)
+
+    weights = frozen(module, softmax_weights) if detach else softmax_weights()
     output = torch.matmul(weights, v).transpose(1, 2).contiguous()
     return output, weights
 
@@ -107,9 +112,11 @@ class LinearizedRMSNorm(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         dtype = compute_dtype(hidden_states.dtype)
         h = hidden_states.to(dtype)
-        inverse_rms = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.detach:
-            inverse_rms = inverse_rms.detach()
+
+        def inverse_rms_of() -> torch.Tensor:
+            return torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+
+        inverse_rms = frozen(self, inverse_rms_of) if self.detach else inverse_rms_of()
         scale = self.weight.to(dtype)
         if self.offset:
             scale = self.offset + scale
@@ -138,9 +145,9 @@ class LinearizedGatedMLP(nn.Module):
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
         if self.mode is GateMode.FREEZE_GATE:
-            hidden = self.act_fn(gate).detach() * up
+            hidden = frozen(self, lambda: self.act_fn(gate)) * up
         elif self.mode is GateMode.FREEZE_UP:
-            hidden = frozen_activation(gate, self.coefficient) * up.detach()
+            hidden = gate * frozen(self, lambda: self.coefficient(gate)) * frozen(self, lambda: up)
         else:
             hidden = self.act_fn(gate) * up
         return self.down_proj(hidden)
