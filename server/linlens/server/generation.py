@@ -161,13 +161,13 @@ class _StepLogits(LogitsProcessor):
         self.logprobs = torch.log_softmax(scores[0].float(), dim=-1)
         if self.sampling.greedy:
             return scores
-        token = _sample(scores[0].float(), self.sampling, self.generator)
+        token = sample_token(scores[0].float(), self.sampling, self.generator)
         chosen = torch.full_like(scores, -math.inf)
         chosen[0, token] = 0.0
         return chosen  # type: ignore[return-value]
 
 
-def _sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:
+def sample_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:
     """Temperature, then top-k, then top-p (nucleus), then one draw: the usual order, as in most servers."""
     scores = logits / sampling.temperature
     if 0 < sampling.top_k < scores.numel():
@@ -362,4 +362,5 @@ __all__ = [
     "encode_chat",
     "encode_text",
     "generate",
+    "sample_token",
 ]
