@@ -23,6 +23,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from linlens.client import (
     NO_RETRY,
     AsyncClient,
+    AttributionTarget,
     Client,
     ExplainOptions,
     FinishReason,
@@ -404,24 +405,38 @@ _CONCURRENT_PROMPTS = [
 ]
 
 
-def test_eight_concurrent_clients_mixing_generate_and_explain(target: str, smollm2: Any) -> None:
-    expected_gen = {}
-    expected_pred = {}
+@pytest.fixture(scope="module")
+def separate_copy() -> Any:
+    """A second, separately loaded copy of the model: references must not come from the object being served."""
+    from linlens.models import load_model
+
+    return load_model("smollm2-135m")
+
+
+def test_eight_concurrent_clients_on_three_workers_get_the_sequential_answers(
+    make_server: Any, separate_copy: Any
+) -> None:
+    """Generations and explanations run at the same time on three workers; each answer equals the one a separate copy
+    of the model gives alone: the same tokens, the same prediction, the same attribution values (float32 rounding)."""
+    server = make_server(max_concurrent_jobs=3)
+    options = ExplainOptions(top_k=0, targets=(AttributionTarget(582),))
+    expected_gen, expected_exp = {}, {}
     for p in _CONCURRENT_PROMPTS:
-        ids = [int(i) for i in smollm2.tokenizer(p)["input_ids"]]
-        expected_gen[p] = reference_greedy(smollm2, ids, 4)
-        expected_pred[p] = reference_argmax(smollm2, ids)
+        ids = [int(i) for i in separate_copy.tokenizer(p)["input_ids"]]
+        expected_gen[p] = reference_greedy(separate_copy, ids, 4)
+        expected_exp[p] = separate_copy.explainer.explain(ids, options)
     results: dict[tuple[str, str], Any] = {}
     errors: list[BaseException] = []
+    running = threading.Barrier(2 * len(_CONCURRENT_PROMPTS))
 
     def run(kind: str, prompt: str) -> None:
         try:
-            with Client(target, timeout=240, retry=NO_RETRY) as c:
+            with Client(server.target, timeout=240, retry=NO_RETRY) as c:
+                running.wait(timeout=60)
                 if kind == "generate":
                     results[(kind, prompt)] = [t.token_id for t in c.generate(prompt, max_new_tokens=4).tokens]
                 else:
-                    exp = c.explain(prompt, options=ExplainOptions(top_k=0)).explanation
-                    results[(kind, prompt)] = exp.predicted.token_id
+                    results[(kind, prompt)] = c.explain(prompt, options=options).explanation
         except BaseException as exc:
             errors.append(exc)
 
@@ -433,7 +448,14 @@ def test_eight_concurrent_clients_mixing_generate_and_explain(target: str, smoll
     assert not errors, errors
     for p in _CONCURRENT_PROMPTS:
         assert results[("generate", p)] == expected_gen[p]
-        assert results[("explain", p)] == expected_pred[p]
+        got, want = results[("explain", p)], expected_exp[p]
+        assert got.predicted.token_id == want.predicted.token_id
+        for a, b in zip(got.attributions, want.attributions, strict=True):
+            np.testing.assert_allclose(a.per_token, b.per_token, rtol=1e-5, atol=1e-5 * np.abs(b.per_token).max())
+    # And the served model, after all of it, still computes bit for bit what the separate copy computes.
+    ids = torch.tensor([[int(i) for i in separate_copy.tokenizer(PROMPT)["input_ids"]]])
+    with torch.no_grad():
+        assert torch.equal(server.host.ready("").model(ids).logits, separate_copy.model(ids).logits)
 
 
 def test_async_sdk_generate_stream_and_explain_concurrently(target: str) -> None:
