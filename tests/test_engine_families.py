@@ -168,8 +168,10 @@ def test_targets_and_contrasts_split_exactly(loaded: dict[str, LoadedModel]) -> 
         targets=(AttributionTarget(a), AttributionTarget(b), AttributionTarget(a, contrast_token_id=b)),
     )
     explanation = model.explainer.explain(sample_ids(), options)
-    assert explanation.reconstruction is None  # top_k=0: one VJP per target, no full Jacobian
-    assert explanation.vjp_count == 4
+    # top_k=0: one VJP per target and one forward-mode JVP for the reconstruction, no Jacobian
+    assert explanation.vjp_count == 4 and explanation.jvp_count == 1 and explanation.method is None
+    assert explanation.reconstruction is not None and explanation.reconstruction.predicts_same_token
+    assert explanation.reconstruction.relative_error_vs_model <= VS_MODEL
     _, for_a, for_b, a_vs_b = explanation.attributions
     np.testing.assert_allclose(a_vs_b.per_token, for_a.per_token - for_b.per_token, atol=1e-12)
     assert a_vs_b.label == f"{for_a.label} vs {for_b.label}"

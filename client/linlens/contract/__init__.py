@@ -11,6 +11,7 @@ The protobuf definition (``protos/linlens/v1/linlens.proto``) stays the contract
 
 from linlens.contract.options import (
     AttributionTarget,
+    ExplainMethod,
     ExplainOptions,
     GateMode,
     LayerAnalysisOptions,
@@ -55,6 +56,7 @@ __all__ = [
     "AttributionTarget",
     "ChatMessage",
     "ComponentContribution",
+    "ExplainMethod",
     "ExplainOptions",
     "ExplainResult",
     "Explanation",

@@ -62,6 +62,19 @@ class PositionSelection(str, enum.Enum):
 
     LAST = "last"
     ALL = "all"
+    #: The positions in ``ExplainOptions.position_indices``.
+    LIST = "list"
+
+
+class ExplainMethod(str, enum.Enum):
+    """How singular triplets are computed."""
+
+    #: The cheaper of the two for the request, by the number of products each needs (full for raw Jacobians).
+    AUTO = "auto"
+    #: Materialise each Jacobian (hidden_size VJPs per map) and take its full SVD.
+    FULL = "full"
+    #: Block Krylov on products only: the top_k triplets with residual certificates, a few dozen products per map.
+    MATRIX_FREE = "matrix_free"
 
 
 @dataclass(frozen=True)
@@ -210,6 +223,12 @@ class ExplainOptions:
     vjp_chunk_size: int | None = None
     #: Layer-by-layer analysis of every explained step; None skips it.
     layers: LayerAnalysisOptions | None = None
+    #: How singular triplets are computed (per-position spectra, the prompt spectrum, the layer maps).
+    method: ExplainMethod = ExplainMethod.AUTO
+    #: The positions to decompose with ``positions=LIST`` (0-based); normalised to a tuple.
+    position_indices: Sequence[int] = ()
+    #: Also the top_k triplets of the whole-prompt map [J_1 ... J_n].
+    prompt_spectrum: bool = False
 
     def __post_init__(self) -> None:
         if self.steps not in ("first", "all"):
@@ -218,7 +237,13 @@ class ExplainOptions:
         if isinstance(targets, (str, bytes)) or not isinstance(targets, Sequence):
             raise OptionError("targets", f"must be a sequence of attribution targets, not {targets!r}")
         object.__setattr__(self, "targets", tuple(_target(t, i) for i, t in enumerate(targets)))
-        for name, kind in (("positions", PositionSelection), ("precision", Precision), ("gate_mode", GateMode)):
+        enums = (
+            ("positions", PositionSelection),
+            ("precision", Precision),
+            ("gate_mode", GateMode),
+            ("method", ExplainMethod),
+        )
+        for name, kind in enums:
             try:
                 object.__setattr__(self, name, kind(getattr(self, name)))
             except ValueError:
@@ -229,6 +254,12 @@ class ExplainOptions:
         _at_least("top_k", self.top_k, 0)
         _at_least("tokens_per_vector", self.tokens_per_vector, 1)
         _at_least("vjp_chunk_size", self.vjp_chunk_size, 1)
+        if self.positions is PositionSelection.LIST:
+            object.__setattr__(self, "position_indices", _indices("position_indices", self.position_indices, "position"))
+        elif self.position_indices:
+            raise OptionError("position_indices", "needs positions LIST (it lists the positions to decompose)")
+        else:
+            object.__setattr__(self, "position_indices", ())
         if self.explained_token_id is not None and self.explained_token_id < 0:
             raise OptionError("explained_token_id", f"must be a token id (>= 0), got {self.explained_token_id}")
 
@@ -237,10 +268,20 @@ class ExplainOptions:
         """``targets`` as AttributionTarget objects (what __post_init__ normalised them to)."""
         return tuple(_target(t, i) for i, t in enumerate(self.targets))
 
-    @property
-    def needs_full_jacobian(self) -> bool:
-        """Whether the answer needs every J_i materialised (hidden_size VJPs) rather than a few products."""
-        return self.top_k > 0 or self.include_jacobians
+    def selected_positions(self, n_tokens: int) -> tuple[int, ...]:
+        """The input positions whose J_i get a spectrum, for an input of ``n_tokens`` tokens (none when top_k is 0)."""
+        if self.top_k == 0:
+            return ()
+        if self.positions is PositionSelection.ALL:
+            return tuple(range(n_tokens))
+        if self.positions is PositionSelection.LAST:
+            return (n_tokens - 1,)
+        outside = [i for i in self.position_indices if i >= n_tokens]
+        if outside:
+            raise OptionError(
+                "position_indices", f"names position(s) {outside[:5]}, but the input has positions 0..{n_tokens - 1}"
+            )
+        return tuple(self.position_indices)
 
     def explained_steps(self, max_new_tokens: int) -> tuple[int, ...] | None:
         """The steps a generation of at most ``max_new_tokens`` tokens explains; None means every step it makes.
@@ -278,6 +319,7 @@ def _target(target: TargetLike, index: int) -> AttributionTarget:
 
 __all__ = [
     "AttributionTarget",
+    "ExplainMethod",
     "ExplainOptions",
     "GateMode",
     "LayerAnalysisOptions",

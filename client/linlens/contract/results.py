@@ -19,7 +19,7 @@ from typing import Any, Literal, TypeAlias
 import numpy as np
 import numpy.typing as npt
 
-from linlens.contract.options import AttributionTarget, GateMode, Precision
+from linlens.contract.options import AttributionTarget, ExplainMethod, GateMode, Precision
 
 FloatArray = npt.NDArray[np.floating]
 
@@ -92,6 +92,9 @@ class SingularComponent:
     left_tokens: tuple[TokenScore, ...]
     #: v decoded to the input-embedding rows nearest by cosine (or logit-lens style for layer-alone maps).
     right_tokens: tuple[TokenScore, ...]
+    #: ||A v - s u|| / s and ||A^T u - s v|| / s from fresh products: the triplet's certificate.
+    residual_left: float = 0.0
+    residual_right: float = 0.0
 
 
 @dataclass(frozen=True, eq=False)
@@ -111,6 +114,10 @@ class PositionSpectrum:
     stable_rank: float
     #: ||J_i x_i||: how much this token's term contributes to y in norm.
     term_norm: float
+    #: Whether ``singular_values`` lists all of them (full method) or the top_k only (matrix-free).
+    singular_values_complete: bool = True
+    #: One standard error of ``stable_rank``: 0 when exact; matrix-free, ||J_i||_F^2 is a Hutchinson estimate.
+    stable_rank_error: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -122,7 +129,16 @@ class OrdinaryContrast:
 
 
 #: The explanation phases a Timings records, as named in metrics (``phase`` label) and in Timings' ``<phase>_ms``.
-EXPLANATION_PHASES: tuple[str, ...] = ("forward", "jacobian", "attribution", "svd", "decode", "ordinary", "layers")
+EXPLANATION_PHASES: tuple[str, ...] = (
+    "forward",
+    "jacobian",
+    "attribution",
+    "svd",
+    "decode",
+    "ordinary",
+    "layers",
+    "reconstruction",
+)
 
 
 @dataclass(frozen=True)
@@ -143,6 +159,7 @@ class Timings:
     ordinary_ms: float = 0.0
     total_ms: float = 0.0
     layers_ms: float = 0.0
+    reconstruction_ms: float = 0.0
 
     def phases_ms(self) -> dict[str, float]:
         """The explanation phases that ran, by name (see EXPLANATION_PHASES)."""
@@ -165,6 +182,10 @@ class LinearMapSpectrum:
     term_norm: float
     #: ||sum_j M_j z_j - out|| / ||out|| over every input position j (for affine maps, the constant included).
     reconstruction_error: float
+    #: Whether ``singular_values`` lists all of them (full method) or the top_k only (matrix-free).
+    singular_values_complete: bool = True
+    #: One standard error of ``stable_rank`` (0 when exact).
+    stable_rank_error: float = 0.0
 
 
 @dataclass(frozen=True, eq=False)
@@ -246,7 +267,7 @@ class Explanation:
     #: The affine constant c of y = sum_i J_i x_i + c (all zeros for bias-free models).
     constant: FloatArray
     has_bias: bool
-    #: Present when the full Jacobian was computed (top_k > 0 or include_jacobians).
+    #: y = J x + c from one Jacobian-vector product (None only from servers before 0.2.0 without a full Jacobian).
     reconstruction: Reconstruction | None
     #: attributions[0] is the explained token; then one per ExplainOptions.targets entry.
     attributions: tuple[Attribution, ...]
@@ -266,6 +287,13 @@ class Explanation:
     layer_attributions: LayerAttributions | None = None
     #: One result per selected layer when ExplainOptions.layers was set, in the requested order.
     layers: tuple[LayerResult, ...] = ()
+    #: The method that computed the singular triplets (None when none were computed).
+    method: ExplainMethod | None = None
+    #: Number of Jacobian-vector products this explanation needed.
+    jvp_count: int = 0
+    #: The top_k triplets of the whole-prompt map [J_1 ... J_n] (ExplainOptions.prompt_spectrum): right vectors are
+    #: (n, d) arrays; right tokens decode the position that holds most of each.
+    prompt_spectrum: LinearMapSpectrum | None = None
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import numpy as np
 
 from linlens.contract.options import (
     AttributionTarget,
+    ExplainMethod,
     ExplainOptions,
     GateMode,
     LayerAnalysisOptions,
@@ -91,8 +92,21 @@ _GATE_MODE = _EnumTable(
 )
 _POSITIONS = _EnumTable(
     "PositionSelection",
-    {PositionSelection.LAST: pb.POSITION_SELECTION_LAST, PositionSelection.ALL: pb.POSITION_SELECTION_ALL},
+    {
+        PositionSelection.LAST: pb.POSITION_SELECTION_LAST,
+        PositionSelection.ALL: pb.POSITION_SELECTION_ALL,
+        PositionSelection.LIST: pb.POSITION_SELECTION_LIST,
+    },
     PositionSelection.LAST,
+)
+_METHOD = _EnumTable(
+    "ExplainMethod",
+    {
+        ExplainMethod.AUTO: pb.EXPLAIN_METHOD_AUTO,
+        ExplainMethod.FULL: pb.EXPLAIN_METHOD_FULL,
+        ExplainMethod.MATRIX_FREE: pb.EXPLAIN_METHOD_MATRIX_FREE,
+    },
+    ExplainMethod.AUTO,
 )
 _FINISH = _EnumTable(
     "FinishReason",
@@ -186,6 +200,9 @@ def explain_options_to_proto(options: ExplainOptions) -> pb.ExplainOptions:
         precision=_PRECISION.to_pb(options.precision),
         ordinary_contrast=options.ordinary_contrast,
         gate_mode=_GATE_MODE.to_pb(options.gate_mode),
+        method=_METHOD.to_pb(options.method),
+        position_indices=list(options.position_indices),
+        prompt_spectrum=options.prompt_spectrum,
     )
     if isinstance(options.steps, str):
         message.steps = _STEPS[options.steps]
@@ -223,6 +240,9 @@ def explain_options_from_proto(message: pb.ExplainOptions) -> ExplainOptions:
         "precision": _PRECISION.from_pb(message.precision, "precision"),
         "ordinary_contrast": message.ordinary_contrast,
         "gate_mode": _GATE_MODE.from_pb(message.gate_mode, "gate_mode"),
+        "method": _METHOD.from_pb(message.method, "method"),
+        "position_indices": tuple(message.position_indices),
+        "prompt_spectrum": message.prompt_spectrum,
         "targets": tuple(
             (t.token_id, t.contrast_token_id if t.HasField("contrast_token_id") else None) for t in message.targets
         ),
@@ -286,6 +306,8 @@ def _singular_to_proto(c: SingularComponent) -> pb.SingularComponent:
         right=tensor_from_array(c.right),
         left_tokens=[_token_score_to_proto(t) for t in c.left_tokens],
         right_tokens=[_token_score_to_proto(t) for t in c.right_tokens],
+        residual_left=c.residual_left,
+        residual_right=c.residual_right,
     )
 
 
@@ -297,6 +319,8 @@ def _singular_from_proto(message: pb.SingularComponent) -> SingularComponent:
         right=array_from_tensor(message.right),
         left_tokens=tuple(_token_score_from_proto(t) for t in message.left_tokens),
         right_tokens=tuple(_token_score_from_proto(t) for t in message.right_tokens),
+        residual_left=message.residual_left,
+        residual_right=message.residual_right,
     )
 
 
@@ -310,6 +334,8 @@ def _position_spectrum_to_proto(s: PositionSpectrum) -> pb.PositionSpectrum:
         captured_share=list(s.captured_share),
         stable_rank=s.stable_rank,
         term_norm=s.term_norm,
+        singular_values_complete=s.singular_values_complete,
+        stable_rank_error=s.stable_rank_error,
     )
 
 
@@ -323,6 +349,8 @@ def _position_spectrum_from_proto(message: pb.PositionSpectrum) -> PositionSpect
         captured_share=tuple(message.captured_share),
         stable_rank=message.stable_rank,
         term_norm=message.term_norm,
+        singular_values_complete=message.singular_values_complete,
+        stable_rank_error=message.stable_rank_error,
     )
 
 
@@ -334,6 +362,8 @@ def _linear_map_to_proto(s: LinearMapSpectrum) -> pb.LinearMapSpectrum:
         stable_rank=s.stable_rank,
         term_norm=s.term_norm,
         reconstruction_error=s.reconstruction_error,
+        singular_values_complete=s.singular_values_complete,
+        stable_rank_error=s.stable_rank_error,
     )
 
 
@@ -345,6 +375,8 @@ def _linear_map_from_proto(message: pb.LinearMapSpectrum) -> LinearMapSpectrum:
         stable_rank=message.stable_rank,
         term_norm=message.term_norm,
         reconstruction_error=message.reconstruction_error,
+        singular_values_complete=message.singular_values_complete,
+        stable_rank_error=message.stable_rank_error,
     )
 
 
@@ -471,6 +503,8 @@ def explanation_to_proto(e: Explanation) -> pb.Explanation:
         vjp_count=e.vjp_count,
         timings=timings_to_proto(e.timings),
         layers=[layer_result_to_proto(r) for r in e.layers],
+        method=_METHOD.to_pb(e.method) if e.method is not None else pb.EXPLAIN_METHOD_UNSPECIFIED,
+        jvp_count=e.jvp_count,
     )
     if e.reconstruction is not None:
         r = e.reconstruction
@@ -494,6 +528,8 @@ def explanation_to_proto(e: Explanation) -> pb.Explanation:
         )
     if e.layer_attributions is not None:
         message.layer_attributions.CopyFrom(layer_attributions_to_proto(e.layer_attributions))
+    if e.prompt_spectrum is not None:
+        message.prompt_spectrum.CopyFrom(_linear_map_to_proto(e.prompt_spectrum))
     return message
 
 
@@ -550,6 +586,11 @@ def explanation_from_proto(message: pb.Explanation) -> Explanation:
             else None
         ),
         layers=tuple(layer_result_from_proto(r) for r in message.layers),
+        method=_METHOD.from_pb(message.method, "method") if message.method else None,
+        jvp_count=message.jvp_count,
+        prompt_spectrum=(
+            _linear_map_from_proto(message.prompt_spectrum) if message.HasField("prompt_spectrum") else None
+        ),
     )
 
 

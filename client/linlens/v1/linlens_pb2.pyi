@@ -114,6 +114,8 @@ class _PositionSelectionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Pos
     """Only the last input position (the token right before the prediction)."""
     POSITION_SELECTION_ALL: _PositionSelection.ValueType  # 2
     """Every input position."""
+    POSITION_SELECTION_LIST: _PositionSelection.ValueType  # 3
+    """The positions listed in ExplainOptions.position_indices."""
 
 class PositionSelection(_PositionSelection, metaclass=_PositionSelectionEnumTypeWrapper):
     """PositionSelection selects which input positions get a singular-value decomposition of their Jacobian J_i."""
@@ -124,7 +126,45 @@ POSITION_SELECTION_LAST: PositionSelection.ValueType  # 1
 """Only the last input position (the token right before the prediction)."""
 POSITION_SELECTION_ALL: PositionSelection.ValueType  # 2
 """Every input position."""
+POSITION_SELECTION_LIST: PositionSelection.ValueType  # 3
+"""The positions listed in ExplainOptions.position_indices."""
 Global___PositionSelection: _TypeAlias = PositionSelection  # noqa: Y015
+
+class _ExplainMethod:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ExplainMethodEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ExplainMethod.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    EXPLAIN_METHOD_UNSPECIFIED: _ExplainMethod.ValueType  # 0
+    """The default: the same as EXPLAIN_METHOD_AUTO."""
+    EXPLAIN_METHOD_AUTO: _ExplainMethod.ValueType  # 1
+    """The server picks the cheaper method from the number of products each needs (and full whenever the raw
+    Jacobians are requested); Explanation.method says which ran.
+    """
+    EXPLAIN_METHOD_FULL: _ExplainMethod.ValueType  # 2
+    """Materialise each Jacobian (hidden_size vector-Jacobian products per map) and take its full SVD."""
+    EXPLAIN_METHOD_MATRIX_FREE: _ExplainMethod.ValueType  # 3
+    """Block Krylov on products only (a few dozen per map, whatever hidden_size is): the top_k triplets, each with
+    residual certificates; quantities that need the whole matrix are estimated (with an error) or marked incomplete.
+    """
+
+class ExplainMethod(_ExplainMethod, metaclass=_ExplainMethodEnumTypeWrapper):
+    """ExplainMethod is how singular triplets are computed."""
+
+EXPLAIN_METHOD_UNSPECIFIED: ExplainMethod.ValueType  # 0
+"""The default: the same as EXPLAIN_METHOD_AUTO."""
+EXPLAIN_METHOD_AUTO: ExplainMethod.ValueType  # 1
+"""The server picks the cheaper method from the number of products each needs (and full whenever the raw
+Jacobians are requested); Explanation.method says which ran.
+"""
+EXPLAIN_METHOD_FULL: ExplainMethod.ValueType  # 2
+"""Materialise each Jacobian (hidden_size vector-Jacobian products per map) and take its full SVD."""
+EXPLAIN_METHOD_MATRIX_FREE: ExplainMethod.ValueType  # 3
+"""Block Krylov on products only (a few dozen per map, whatever hidden_size is): the top_k triplets, each with
+residual certificates; quantities that need the whole matrix are estimated (with an error) or marked incomplete.
+"""
+Global___ExplainMethod: _TypeAlias = ExplainMethod  # noqa: Y015
 
 class _Precision:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -540,6 +580,9 @@ class ExplainOptions(_message.Message):
     EXPLAINED_TOKEN_ID_FIELD_NUMBER: _builtins.int
     VJP_CHUNK_SIZE_FIELD_NUMBER: _builtins.int
     LAYERS_FIELD_NUMBER: _builtins.int
+    METHOD_FIELD_NUMBER: _builtins.int
+    POSITION_INDICES_FIELD_NUMBER: _builtins.int
+    PROMPT_SPECTRUM_FIELD_NUMBER: _builtins.int
     steps: Global___ExplainSteps.ValueType
     """Which generation steps to explain (Generate and GenerateStream only; Explain always explains its one step).
     Unspecified means EXPLAIN_STEPS_FIRST.
@@ -566,6 +609,14 @@ class ExplainOptions(_message.Message):
     """
     vjp_chunk_size: _builtins.int
     """Vector-Jacobian products per batch while materialising J. Unset lets the server pick one that bounds memory."""
+    method: Global___ExplainMethod.ValueType
+    """How singular triplets are computed (per-position spectra, the prompt spectrum and the layer maps). Unspecified
+    means EXPLAIN_METHOD_AUTO.
+    """
+    prompt_spectrum: _builtins.bool
+    """Also the top_k triplets of the whole-prompt map [J_1 ... J_n] (the input is every token's embedding at once).
+    Default false.
+    """
     @_builtins.property
     def step_indices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """The steps to explain when steps is EXPLAIN_STEPS_LIST (0 = first generated token). Ignored otherwise."""
@@ -578,6 +629,12 @@ class ExplainOptions(_message.Message):
     def layers(self) -> Global___LayerAnalysisOptions:
         """Look inside the model, layer by layer (attention and MLP shares, up-to-layer maps). Absent means no layer
         analysis. Each explained step then also gets a LayerAttributions matrix and one LayerResult per selected layer.
+        """
+
+    @_builtins.property
+    def position_indices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The positions to decompose when positions is POSITION_SELECTION_LIST (0-based, each at most once). Ignored
+        otherwise.
         """
 
     def __init__(
@@ -596,10 +653,13 @@ class ExplainOptions(_message.Message):
         explained_token_id: _builtins.int | None = ...,
         vjp_chunk_size: _builtins.int | None = ...,
         layers: Global___LayerAnalysisOptions | None = ...,
+        method: Global___ExplainMethod.ValueType = ...,
+        position_indices: _abc.Iterable[_builtins.int] | None = ...,
+        prompt_spectrum: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_explained_token_id", b"_explained_token_id", "_tokens_per_vector", b"_tokens_per_vector", "_top_k", b"_top_k", "_vjp_chunk_size", b"_vjp_chunk_size", "explained_token_id", b"explained_token_id", "layers", b"layers", "tokens_per_vector", b"tokens_per_vector", "top_k", b"top_k", "vjp_chunk_size", b"vjp_chunk_size"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_explained_token_id", b"_explained_token_id", "_tokens_per_vector", b"_tokens_per_vector", "_top_k", b"_top_k", "_vjp_chunk_size", b"_vjp_chunk_size", "explained_token_id", b"explained_token_id", "gate_mode", b"gate_mode", "include_jacobians", b"include_jacobians", "layers", b"layers", "ordinary_contrast", b"ordinary_contrast", "positions", b"positions", "precision", b"precision", "step_indices", b"step_indices", "steps", b"steps", "targets", b"targets", "tokens_per_vector", b"tokens_per_vector", "top_k", b"top_k", "vjp_chunk_size", b"vjp_chunk_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_explained_token_id", b"_explained_token_id", "_tokens_per_vector", b"_tokens_per_vector", "_top_k", b"_top_k", "_vjp_chunk_size", b"_vjp_chunk_size", "explained_token_id", b"explained_token_id", "gate_mode", b"gate_mode", "include_jacobians", b"include_jacobians", "layers", b"layers", "method", b"method", "ordinary_contrast", b"ordinary_contrast", "position_indices", b"position_indices", "positions", b"positions", "precision", b"precision", "prompt_spectrum", b"prompt_spectrum", "step_indices", b"step_indices", "steps", b"steps", "targets", b"targets", "tokens_per_vector", b"tokens_per_vector", "top_k", b"top_k", "vjp_chunk_size", b"vjp_chunk_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__explained_token_id: _TypeAlias = _typing.Literal["explained_token_id"]  # noqa: Y015
     _WhichOneofArgType__explained_token_id: _TypeAlias = _typing.Literal["_explained_token_id", b"_explained_token_id"]  # noqa: Y015
@@ -762,7 +822,9 @@ Global___PredictedToken: _TypeAlias = PredictedToken  # noqa: Y015
 
 @_typing.final
 class Reconstruction(_message.Message):
-    """Reconstruction reports how well y = sum_i J_i x_i + c holds for the returned Jacobian."""
+    """Reconstruction reports how well y = sum_i J_i x_i + c holds. J x is one forward-mode Jacobian-vector product
+    through the frozen system (every explanation has one), and c the frozen system at input zero.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -858,10 +920,18 @@ class SingularComponent(_message.Message):
     RIGHT_FIELD_NUMBER: _builtins.int
     LEFT_TOKENS_FIELD_NUMBER: _builtins.int
     RIGHT_TOKENS_FIELD_NUMBER: _builtins.int
+    RESIDUAL_LEFT_FIELD_NUMBER: _builtins.int
+    RESIDUAL_RIGHT_FIELD_NUMBER: _builtins.int
     rank: _builtins.int
     """1 for the largest singular value, 2 for the next, and so on."""
     value: _builtins.float
     """The singular value s."""
+    residual_left: _builtins.float
+    """||J v - s u|| / s: how well (s, u, v) satisfies the left singular equation, from fresh products. Near the
+    precision's rounding for a converged triplet (and for the full method).
+    """
+    residual_right: _builtins.float
+    """||J^T u - s v|| / s, likewise."""
     @_builtins.property
     def left(self) -> Global___Tensor:
         """The left singular vector u (output side, hidden_size floats)."""
@@ -887,10 +957,12 @@ class SingularComponent(_message.Message):
         right: Global___Tensor | None = ...,
         left_tokens: _abc.Iterable[Global___TokenScore] | None = ...,
         right_tokens: _abc.Iterable[Global___TokenScore] | None = ...,
+        residual_left: _builtins.float = ...,
+        residual_right: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["left", b"left", "right", b"right"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["left", b"left", "left_tokens", b"left_tokens", "rank", b"rank", "right", b"right", "right_tokens", b"right_tokens", "value", b"value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["left", b"left", "left_tokens", b"left_tokens", "rank", b"rank", "residual_left", b"residual_left", "residual_right", b"residual_right", "right", b"right", "right_tokens", b"right_tokens", "value", b"value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -910,6 +982,8 @@ class PositionSpectrum(_message.Message):
     CAPTURED_SHARE_FIELD_NUMBER: _builtins.int
     STABLE_RANK_FIELD_NUMBER: _builtins.int
     TERM_NORM_FIELD_NUMBER: _builtins.int
+    SINGULAR_VALUES_COMPLETE_FIELD_NUMBER: _builtins.int
+    STABLE_RANK_ERROR_FIELD_NUMBER: _builtins.int
     position: _builtins.int
     """The input position i (0-based)."""
     token_id: _builtins.int
@@ -920,13 +994,21 @@ class PositionSpectrum(_message.Message):
     """||J_i||_F^2 / ||J_i||_2^2: how low-dimensional J_i is, as one number."""
     term_norm: _builtins.float
     """||J_i x_i||: how much this token's term contributes to y in norm."""
+    singular_values_complete: _builtins.bool
+    """Whether singular_values lists every singular value (full method) or only the top_k (matrix-free)."""
+    stable_rank_error: _builtins.float
+    """One standard error of stable_rank: 0 when it is exact (full method); with the matrix-free method ||J_i||_F^2 is
+    estimated from random products (Hutchinson), so stable_rank is an estimate.
+    """
     @_builtins.property
     def components(self) -> _containers.RepeatedCompositeFieldContainer[Global___SingularComponent]:
         """The top_k singular components, largest first."""
 
     @_builtins.property
     def singular_values(self) -> Global___Tensor:
-        """All singular values of J_i, descending (a 1-D Tensor), to plot the spectrum's decay."""
+        """The singular values of J_i, descending (a 1-D Tensor), to plot the spectrum's decay: all of them with the full
+        method, the top_k with the matrix-free one (singular_values_complete says which).
+        """
 
     @_builtins.property
     def captured_share(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
@@ -945,10 +1027,12 @@ class PositionSpectrum(_message.Message):
         captured_share: _abc.Iterable[_builtins.float] | None = ...,
         stable_rank: _builtins.float = ...,
         term_norm: _builtins.float = ...,
+        singular_values_complete: _builtins.bool = ...,
+        stable_rank_error: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["singular_values", b"singular_values"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["captured_share", b"captured_share", "components", b"components", "position", b"position", "singular_values", b"singular_values", "stable_rank", b"stable_rank", "term_norm", b"term_norm", "token_id", b"token_id", "token_text", b"token_text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["captured_share", b"captured_share", "components", b"components", "position", b"position", "singular_values", b"singular_values", "singular_values_complete", b"singular_values_complete", "stable_rank", b"stable_rank", "stable_rank_error", b"stable_rank_error", "term_norm", b"term_norm", "token_id", b"token_id", "token_text", b"token_text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -996,6 +1080,7 @@ class Timings(_message.Message):
     ORDINARY_MS_FIELD_NUMBER: _builtins.int
     TOTAL_MS_FIELD_NUMBER: _builtins.int
     LAYERS_MS_FIELD_NUMBER: _builtins.int
+    RECONSTRUCTION_MS_FIELD_NUMBER: _builtins.int
     queue_ms: _builtins.float
     """Time spent waiting in the server's queue before work started."""
     generation_ms: _builtins.float
@@ -1018,6 +1103,8 @@ class Timings(_message.Message):
     """Explanation: the layer-by-layer analysis (ExplainOptions.layers): the layers x tokens matrix and every selected
     layer's maps.
     """
+    reconstruction_ms: _builtins.float
+    """Explanation: the reconstruction y = J x + c from one Jacobian-vector product."""
     def __init__(
         self,
         *,
@@ -1031,10 +1118,11 @@ class Timings(_message.Message):
         ordinary_ms: _builtins.float = ...,
         total_ms: _builtins.float = ...,
         layers_ms: _builtins.float = ...,
+        reconstruction_ms: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attribution_ms", b"attribution_ms", "decode_ms", b"decode_ms", "forward_ms", b"forward_ms", "generation_ms", b"generation_ms", "jacobian_ms", b"jacobian_ms", "layers_ms", b"layers_ms", "ordinary_ms", b"ordinary_ms", "queue_ms", b"queue_ms", "svd_ms", b"svd_ms", "total_ms", b"total_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attribution_ms", b"attribution_ms", "decode_ms", b"decode_ms", "forward_ms", b"forward_ms", "generation_ms", b"generation_ms", "jacobian_ms", b"jacobian_ms", "layers_ms", b"layers_ms", "ordinary_ms", b"ordinary_ms", "queue_ms", b"queue_ms", "reconstruction_ms", b"reconstruction_ms", "svd_ms", b"svd_ms", "total_ms", b"total_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1066,6 +1154,9 @@ class Explanation(_message.Message):
     TIMINGS_FIELD_NUMBER: _builtins.int
     LAYER_ATTRIBUTIONS_FIELD_NUMBER: _builtins.int
     LAYERS_FIELD_NUMBER: _builtins.int
+    METHOD_FIELD_NUMBER: _builtins.int
+    JVP_COUNT_FIELD_NUMBER: _builtins.int
+    PROMPT_SPECTRUM_FIELD_NUMBER: _builtins.int
     step: _builtins.int
     """The generation step this explains (0 = first generated token). Always 0 for Explain."""
     has_bias: _builtins.bool
@@ -1076,6 +1167,10 @@ class Explanation(_message.Message):
     """The gated-MLP linearisation that was used."""
     vjp_count: _builtins.int
     """Number of vector-Jacobian products this explanation needed."""
+    method: Global___ExplainMethod.ValueType
+    """The method that computed the singular triplets (FULL or MATRIX_FREE; UNSPECIFIED when none was computed)."""
+    jvp_count: _builtins.int
+    """Number of Jacobian-vector products (forward-mode and double-backward) this explanation needed."""
     @_builtins.property
     def input_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """The token ids the model read for this prediction (prompt plus any earlier generated tokens)."""
@@ -1102,9 +1197,7 @@ class Explanation(_message.Message):
 
     @_builtins.property
     def reconstruction(self) -> Global___Reconstruction:
-        """How exactly the Jacobians reconstruct y. Absent when the full Jacobian was not computed (top_k 0 and no
-        include_jacobians).
-        """
+        """How exactly the linear system reconstructs y (from one Jacobian-vector product: present in every explanation)."""
 
     @_builtins.property
     def attributions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Attribution]:
@@ -1143,6 +1236,12 @@ class Explanation(_message.Message):
         layer_attributions, GenerateStream delivers each as a layer event instead.
         """
 
+    @_builtins.property
+    def prompt_spectrum(self) -> Global___LinearMapSpectrum:
+        """The top_k triplets of the whole-prompt map [J_1 ... J_n] when ExplainOptions.prompt_spectrum was set: right
+        vectors have shape (n, hidden_size), right_tokens decode the position that holds most of the vector.
+        """
+
     def __init__(
         self,
         *,
@@ -1166,10 +1265,13 @@ class Explanation(_message.Message):
         timings: Global___Timings | None = ...,
         layer_attributions: Global___LayerAttributions | None = ...,
         layers: _abc.Iterable[Global___LayerResult] | None = ...,
+        method: Global___ExplainMethod.ValueType = ...,
+        jvp_count: _builtins.int = ...,
+        prompt_spectrum: Global___LinearMapSpectrum | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["constant", b"constant", "explained", b"explained", "jacobians", b"jacobians", "layer_attributions", b"layer_attributions", "ordinary", b"ordinary", "predicted", b"predicted", "reconstruction", b"reconstruction", "timings", b"timings", "y", b"y"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["constant", b"constant", "explained", b"explained", "jacobians", b"jacobians", "layer_attributions", b"layer_attributions", "ordinary", b"ordinary", "predicted", b"predicted", "prompt_spectrum", b"prompt_spectrum", "reconstruction", b"reconstruction", "timings", b"timings", "y", b"y"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributions", b"attributions", "constant", b"constant", "explained", b"explained", "gate_mode", b"gate_mode", "has_bias", b"has_bias", "input_ids", b"input_ids", "input_tokens", b"input_tokens", "jacobians", b"jacobians", "layer_attributions", b"layer_attributions", "layers", b"layers", "ordinary", b"ordinary", "precision", b"precision", "predicted", b"predicted", "reconstruction", b"reconstruction", "spectra", b"spectra", "step", b"step", "timings", b"timings", "truncated_relative_error", b"truncated_relative_error", "vjp_count", b"vjp_count", "y", b"y"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributions", b"attributions", "constant", b"constant", "explained", b"explained", "gate_mode", b"gate_mode", "has_bias", b"has_bias", "input_ids", b"input_ids", "input_tokens", b"input_tokens", "jacobians", b"jacobians", "jvp_count", b"jvp_count", "layer_attributions", b"layer_attributions", "layers", b"layers", "method", b"method", "ordinary", b"ordinary", "precision", b"precision", "predicted", b"predicted", "prompt_spectrum", b"prompt_spectrum", "reconstruction", b"reconstruction", "spectra", b"spectra", "step", b"step", "timings", b"timings", "truncated_relative_error", b"truncated_relative_error", "vjp_count", b"vjp_count", "y", b"y"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1189,6 +1291,8 @@ class LinearMapSpectrum(_message.Message):
     STABLE_RANK_FIELD_NUMBER: _builtins.int
     TERM_NORM_FIELD_NUMBER: _builtins.int
     RECONSTRUCTION_ERROR_FIELD_NUMBER: _builtins.int
+    SINGULAR_VALUES_COMPLETE_FIELD_NUMBER: _builtins.int
+    STABLE_RANK_ERROR_FIELD_NUMBER: _builtins.int
     stable_rank: _builtins.float
     """||M||_F^2 / ||M||_2^2: the map's effective dimensionality, as one number."""
     term_norm: _builtins.float
@@ -1197,6 +1301,10 @@ class LinearMapSpectrum(_message.Message):
     """||sum_j M_j z_j - out|| / ||out|| over every input position j: how exactly the map reproduces the layer's real
     output. NaN where it is not claimed (layer_alone of a model with biases).
     """
+    singular_values_complete: _builtins.bool
+    """Whether singular_values lists every singular value (full method) or only the top_k (matrix-free)."""
+    stable_rank_error: _builtins.float
+    """One standard error of stable_rank (0 when exact), as in PositionSpectrum."""
     @_builtins.property
     def components(self) -> _containers.RepeatedCompositeFieldContainer[Global___SingularComponent]:
         """The top_k singular components, largest first. Left vectors are decoded logit-lens style (the tokens whose
@@ -1206,7 +1314,9 @@ class LinearMapSpectrum(_message.Message):
 
     @_builtins.property
     def singular_values(self) -> Global___Tensor:
-        """All singular values of the last input position's block of the map, descending (a 1-D Tensor)."""
+        """The singular values of the last input position's block of the map, descending (a 1-D Tensor): all of them with
+        the full method, the top_k with the matrix-free one (singular_values_complete says which).
+        """
 
     @_builtins.property
     def captured_share(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
@@ -1221,10 +1331,12 @@ class LinearMapSpectrum(_message.Message):
         stable_rank: _builtins.float = ...,
         term_norm: _builtins.float = ...,
         reconstruction_error: _builtins.float = ...,
+        singular_values_complete: _builtins.bool = ...,
+        stable_rank_error: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["singular_values", b"singular_values"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["captured_share", b"captured_share", "components", b"components", "reconstruction_error", b"reconstruction_error", "singular_values", b"singular_values", "stable_rank", b"stable_rank", "term_norm", b"term_norm"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["captured_share", b"captured_share", "components", b"components", "reconstruction_error", b"reconstruction_error", "singular_values", b"singular_values", "singular_values_complete", b"singular_values_complete", "stable_rank", b"stable_rank", "stable_rank_error", b"stable_rank_error", "term_norm", b"term_norm"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,17 +1,22 @@
-"""The whole-output explanation of one prediction: exact attributions, the Jacobians J_i and what they show.
+"""The whole-output explanation of one prediction: exact attributions, the reconstruction, and the spectra.
 
 Read off an :class:`~linlens.engine.forward.ExplanationPass`:
 
 1. attributions: one batched VJP with a cotangent per target (an LM-head row, or the difference of two rows);
-2. when the answer needs it (top_k > 0 or the raw Jacobians), the full Jacobian from d VJPs in memory-bounded
-   batches, the reconstruction y = sum_i J_i x_i + c checked against the model, and the SVD of the selected J_i with
-   their singular vectors decoded to tokens;
-3. optionally the ordinary (not detached) Jacobian, for contrast.
+2. the reconstruction y = J x + c: J x from one forward-mode JVP through the frozen system, in every explanation
+   (it certifies that every nonlinearity was frozen: a live one would add its derivative to the tangent);
+3. the top-k singular triplets of the selected J_i, and optionally of the whole-prompt map [J_1 ... J_n], by one
+   of two methods (:func:`choose_method`): FULL materialises the Jacobian (hidden_size VJPs) and takes its SVD;
+   MATRIX_FREE runs block Krylov on products (:mod:`linlens.engine.matrix_free`), a few dozen whatever the width,
+   with residual certificates, exact term shares (one JVP per position) and estimated stable ranks;
+4. optionally the ordinary (not detached) Jacobian, for contrast.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -19,7 +24,10 @@ import torch
 from linlens.contract import (
     Attribution,
     AttributionTarget,
+    ExplainMethod,
+    ExplainOptions,
     Explanation,
+    LinearMapSpectrum,
     OrdinaryContrast,
     PositionSelection,
     PositionSpectrum,
@@ -30,7 +38,14 @@ from linlens.contract import (
 )
 from linlens.engine import jacobian as jac
 from linlens.engine.forward import ExplanationPass
+from linlens.engine.matrix_free import BlockMaps, Cancelled, Triplets, top_singular_triplets
+from linlens.engine.products import GraphProducts
 from linlens.engine.spectra import Spectrum, decompose, truncated_relative_errors
+
+#: Krylov iterations assumed when the cost of the matrix-free method is estimated ahead of running it.
+ASSUMED_ITERATIONS = 6
+#: How much more a double-backward JVP costs than a VJP, for the same estimate.
+JVP_WEIGHT = 2.0
 
 
 def relative(error: torch.Tensor, reference: torch.Tensor) -> float:
@@ -43,10 +58,47 @@ def numpy(tensor: torch.Tensor) -> np.ndarray:
     return tensor.detach().cpu().numpy().copy()
 
 
+def _ms(seconds: float) -> float:
+    return seconds * 1000.0
+
+
+def block_size(k: int) -> int:
+    """Krylov block width for the top ``k``: k plus oversampling."""
+    return k + max(5, k)
+
+
+def matrix_free_products(k: int, maps: int = 1) -> float:
+    """The estimated cost of the matrix-free top-k of ``maps`` maps, in VJP-equivalents."""
+    b = block_size(k)
+    jvps = maps * (b * (1 + ASSUMED_ITERATIONS) + k)
+    vjps = maps * (b * (1 + ASSUMED_ITERATIONS) + k)
+    return vjps + JVP_WEIGHT * jvps
+
+
+def choose_method(options: ExplainOptions, n_tokens: int, hidden: int) -> ExplainMethod | None:
+    """FULL or MATRIX_FREE for this request (None: nothing spectral to compute). AUTO compares product counts: FULL
+    costs ``hidden`` VJPs for all maps at once, MATRIX_FREE a few dozen per map; the raw Jacobians need FULL."""
+    maps = len(options.selected_positions(n_tokens)) + (1 if options.prompt_spectrum else 0)
+    if options.include_jacobians:
+        return ExplainMethod.FULL
+    if maps == 0:
+        return None
+    if options.method is not ExplainMethod.AUTO:
+        return options.method
+    if options.top_k == 0:  # the prompt spectrum alone, with its top_k of 0: nothing to decompose
+        return None
+    free = matrix_free_products(options.top_k, maps) + JVP_WEIGHT * n_tokens
+    return ExplainMethod.MATRIX_FREE if free < hidden else ExplainMethod.FULL
+
+
 def singular_components(
-    spectrum: Spectrum, k: int, left_tokens: list[tuple[TokenScore, ...]], right_tokens: list[tuple[TokenScore, ...]]
+    spectrum: Spectrum,
+    k: int,
+    left_tokens: list[tuple[TokenScore, ...]],
+    right_tokens: list[tuple[TokenScore, ...]],
+    residuals: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[SingularComponent, ...]:
-    """The top ``k`` singular triplets of ``spectrum`` with their decoded tokens, as the contract's components."""
+    """The top ``k`` singular triplets of ``spectrum`` with their decoded tokens and certificates."""
     return tuple(
         SingularComponent(
             rank=i + 1,
@@ -55,13 +107,54 @@ def singular_components(
             right=numpy(spectrum.right[:, i]),
             left_tokens=left_tokens[i],
             right_tokens=right_tokens[i],
+            residual_left=float(residuals[0][i]) if residuals is not None else 0.0,
+            residual_right=float(residuals[1][i]) if residuals is not None else 0.0,
         )
         for i in range(k)
     )
 
 
-def _ms(seconds: float) -> float:
-    return seconds * 1000.0
+def exact_residuals(matrix: torch.Tensor, spectrum: Spectrum, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """||M v - s u|| / s and ||M^T u - s v|| / s for the top ``k`` of a materialised ``matrix`` (d_out, d_in)."""
+    s = spectrum.values[:k].clamp_min(1e-300)
+    u, v = spectrum.left[:, :k], spectrum.right[:, :k]
+    left = (matrix @ v - u * s).norm(dim=0) / s
+    right = (matrix.T @ u - v * s).norm(dim=0) / s
+    return left, right
+
+
+def from_triplets(triplets: Triplets, terms: torch.Tensor, y: torch.Tensor, k: int) -> Spectrum:
+    """A Spectrum (signs along y, captured shares of each exact term) from matrix-free triplets.
+
+    ``terms`` (m, d_out) are the images whose shares are measured (J_i x_i, or J x for a whole map)."""
+    signs = torch.where(triplets.left.T @ y < 0, -1.0, 1.0).to(triplets.left.dtype)
+    left, right = triplets.left * signs, triplets.right * signs
+    term = terms.sum(dim=0)
+    energy = (term * term).sum()
+    projections = left.T @ term
+    captured = torch.cumsum(projections * projections, dim=0) / energy.clamp_min(torch.finfo(term.dtype).tiny)
+    values = triplets.values
+    stable = triplets.frobenius_sq / max(float(values[0]) ** 2, 1e-300)
+    return Spectrum(
+        values=values,
+        left=left,
+        right=right,
+        captured_share=captured,
+        stable_rank=stable,
+        term_norm=float(energy.sqrt()),
+    )
+
+
+@dataclasses.dataclass
+class _Tally:
+    """Products and phase times of one explanation."""
+
+    vjps: int = 0
+    jvps: int = 0
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def timed(self, phase: str, started: float) -> None:
+        self.timings[f"{phase}_ms"] = self.timings.get(f"{phase}_ms", 0.0) + _ms(time.perf_counter() - started)
 
 
 def explain_output(
@@ -76,9 +169,9 @@ def explain_output(
     y_model, logits = prediction.y_model, prediction.logits
     d = context.hidden_size
     y = p.y.detach()
-    timings: dict[str, float] = {"forward_ms": _ms(p.seconds)}
-    need_full = options.needs_full_jacobian
-    keep_graph = p.analyses_layers
+    tally = _Tally(timings={"forward_ms": _ms(p.seconds)})
+    method = choose_method(options, p.n, d)
+    keep_graph = p.analyses_layers or method is not None
 
     # 1. Exact attributions: one batched VJP with a cotangent per target (logit rows, or differences of rows).
     tick = time.perf_counter()
@@ -87,7 +180,7 @@ def explain_output(
         [p.head[t.token_id] - (p.head[t.contrast_token_id] if t.contrast_token_id is not None else 0) for t in targets]
     )
     with torch.enable_grad():
-        products = jac.cotangent_products(p.y, p.x, directions, retain_graph=need_full or keep_graph)
+        products = jac.cotangent_products(p.y, p.x, directions, retain_graph=keep_graph)
     per_token = (products * p.x.detach()[None]).sum(dim=-1)  # (T, n)
     attributions = []
     for target, direction, row in zip(targets, directions, per_token, strict=True):
@@ -98,47 +191,39 @@ def explain_output(
         if target.contrast_token_id is not None:
             label = f"{label} vs {context.decoder.text(target.contrast_token_id)}"
         attributions.append(Attribution(target, label, numpy(row), constant_part, total, error))
-    timings["attribution_ms"] = _ms(time.perf_counter() - tick)
-    vjp_count = len(targets)
+    tally.vjps += len(targets)
+    tally.timed("attribution", tick)
 
-    # 2. The full Jacobian, when the answer needs it: d VJPs, batched to bound memory.
-    reconstruction: Reconstruction | None = None
+    # 2. The reconstruction y = J x + c, from one forward-mode JVP along x.
+    tick = time.perf_counter()
+    y_linear = p.frozen_jvp(p.x.detach()) + p.constant
+    tally.jvps += 1
+    logits_linear = p.head @ y_linear
+    linear_id = int(torch.argmax(logits_linear))
+    reconstruction = Reconstruction(
+        relative_error_vs_model=relative(y_linear.double() - y_model.double(), y_model),
+        relative_error_vs_detached=relative(y_linear - y, y),
+        max_abs_logit_error=float((logits_linear.double() - logits.double()).abs().max()),
+        predicts_same_token=linear_id == prediction.predicted.token_id,
+        linear_token_id=linear_id,
+    )
+    tally.timed("reconstruction", tick)
+
+    # 3. The spectra, by the chosen method.
     spectra: tuple[PositionSpectrum, ...] = ()
     truncated: tuple[float, ...] = ()
     jacobians_out: np.ndarray | None = None
-    if need_full:
-        tick = time.perf_counter()
-        with torch.enable_grad():
-            full = jac.full_jacobian(
-                p.y,
-                p.x,
-                chunk=p.vjp_chunk(),
-                should_stop=should_stop,
-                on_progress=on_progress,
-                retain_graph=keep_graph,
-            )
-        per_position = full.permute(1, 0, 2).contiguous()  # (n, d_out, d_in): per_position[i] = J_i
-        del full
-        vjp_count += d
-        timings["jacobian_ms"] = _ms(time.perf_counter() - tick)
-        xs = p.x.detach()
-        y_linear = torch.einsum("nod,nd->o", per_position, xs) + p.constant
-        logits_linear = p.head @ y_linear
-        linear_id = int(torch.argmax(logits_linear))
-        reconstruction = Reconstruction(
-            relative_error_vs_model=relative(y_linear.double() - y_model.double(), y_model),
-            relative_error_vs_detached=relative(y_linear - y, y),
-            max_abs_logit_error=float((logits_linear.double() - logits.double()).abs().max()),
-            predicts_same_token=linear_id == prediction.predicted.token_id,
-            linear_token_id=linear_id,
+    prompt: LinearMapSpectrum | None = None
+    if method is ExplainMethod.FULL:
+        spectra, truncated, jacobians_out, prompt = _full(
+            p, tally, should_stop, on_progress, reconstruction.relative_error_vs_detached
         )
-        if options.top_k > 0:
-            spectra, truncated = _spectra(p, per_position, timings)
-        if options.include_jacobians:
-            jacobians_out = numpy(per_position)
-        del per_position
+    elif method is ExplainMethod.MATRIX_FREE:
+        spectra, truncated, prompt = _matrix_free(
+            p, tally, should_stop, on_progress, reconstruction.relative_error_vs_detached
+        )
 
-    # 3. The ordinary Jacobian for contrast: same arithmetic, nothing detached, so it does not reconstruct y.
+    # 4. The ordinary Jacobian for contrast: same arithmetic, nothing detached, so it does not reconstruct y.
     ordinary: OrdinaryContrast | None = None
     if options.ordinary_contrast:
         tick = time.perf_counter()
@@ -153,8 +238,8 @@ def explain_output(
             predicts_same_token=int(torch.argmax(p.head @ y_ordinary)) == prediction.predicted.token_id,
         )
         del full
-        vjp_count += d
-        timings["ordinary_ms"] = _ms(time.perf_counter() - tick)
+        tally.vjps += d
+        tally.timed("ordinary", tick)
 
     return Explanation(
         input_ids=p.input_ids,
@@ -172,46 +257,270 @@ def explain_output(
         ordinary=ordinary,
         precision=options.precision,
         gate_mode=options.gate_mode,
-        timings=Timings(**timings, total_ms=sum(timings.values())),
-        vjp_count=vjp_count,
+        timings=Timings(**tally.timings, total_ms=sum(tally.timings.values())),
+        vjp_count=tally.vjps,
+        method=method,
+        jvp_count=tally.jvps,
+        prompt_spectrum=prompt,
     )
 
 
-def _spectra(
-    p: ExplanationPass, per_position: torch.Tensor, timings: dict[str, float]
-) -> tuple[tuple[PositionSpectrum, ...], tuple[float, ...]]:
-    """SVD of the selected J_i, their decoded singular vectors, and (for all positions) the rank-k truncation."""
-    options, decoder = p.options, p.context.decoder
-    xs, y = p.x.detach(), p.y.detach()
-    tick = time.perf_counter()
-    positions = list(range(p.n)) if options.positions is PositionSelection.ALL else [p.n - 1]
-    decomposed = decompose(per_position[positions], xs[positions], y, options.top_k)
-    truncated: tuple[float, ...] = ()
-    if options.positions is PositionSelection.ALL:
-        truncated = tuple(truncated_relative_errors(decomposed, per_position, xs, p.constant, y))
-    timings["svd_ms"] = _ms(time.perf_counter() - tick)
+# -- FULL: materialise the Jacobian, then SVDs -----------------------------------------------------------------------
 
+
+def _full(
+    p: ExplanationPass,
+    tally: _Tally,
+    should_stop: jac.ShouldStop | None,
+    on_progress: jac.OnProgress | None,
+    reconstruction_error: float,
+) -> tuple[tuple[PositionSpectrum, ...], tuple[float, ...], np.ndarray | None, LinearMapSpectrum | None]:
+    options = p.options
+    tick = time.perf_counter()
+    with torch.enable_grad():
+        full = jac.full_jacobian(
+            p.y,
+            p.x,
+            chunk=p.vjp_chunk(),
+            should_stop=should_stop,
+            on_progress=on_progress,
+            retain_graph=p.analyses_layers,
+        )
+    per_position = full.permute(1, 0, 2).contiguous()  # (n, d_out, d_in): per_position[i] = J_i
+    del full
+    tally.vjps += p.context.hidden_size
+    tally.timed("jacobian", tick)
+    xs, y = p.x.detach(), p.y.detach()
+    spectra: tuple[PositionSpectrum, ...] = ()
+    truncated: tuple[float, ...] = ()
+    positions = list(options.selected_positions(p.n))
+    if positions:
+        tick = time.perf_counter()
+        decomposed = decompose(per_position[positions], xs[positions], y, options.top_k)
+        if options.positions is PositionSelection.ALL:
+            truncated = tuple(truncated_relative_errors(decomposed, per_position, xs, p.constant, y))
+        residuals = [
+            exact_residuals(per_position[i], s, s.left.shape[-1]) for i, s in zip(positions, decomposed, strict=True)
+        ]
+        tally.timed("svd", tick)
+        spectra = _position_spectra(p, positions, decomposed, residuals, tally, complete=True, errors=None)
+    prompt = None
+    if options.prompt_spectrum and options.top_k > 0:
+        tick = time.perf_counter()
+        whole = per_position.permute(1, 0, 2).reshape(per_position.shape[1], -1)  # (d_out, n * d_in)
+        (spectrum,) = decompose(whole[None], xs.reshape(1, -1), y, options.top_k)
+        residual = exact_residuals(whole, spectrum, spectrum.left.shape[-1])
+        tally.timed("svd", tick)
+        prompt = _prompt_spectrum(p, spectrum, residual, tally, True, 0.0, reconstruction_error)
+    jacobians = numpy(per_position) if options.include_jacobians else None
+    return spectra, truncated, jacobians, prompt
+
+
+# -- MATRIX_FREE: block Krylov on products ---------------------------------------------------------------------------
+
+
+def _matrix_free(
+    p: ExplanationPass,
+    tally: _Tally,
+    should_stop: jac.ShouldStop | None,
+    on_progress: jac.OnProgress | None,
+    reconstruction_error: float,
+) -> tuple[tuple[PositionSpectrum, ...], tuple[float, ...], LinearMapSpectrum | None]:
+    options = p.options
+    n, d, k = p.n, p.context.hidden_size, options.top_k
+    xs, y = p.x.detach(), p.y.detach()
+    graph = GraphProducts(p.y, p.x, chunk=p.vjp_chunk())
+    positions = list(options.selected_positions(n))
+    maps = len(positions) + (1 if options.prompt_spectrum else 0)
+    progress = _Progress(on_progress, int(matrix_free_products(k, maps)))
+    tick = time.perf_counter()
+    spectra: tuple[PositionSpectrum, ...] = ()
+    truncated: tuple[float, ...] = ()
+    try:
+        # The exact terms J_i x_i: one JVP per position (all of them when every position is decomposed).
+        wanted = list(range(n)) if options.positions is PositionSelection.ALL else positions
+        tangents = torch.zeros((len(wanted), n, d), dtype=xs.dtype, device=xs.device)
+        for row, i in enumerate(wanted):
+            tangents[row, i] = xs[i]
+        terms = dict(zip(wanted, graph.jvp(tangents), strict=True)) if wanted else {}
+        if positions:
+            triplets = _position_triplets(graph, positions, n, d, k, should_stop, progress)
+            decomposed = [from_triplets(t, terms[i][None], y, k) for t, i in zip(triplets, positions, strict=True)]
+            if options.positions is PositionSelection.ALL:
+                stacked = torch.stack([terms[i] for i in range(n)])
+                truncated = tuple(_truncated(decomposed, stacked, p.constant, y))
+            tally.timed("svd", tick)
+            spectra = _position_spectra(
+                p,
+                positions,
+                decomposed,
+                [(t.residual_left, t.residual_right) for t in triplets],
+                tally,
+                complete=False,
+                errors=[t.frobenius_sq_error / max(float(t.values[0]) ** 2, 1e-300) for t in triplets],
+            )
+        prompt = None
+        if options.prompt_spectrum:
+            tick = time.perf_counter()
+            whole = BlockMaps(
+                count=1,
+                in_dim=n * d,
+                out_dim=d,
+                apply=lambda v: graph.jvp(v[0].reshape(-1, n, d))[None],
+                apply_transposed=lambda u: graph.vjp(u[0]).reshape(1, -1, n * d),
+                dtype=xs.dtype,
+                device=xs.device,
+            )
+            (found,), _ = top_singular_triplets(whole, k, should_stop=should_stop, on_products=progress)
+            image = y - p.constant
+            spectrum = from_triplets(found, image[None], y, k)
+            tally.timed("svd", tick)
+            error = found.frobenius_sq_error / max(float(found.values[0]) ** 2, 1e-300)
+            residuals = (found.residual_left, found.residual_right)
+            prompt = _prompt_spectrum(p, spectrum, residuals, tally, False, error, reconstruction_error)
+    except Cancelled:
+        raise jac.ExplanationCancelled("explanation cancelled while computing the spectra") from None
+    finally:
+        tally.jvps += graph.jvps
+        tally.vjps += graph.vjps
+        graph.release()
+    return spectra, truncated, prompt
+
+
+def _position_triplets(
+    graph: GraphProducts,
+    positions: list[int],
+    n: int,
+    d: int,
+    k: int,
+    should_stop: jac.ShouldStop | None,
+    progress: Callable[[int], None],
+) -> list[Triplets]:
+    """The top-k of every selected J_i in lockstep: one batched backward serves all positions."""
+    count = len(positions)
+    index = torch.tensor(positions)
+
+    def apply(vectors: torch.Tensor) -> torch.Tensor:  # (P, b, d) -> (P, b, d)
+        b = vectors.shape[1]
+        tangents = vectors.new_zeros((count, b, n, d))
+        tangents[torch.arange(count), :, index] = vectors
+        return graph.jvp(tangents.reshape(count * b, n, d)).reshape(count, b, -1)
+
+    def apply_transposed(vectors: torch.Tensor) -> torch.Tensor:  # (P, b, d) -> (P, b, d)
+        b = vectors.shape[1]
+        rows = graph.vjp(vectors.reshape(count * b, -1)).reshape(count, b, n, d)
+        return rows[torch.arange(count), :, index]
+
+    maps = BlockMaps(count, d, graph.out_dim, apply, apply_transposed, graph.out.dtype, graph.out.device)
+    triplets, _ = top_singular_triplets(maps, k, should_stop=should_stop, on_products=progress)
+    return triplets
+
+
+def _truncated(spectra: list[Spectrum], terms: torch.Tensor, constant: torch.Tensor, y: torch.Tensor) -> list[float]:
+    """||sum_i U_i^k U_i^k^T J_i x_i + c - y|| / ||y|| for k = 1..top_k, from the exact terms."""
+    top_k = min(spectrum.left.shape[-1] for spectrum in spectra)
+    errors = []
+    for k in range(1, top_k + 1):
+        truncated = sum(s.left[:, :k] @ (s.left[:, :k].T @ t) for s, t in zip(spectra, terms, strict=True))
+        errors.append(float((truncated + constant - y).norm() / y.norm()))
+    return errors
+
+
+class _Progress:
+    """Products done against an estimated total, for a progress bar (the total grows if the estimate was short)."""
+
+    def __init__(self, on_progress: jac.OnProgress | None, total: int) -> None:
+        self.on_progress = on_progress
+        self.total = max(total, 1)
+        self.done = 0
+
+    def __call__(self, count: int) -> None:
+        self.done += count
+        self.total = max(self.total, self.done)
+        if self.on_progress is not None:
+            self.on_progress(self.done, self.total)
+
+
+# -- decoding ----------------------------------------------------------------------------------------------------------
+
+
+def _position_spectra(
+    p: ExplanationPass,
+    positions: list[int],
+    decomposed: list[Spectrum],
+    residuals: list[tuple[torch.Tensor, torch.Tensor]],
+    tally: _Tally,
+    *,
+    complete: bool,
+    errors: list[float] | None,
+) -> tuple[PositionSpectrum, ...]:
+    options, decoder = p.options, p.context.decoder
     tick = time.perf_counter()
     results = []
-    for position, spectrum in zip(positions, decomposed, strict=True):
-        left_tokens = decoder.output_tokens(spectrum.left, options.tokens_per_vector)
-        right_tokens = decoder.input_tokens(spectrum.right, options.tokens_per_vector)
-        components = singular_components(spectrum, spectrum.left.shape[-1], left_tokens, right_tokens)
+    for slot, (position, spectrum) in enumerate(zip(positions, decomposed, strict=True)):
+        k = min(options.top_k, spectrum.left.shape[-1])
+        left_tokens = decoder.output_tokens(spectrum.left[:, :k], options.tokens_per_vector)
+        right_tokens = decoder.input_tokens(spectrum.right[:, :k], options.tokens_per_vector)
         token_id = p.input_ids[position]
         results.append(
             PositionSpectrum(
                 position=position,
                 token_id=token_id,
                 token_text=decoder.text(token_id),
-                components=components,
+                components=singular_components(spectrum, k, left_tokens, right_tokens, residuals[slot]),
                 singular_values=numpy(spectrum.values),
-                captured_share=tuple(float(v) for v in spectrum.captured_share),
+                captured_share=tuple(float(v) for v in spectrum.captured_share[:k]),
                 stable_rank=spectrum.stable_rank,
                 term_norm=spectrum.term_norm,
+                singular_values_complete=complete,
+                stable_rank_error=errors[slot] if errors is not None else 0.0,
             )
         )
-    timings["decode_ms"] = _ms(time.perf_counter() - tick)
-    return tuple(results), truncated
+    tally.timed("decode", tick)
+    return tuple(results)
 
 
-__all__ = ["explain_output", "numpy", "relative", "singular_components"]
+def _prompt_spectrum(
+    p: ExplanationPass,
+    spectrum: Spectrum,
+    residuals: tuple[torch.Tensor, torch.Tensor],
+    tally: _Tally,
+    complete: bool,
+    error: float,
+    reconstruction_error: float,
+) -> LinearMapSpectrum:
+    """The whole-prompt map's triplets: right vectors as (n, d), decoded at the position holding most of each."""
+    options, decoder = p.options, p.context.decoder
+    tick = time.perf_counter()
+    k = min(options.top_k, spectrum.left.shape[-1])
+    n, d = p.n, p.context.hidden_size
+    rights = spectrum.right[:, :k].T.reshape(k, n, d)
+    dominant = rights.norm(dim=-1).argmax(dim=-1)  # (k,)
+    left_tokens = decoder.output_tokens(spectrum.left[:, :k], options.tokens_per_vector)
+    right_tokens = decoder.input_tokens(rights[torch.arange(k), dominant].T, options.tokens_per_vector)
+    components = tuple(
+        dataclasses.replace(c, right=numpy(rights[i]))
+        for i, c in enumerate(singular_components(spectrum, k, left_tokens, right_tokens, residuals))
+    )
+    tally.timed("decode", tick)
+    return LinearMapSpectrum(
+        components=components,
+        singular_values=numpy(spectrum.values),
+        captured_share=tuple(float(v) for v in spectrum.captured_share[:k]),
+        stable_rank=spectrum.stable_rank,
+        term_norm=spectrum.term_norm,
+        reconstruction_error=reconstruction_error,
+        singular_values_complete=complete,
+        stable_rank_error=error,
+    )
+
+
+__all__ = [
+    "choose_method",
+    "explain_output",
+    "from_triplets",
+    "matrix_free_products",
+    "numpy",
+    "relative",
+    "singular_components",
+]

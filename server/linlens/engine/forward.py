@@ -16,15 +16,21 @@ An :class:`ExplanationPass` holds, for one token sequence and one set of options
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Sequence
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 
 from linlens.contract import ExplainOptions
 from linlens.engine.capture import Capture, capturing
 from linlens.engine.context import DTYPES, ModelContext
 from linlens.engine.freeze import CoefficientTape, recording, replaying
+
+#: PyTorch's forward-mode AD level is process-wide ("nested forward mode AD is not supported"), so passes running in
+#: several threads take turns for their forward-mode JVPs (one forward pass each).
+_FORWARD_MODE = threading.Lock()
 
 
 class ExplanationPass:
@@ -80,6 +86,23 @@ class ExplanationPass:
             out = self.twin.base_model(inputs_embeds=inputs.to(self.x.dtype)[None], use_cache=False)
         return out.last_hidden_state[0, -1]
 
+    def frozen_jvp(self, tangent: torch.Tensor, capture: Capture | None = None) -> torch.Tensor:
+        """J t for a tangent t (n, d) of the input embeddings: one forward-mode pass through the frozen system.
+
+        With ``capture``, its recorded tensors are dual: :func:`tangent_of` reads the image of t in each of them.
+        """
+        layers = capturing(capture) if capture is not None else contextlib.nullcontext()
+        x = self.x.detach()
+        with _FORWARD_MODE, forward_ad.dual_level(), replaying(self.tape), layers, torch.no_grad():
+            dual = forward_ad.make_dual(x, tangent.to(x.dtype))
+            out = self.twin.base_model(inputs_embeds=dual[None], use_cache=False).last_hidden_state[0, -1]
+            image = forward_ad.unpack_dual(out).tangent
+            if capture is not None:
+                for tensors in (capture.layer_outputs, capture.attention, capture.mlp):
+                    for layer, recorded in tensors.items():
+                        tensors[layer] = tangent_of(recorded)
+        return image if image is not None else torch.zeros_like(self.y.detach())
+
     def _affine_constants(self) -> None:
         """The frozen system at input zero: c for y and (with a layer analysis) every recorded layer and block."""
         capture = Capture() if self.analyses_layers else None
@@ -91,4 +114,10 @@ class ExplanationPass:
                     self.block_constants[(kind, layer)] = output[0, -1].detach()
 
 
-__all__ = ["ExplanationPass"]
+def tangent_of(dual: torch.Tensor) -> torch.Tensor:
+    """The tangent part of a dual tensor (zeros when it has none: it does not depend on the input)."""
+    tangent = forward_ad.unpack_dual(dual).tangent
+    return tangent.detach() if tangent is not None else torch.zeros_like(forward_ad.unpack_dual(dual).primal)
+
+
+__all__ = ["ExplanationPass", "tangent_of"]

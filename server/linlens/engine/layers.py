@@ -25,6 +25,7 @@ import torch
 
 from linlens.contract import (
     ComponentContribution,
+    ExplainMethod,
     LayerAnalysisOptions,
     LayerAttributions,
     LayerResult,
@@ -32,10 +33,20 @@ from linlens.contract import (
     SingularComponent,
 )
 from linlens.engine import jacobian as jac
-from linlens.engine.explanation import numpy, relative, singular_components
+from linlens.engine.capture import Capture
+from linlens.engine.explanation import (
+    exact_residuals,
+    from_triplets,
+    matrix_free_products,
+    numpy,
+    relative,
+    singular_components,
+)
 from linlens.engine.forward import ExplanationPass
 from linlens.engine.linearize import LinearizedRMSNorm
-from linlens.engine.spectra import decompose
+from linlens.engine.matrix_free import BlockMaps, Cancelled, top_singular_triplets
+from linlens.engine.products import GraphProducts
+from linlens.engine.spectra import Spectrum, decompose
 
 LayerEvent = LayerAttributions | LayerResult
 
@@ -117,19 +128,30 @@ def analyze_layers(
 
     d = context.hidden_size
     chunk = p.vjp_chunk()
-    needs_jacobian = options.up_to_layer or options.layer_alone
-    per_layer_vjps = options.vjps_per_layer(d)
-    total_vjps = per_layer_vjps * len(layers)
+    k = max(options.top_k, 1)  # top_k 0 still reports the summaries (stable rank, rank-1 share), which need s_1
+    method = layer_method(p.options.method, options, d)
+    maps_per_layer = (1 if options.up_to_layer else 0) + (1 if options.layer_alone else 0)
+    maps_per_layer += 2 if options.component_spectra else 0
+    if method is ExplainMethod.FULL:
+        per_layer_vjps = options.vjps_per_layer(d)
+    else:
+        per_layer_vjps = int(matrix_free_products(k, maps_per_layer))
+    total_products = per_layer_vjps * len(layers)
     done = 0
 
     def progress(offset: int) -> jac.OnProgress:
         def report(finished: int, _: int) -> None:
             if on_progress is not None:
-                on_progress(offset + finished, total_vjps)
+                on_progress(min(offset + finished, total_products), total_products)
 
         return report
 
     offsets = p.block_constants
+    images: Capture | None = None
+    if method is ExplainMethod.MATRIX_FREE and (options.up_to_layer or options.component_spectra):
+        # M x for every layer output and block term at once: one forward-mode JVP through the frozen system.
+        images = Capture()
+        p.frozen_jvp(x.detach(), images)
     for layer in layers:
         if should_stop is not None and should_stop():
             raise jac.ExplanationCancelled("the layer analysis was stopped")
@@ -138,39 +160,66 @@ def analyze_layers(
         alone: LinearMapSpectrum | None = None
         out = capture.layer_outputs[layer][0, -1]
         layer_input = capture.layer_inputs[layer]
-        if needs_jacobian:
-            with torch.enable_grad():
-                to_inputs, to_layer_input = jac.full_jacobians(
-                    out,
-                    [x, layer_input],
-                    chunk=chunk,
-                    should_stop=should_stop,
-                    on_progress=progress(done),
-                    retain_graph=True,
-                )
-            done += d
-            target = out.detach()
+        spectra: list[LinearMapSpectrum | None] = [None, None]
+        blocks: tuple[tuple[str, torch.Tensor], ...] = (("attention", terms[layer]), ("mlp", terms[count + layer]))
+        if method is ExplainMethod.MATRIX_FREE:
+            counter = _Counter(progress(done))
             if options.up_to_layer:
-                shifted = target - offsets[("layer", layer)] if offsets else target
-                up_to = _spectrum(p, to_inputs, x.detach(), shifted, scale, options, "embeddings")
+                shifted = out.detach() - offsets[("layer", layer)] if offsets else out.detach()
+                assert images is not None
+                up_to = _free_spectrum(
+                    p, out, x, images.layer_outputs[layer][0, -1], shifted, scale, options, k, "embeddings", counter
+                )
             if options.layer_alone:
-                z = layer_input.detach()[0]
-                alone = _spectrum(p, to_layer_input[:, 0], z, target, scale, options, "logit-lens")
+                target = out.detach()
+                alone = _free_spectrum(p, out, layer_input, None, target, scale, options, k, "logit-lens", counter)
                 if context.has_bias:  # the layer's own affine constant is not computed: no reconstruction claim
                     alone = dataclasses.replace(alone, reconstruction_error=float("nan"))
-            del to_inputs, to_layer_input
-        spectra: list[LinearMapSpectrum | None] = [None, None]
-        if options.component_spectra:
-            blocks: tuple[tuple[str, torch.Tensor], ...] = (("attention", terms[layer]), ("mlp", terms[count + layer]))
-            for slot, (kind, term) in enumerate(blocks):
+            if options.component_spectra:
+                assert images is not None
+                for slot, (kind, term) in enumerate(blocks):
+                    image = getattr(images, kind)[layer][0, -1]
+                    linear_part = term.detach() - offsets[(kind, layer)] if offsets else term.detach()
+                    spectra[slot] = _free_spectrum(
+                        p, term, x, image, linear_part, scale, options, k, "embeddings", counter
+                    )
+            done += counter.count
+            products = counter.count
+        else:
+            products = 0
+            if options.up_to_layer or options.layer_alone:
                 with torch.enable_grad():
-                    full = jac.full_jacobian(
-                        term, x, chunk=chunk, should_stop=should_stop, on_progress=progress(done), retain_graph=True
+                    to_inputs, to_layer_input = jac.full_jacobians(
+                        out,
+                        [x, layer_input],
+                        chunk=chunk,
+                        should_stop=should_stop,
+                        on_progress=progress(done),
+                        retain_graph=True,
                     )
                 done += d
-                linear_part = term.detach() - offsets[(kind, layer)] if offsets else term.detach()
-                spectra[slot] = _spectrum(p, full, x.detach(), linear_part, scale, options, "embeddings")
-                del full
+                products += d
+                target = out.detach()
+                if options.up_to_layer:
+                    shifted = target - offsets[("layer", layer)] if offsets else target
+                    up_to = _full_spectrum(p, to_inputs, x.detach(), shifted, scale, options, "embeddings")
+                if options.layer_alone:
+                    z = layer_input.detach()[0]
+                    alone = _full_spectrum(p, to_layer_input[:, 0], z, target, scale, options, "logit-lens")
+                    if context.has_bias:  # the layer's own affine constant is not computed: no reconstruction claim
+                        alone = dataclasses.replace(alone, reconstruction_error=float("nan"))
+                del to_inputs, to_layer_input
+            if options.component_spectra:
+                for slot, (kind, term) in enumerate(blocks):
+                    with torch.enable_grad():
+                        full = jac.full_jacobian(
+                            term, x, chunk=chunk, should_stop=should_stop, on_progress=progress(done), retain_graph=True
+                        )
+                    done += d
+                    products += d
+                    linear_part = term.detach() - offsets[(kind, layer)] if offsets else term.detach()
+                    spectra[slot] = _full_spectrum(p, full, x.detach(), linear_part, scale, options, "embeddings")
+                    del full
         seconds = time.perf_counter() - started
         yield LayerResult(
             layer=layer,
@@ -179,11 +228,116 @@ def analyze_layers(
             attention=contribution(layer, layer, "attention", spectra[0]),
             mlp=contribution(count + layer, layer, "mlp", spectra[1]),
             duration_ms=seconds * 1000.0,
-            vjp_count=per_layer_vjps,
+            vjp_count=products,
         )
 
 
-def _spectrum(
+def layer_method(method: ExplainMethod, options: LayerAnalysisOptions, hidden: int) -> ExplainMethod:
+    """FULL or MATRIX_FREE for the layer maps: as asked, or under AUTO the cheaper by product counts (per layer,
+    FULL costs hidden_size VJPs shared by up-to-layer and layer-alone, plus 2 hidden_size for the block spectra)."""
+    if method is not ExplainMethod.AUTO:
+        return method
+    maps = (1 if options.up_to_layer else 0) + (1 if options.layer_alone else 0)
+    maps += 2 if options.component_spectra else 0
+    if maps == 0:
+        return ExplainMethod.FULL  # nothing to decompose: the name does not matter
+    free = matrix_free_products(max(options.top_k, 1), maps)
+    return ExplainMethod.MATRIX_FREE if free < options.vjps_per_layer(hidden) else ExplainMethod.FULL
+
+
+class _Counter:
+    """Products done for one layer, forwarded to the progress callback."""
+
+    def __init__(self, report: jac.OnProgress) -> None:
+        self.report = report
+        self.count = 0
+
+    def __call__(self, products: int) -> None:
+        self.count += products
+        self.report(self.count, 0)
+
+
+def _decode(
+    p: ExplanationPass,
+    spectrum: Spectrum,
+    scale: torch.Tensor,
+    options: LayerAnalysisOptions,
+    right_reading: str,
+    residuals: tuple[torch.Tensor, torch.Tensor],
+) -> tuple[SingularComponent, ...]:
+    """The top components decoded logit-lens style: left (and "logit-lens" right) vectors through the final norm's
+    frozen scale and the LM head; "embeddings" right vectors to the nearest input embeddings."""
+    decoder = p.context.decoder
+    k = options.top_k
+    if k == 0:
+        return ()
+    left_tokens = decoder.output_tokens(scale[:, None] * spectrum.left[:, :k], options.tokens_per_vector)
+    right = spectrum.right[:, :k]
+    if right_reading == "embeddings":
+        right_tokens = decoder.input_tokens(right, options.tokens_per_vector)
+    else:
+        right_tokens = decoder.output_tokens(scale[:, None] * right, options.tokens_per_vector)
+    return singular_components(spectrum, k, left_tokens, right_tokens, residuals)
+
+
+def _free_spectrum(
+    p: ExplanationPass,
+    out: torch.Tensor,
+    inp: torch.Tensor,
+    image: torch.Tensor | None,
+    linear_part: torch.Tensor,
+    scale: torch.Tensor,
+    options: LayerAnalysisOptions,
+    k: int,
+    right_reading: str,
+    counter: _Counter,
+) -> LinearMapSpectrum:
+    """The top-k of the last input position's block of d out / d inp, matrix-free, decoded like the full one.
+
+    ``image`` is M z over every input position (from the forward-mode JVP), or None to take it with one more JVP.
+    """
+    graph = GraphProducts(out, inp, chunk=p.vjp_chunk())
+    shape = inp.shape if inp.dim() == 2 else inp.shape[1:]  # (n, d): the embeddings, or a layer's input (1, n, d)
+    n, d_in = int(shape[0]), int(shape[1])
+
+    def at_last(vectors: torch.Tensor) -> torch.Tensor:  # (b, d_in) -> (b, *inp.shape) with the rows at position n-1
+        tangents = vectors.new_zeros((vectors.shape[0], n, d_in))
+        tangents[:, -1] = vectors
+        return tangents.reshape(vectors.shape[0], *inp.shape)
+
+    def apply(vectors: torch.Tensor) -> torch.Tensor:
+        return graph.jvp(at_last(vectors[0]))[None]
+
+    def apply_transposed(vectors: torch.Tensor) -> torch.Tensor:
+        rows = graph.vjp(vectors[0]).reshape(vectors.shape[1], n, d_in)
+        return rows[:, -1][None]
+
+    maps = BlockMaps(1, d_in, graph.out_dim, apply, apply_transposed, out.dtype, out.device)
+    try:
+        (found,), _ = top_singular_triplets(maps, k, on_products=counter)
+    except Cancelled:
+        raise jac.ExplanationCancelled("the layer analysis was stopped") from None
+    z = inp.detach().reshape(n, d_in)
+    (term,) = graph.jvp(at_last(z[-1][None]))  # the last position's own term M_last z_last
+    if image is None:
+        (image,) = graph.jvp(z.reshape(1, *inp.shape))
+    counter(2)
+    graph.release()
+    spectrum = from_triplets(found, term[None], linear_part, k)
+    error = found.frobenius_sq_error / max(float(found.values[0]) ** 2, 1e-300)
+    return LinearMapSpectrum(
+        components=_decode(p, spectrum, scale, options, right_reading, (found.residual_left, found.residual_right)),
+        singular_values=numpy(spectrum.values),
+        captured_share=tuple(float(v) for v in spectrum.captured_share[: max(options.top_k, 1)]),
+        stable_rank=spectrum.stable_rank,
+        term_norm=spectrum.term_norm,
+        reconstruction_error=relative(image - linear_part, linear_part),
+        singular_values_complete=False,
+        stable_rank_error=error,
+    )
+
+
+def _full_spectrum(
     p: ExplanationPass,
     jacobian: torch.Tensor,
     inputs: torch.Tensor,
@@ -192,32 +346,17 @@ def _spectrum(
     options: LayerAnalysisOptions,
     right_reading: str,
 ) -> LinearMapSpectrum:
-    """SVD of the last input position's block of ``jacobian`` (d_out, n, d_in), decoded logit-lens style.
-
-    ``right_reading`` says how right vectors are read: "embeddings" (nearest input embeddings by cosine, for maps of
-    the input embeddings) or "logit-lens" (W (g * v), for maps of a residual-stream input).
-    """
-    decoder = p.context.decoder
+    """SVD of the last input position's block of a materialised ``jacobian`` (d_out, n, d_in), decoded logit-lens
+    style (see :func:`_decode`); its reconstruction covers every input position."""
     rebuilt = torch.einsum("ond,nd->o", jacobian, inputs)
-    error = relative(rebuilt - out, out)
     block = jacobian[:, -1, :]
     (spectrum,) = decompose(block[None], inputs[-1:], out, max(options.top_k, 1))
-    k = options.top_k
-    components: tuple[SingularComponent, ...] = ()
-    if k > 0:
-        left = scale[:, None] * spectrum.left[:, :k]
-        left_tokens = decoder.output_tokens(left, options.tokens_per_vector)
-        right = spectrum.right[:, :k]
-        if right_reading == "embeddings":
-            right_tokens = decoder.input_tokens(right, options.tokens_per_vector)
-        else:
-            right_tokens = decoder.output_tokens(scale[:, None] * right, options.tokens_per_vector)
-        components = singular_components(spectrum, k, left_tokens, right_tokens)
+    k = spectrum.left.shape[-1]
     return LinearMapSpectrum(
-        components=components,
+        components=_decode(p, spectrum, scale, options, right_reading, exact_residuals(block, spectrum, k)),
         singular_values=numpy(spectrum.values),
-        captured_share=tuple(float(v) for v in spectrum.captured_share[: max(k, 1)]),
+        captured_share=tuple(float(v) for v in spectrum.captured_share[: max(options.top_k, 1)]),
         stable_rank=spectrum.stable_rank,
         term_norm=spectrum.term_norm,
-        reconstruction_error=error,
+        reconstruction_error=relative(rebuilt - out, out),
     )
