@@ -255,7 +255,8 @@ class ExplainOptions:
         _at_least("tokens_per_vector", self.tokens_per_vector, 1)
         _at_least("vjp_chunk_size", self.vjp_chunk_size, 1)
         if self.positions is PositionSelection.LIST:
-            object.__setattr__(self, "position_indices", _indices("position_indices", self.position_indices, "position"))
+            indices = _indices("position_indices", self.position_indices, "position")
+            object.__setattr__(self, "position_indices", indices)
         elif self.position_indices:
             raise OptionError("position_indices", "needs positions LIST (it lists the positions to decompose)")
         else:
