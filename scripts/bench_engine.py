@@ -8,9 +8,17 @@
     completeness error |sum(a) - (F(x) - F(baseline))| / |F(x) - F(baseline)| (for linlens: the baseline is the
     affine constant, |sum(a) + w.c - logit| / |logit|).
 
+(c) The layer analysis: the layers x tokens matrix from one batched VJP against 2L separate VJPs.
+(d) Matrix-free spectra against the full Jacobian (``--part d``): the default request (top_k 3, last position) with
+    method FULL and MATRIX_FREE at several prompt lengths, wall time, peak resident memory and the agreement of the
+    two answers (largest relative difference of the singular values, the same decoded top-8 tokens); the same on a
+    wide, shallow random Llama (``--wide``: hidden size 4096, 2 layers, built from its config class and loaded
+    through the normal path) to show how the ratio grows with d; and ``--layers all`` both ways.
+
 Speed goals are ratios measured in the same run (machines are noisy); no absolute time is asserted anywhere.
 
     python scripts/bench_engine.py --model smollm2-135m --repeats 3 [--markdown docs/benchmarks.md]
+    python scripts/bench_engine.py --part d --model smollm2-135m --tokens 7,128,1024 [--layers-all] [--wide]
 """
 
 from __future__ import annotations
@@ -135,6 +143,116 @@ def layer_costs(explainer: Any, ids: list[int], repeats: int) -> str:
     return "\n".join(rows)
 
 
+def _prompt_of(tokenizer: Any, length: int) -> list[int]:
+    """``length`` token ids: the README's prompt, preceded by enough ordinary English to reach the length."""
+    filler = (
+        "The Golden Gate Bridge spans the strait between San Francisco Bay and the Pacific Ocean. Ferries, tunnels "
+        "and other bridges connect the cities around the bay, and traffic is heavy every morning. "
+    )
+    tail = [int(t) for t in tokenizer(PROMPT)["input_ids"]]
+    head = [int(t) for t in tokenizer(filler * (length // 10 + 1))["input_ids"]]
+    return (head + tail)[-length:] if length >= len(tail) else tail[-length:]
+
+
+def _agreement(full: Any, free: Any) -> tuple[float, bool]:
+    """(largest relative difference of the top singular values, whether every component decodes to the same top-8)."""
+    (a,), (b,) = full.spectra, free.spectra
+    scale = a.components[0].value
+    values = max(abs(x.value - y.value) for x, y in zip(a.components, b.components, strict=True)) / scale
+    tokens = all(
+        [t.token_id for t in x.left_tokens] == [t.token_id for t in y.left_tokens]
+        for x, y in zip(a.components, b.components, strict=True)
+    )
+    return values, tokens
+
+
+def _wide_llama(folder: str) -> Any:
+    """A random Llama, hidden size 4096, 2 layers, saved and loaded through the normal path."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    config = LlamaConfig(
+        vocab_size=2048,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=2,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=2048,
+        initializer_range=0.05,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    vocab = {"<unk>": 0, **{f"w{i}": i for i in range(1, 2048)}}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>").save_pretrained(folder)
+    return load_model(folder)
+
+
+def matrix_free_costs(loaded: Any, lengths: list[int], repeats: int, layers_all: bool, label: str) -> str:
+    """(d) The default request, FULL against MATRIX_FREE, at each prompt length (and ``--layers all`` at the first)."""
+    from linlens.engine import ExplainMethod, LayerAnalysisOptions
+
+    explainer = loaded.explainer
+    rows = [
+        f"(d) {label} (d={loaded.hidden_size}, {loaded.num_layers} layers), the default request (top_k 3, last "
+        f"position), float32, median of {repeats}:",
+        "",
+        "| tokens | full: s | matrix-free: s | speed-up | full: peak MiB | matrix-free: peak MiB | memory ratio "
+        "| products full / matrix-free | largest value difference | same top-8 tokens |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for length in lengths:
+        ids = _prompt_of(loaded.tokenizer, length) if length else [1, 2, 3, 4, 5, 6, 7]
+        if loaded.hidden_size == 4096:  # the random model's vocabulary: word ids
+            ids = [int(t) for t in torch.randint(1, 2048, (length,), generator=torch.Generator().manual_seed(0))]
+        options = {m: ExplainOptions(top_k=3, method=m) for m in (ExplainMethod.FULL, ExplainMethod.MATRIX_FREE)}
+        results: dict[Any, list[tuple[float, float, Any]]] = {m: [] for m in options}
+        for opts in options.values():  # warm each path once: twins, allocator
+            explainer.explain(ids[:16], opts)
+        for _ in range(repeats):
+            for method, opts in options.items():
+                results[method].append(measure(lambda opts=opts, ids=ids: explainer.explain(ids, opts)))
+        full_s = statistics.median(r[0] for r in results[ExplainMethod.FULL])
+        free_s = statistics.median(r[0] for r in results[ExplainMethod.MATRIX_FREE])
+        full_m = statistics.median(r[1] for r in results[ExplainMethod.FULL])
+        free_m = statistics.median(r[1] for r in results[ExplainMethod.MATRIX_FREE])
+        full, free = results[ExplainMethod.FULL][-1][2], results[ExplainMethod.MATRIX_FREE][-1][2]
+        difference, same = _agreement(full, free)
+        rows.append(
+            f"| {len(ids)} | {full_s:.2f} | {free_s:.2f} | {full_s / free_s:.1f}x | {full_m:.0f} | {free_m:.0f} "
+            f"| {full_m / max(free_m, 1e-9):.1f}x | {full.vjp_count + full.jvp_count} / "
+            f"{free.vjp_count + free.jvp_count} | {difference:.1e} | {'yes' if same else 'NO'} |"
+        )
+    if layers_all:
+        ids = _prompt_of(loaded.tokenizer, lengths[0])
+        timed = {}
+        for method in (ExplainMethod.FULL, ExplainMethod.MATRIX_FREE):
+            opts = ExplainOptions(top_k=0, method=method, layers=LayerAnalysisOptions(top_k=1))
+            seconds, mib, result = measure(lambda opts=opts: explainer.explain(ids, opts))
+            products = sum(r.vjp_count for r in result.layers)
+            timed[method] = (seconds, mib, products, result)
+        (fs, fm, fp, fr), (ms, mm, mp, mr) = timed[ExplainMethod.FULL], timed[ExplainMethod.MATRIX_FREE]
+        same = all(
+            [t.token_id for t in a.up_to_layer.components[0].left_tokens]
+            == [t.token_id for t in b.up_to_layer.components[0].left_tokens]
+            for a, b in zip(fr.layers, mr.layers, strict=True)
+        )
+        rows += [
+            "",
+            f"`--layers all` ({loaded.num_layers} layers, up-to-layer maps, layer top_k 1), {len(ids)} tokens, "
+            "one run:",
+            "",
+            "| method | seconds | peak MiB | products | speed-up | same top tokens in every layer |",
+            "|---|---|---|---|---|---|",
+            f"| full | {fs:.1f} | {fm:.0f} | {fp} | | |",
+            f"| matrix-free | {ms:.1f} | {mm:.0f} | {mp} | {fs / ms:.1f}x | {'yes' if same else 'NO'} |",
+        ]
+    return "\n".join(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
@@ -142,7 +260,25 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50, help="Captum integration steps")
     parser.add_argument("--prompt", default=PROMPT)
     parser.add_argument("--markdown", help="append the result table to this file")
+    parser.add_argument("--part", choices=["abc", "d"], default="abc", help="d: matrix-free against full")
+    parser.add_argument("--tokens", default="7,128,1024", help="(d) prompt lengths")
+    parser.add_argument("--layers-all", action="store_true", help="(d) also --layers all both ways")
+    parser.add_argument("--wide", action="store_true", help="(d) a random Llama with hidden size 4096, 2 layers")
     args = parser.parse_args()
+    if args.part == "d":
+        lengths = [int(t) for t in args.tokens.split(",")]
+        if args.wide:
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as folder:
+                table = matrix_free_costs(_wide_llama(folder), lengths, args.repeats, False, "random Llama")
+        else:
+            table = matrix_free_costs(load_model(args.model), lengths, args.repeats, args.layers_all, args.model)
+        print(table)
+        if args.markdown:
+            with open(args.markdown, "a", encoding="utf-8") as handle:
+                handle.write("\n" + table + "\n")
+        return
 
     loaded = load_model(args.model)
     explainer = loaded.explainer

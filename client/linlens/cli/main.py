@@ -34,6 +34,7 @@ from linlens.client import (
     SERVER_ENV,
     AttributionTarget,
     Client,
+    ExplainMethod,
     ExplainOptions,
     ExplainResult,
     Explanation,
@@ -168,9 +169,19 @@ def _explain_options(args: argparse.Namespace, steps: Any = "first") -> ExplainO
         if args.layer_tokens_per_vector is not None:
             layer_fields["tokens_per_vector"] = args.layer_tokens_per_vector
         layers = LayerAnalysisOptions.parse(args.layers, **layer_fields)
+    positions: dict[str, Any] = {"positions": PositionSelection.LIST, "position_indices": ()}
+    if args.positions in ("last", "all"):
+        positions = {"positions": PositionSelection(args.positions)}
+    else:
+        try:
+            positions["position_indices"] = tuple(int(i) for i in args.positions.split(","))
+        except ValueError:
+            raise OptionError("positions", f"{args.positions!r}: use last, all or comma-separated positions") from None
     fields: dict[str, Any] = {
         "steps": steps,
-        "positions": PositionSelection(args.positions),
+        **positions,
+        "method": ExplainMethod(args.method.replace("-", "_")),
+        "prompt_spectrum": args.prompt_spectrum,
         "targets": tuple(targets),
         "include_jacobians": args.include_jacobians,
         "precision": Precision(args.precision),
@@ -331,7 +342,16 @@ def _add_explain(parser: argparse.ArgumentParser) -> None:
         "--top-k", type=int, default=None, help="singular components per position (0: attributions only; default 3)"
     )
     parser.add_argument("--tokens-per-vector", type=int, default=None, help="tokens each singular vector decodes to")
-    parser.add_argument("--positions", choices=["last", "all"], default="last")
+    parser.add_argument(
+        "--positions", default="last", metavar="last|all|I,J,...", help="positions whose J_i get a spectrum"
+    )
+    parser.add_argument(
+        "--method",
+        choices=[m.value.replace("_", "-") for m in ExplainMethod],
+        default="auto",
+        help="how the singular triplets are computed (auto: the cheaper of full and matrix-free)",
+    )
+    parser.add_argument("--prompt-spectrum", action="store_true", help="also the whole-prompt map [J_1 ... J_n]")
     parser.add_argument("--target", action="append", metavar="TOKEN_ID", help="extra attribution target")
     parser.add_argument("--contrast", action="append", metavar="A:B", help="attribute logit(A) - logit(B)")
     parser.add_argument("--include-jacobians", action="store_true", help="return the per-token Jacobians")

@@ -14,6 +14,8 @@ from linlens.contract import (
     LayerResult,
     LinearMapSpectrum,
     ModelInfo,
+    PositionSpectrum,
+    SingularComponent,
 )
 
 
@@ -64,22 +66,45 @@ def explanation_text(exp: Explanation, *, tokens_per_vector: int = 8) -> str:
         lines.append("")
         shares = " ".join(f"{s:.3f}" for s in spectrum.captured_share)
         lines.append(
-            f"J at position {spectrum.position} {spectrum.token_text!r}: stable rank {spectrum.stable_rank:.2f}, "
+            f"J at position {spectrum.position} {spectrum.token_text!r}: stable rank {_stable_rank(spectrum)}, "
             f"share of its term kept by rank 1..k: {shares}"
         )
-        for component in spectrum.components:
-            lines.append(f"  #{component.rank} s={component.value:.3f}")
-            lines.append(f"     output side (LM head): {_tokens(component.left_tokens, tokens_per_vector)}")
-            lines.append(f"     input side (nearest embeddings): {_tokens(component.right_tokens, tokens_per_vector)}")
+        lines.extend(_components(spectrum.components, tokens_per_vector, "input side (nearest embeddings)"))
+    if exp.prompt_spectrum is not None:
+        whole = exp.prompt_spectrum
+        lines.append("")
+        lines.append(
+            f"whole prompt [J_1 ... J_n]: stable rank {_stable_rank(whole)}, share of J x kept by rank 1..k: "
+            + " ".join(f"{s:.3f}" for s in whole.captured_share)
+        )
+        lines.extend(_components(whole.components, tokens_per_vector, "input side (its main position's nearest)"))
     if exp.truncated_relative_error:
         errors = " ".join(f"{e:.2e}" for e in exp.truncated_relative_error)
         lines.append(f"\nrelative error of y with every J_i truncated to rank 1..k: {errors}")
     t = exp.timings
+    method = f"{exp.method.value.replace('_', '-')}: " if exp.method is not None else ""
     lines.append(
-        f"\ntimings (ms): forward {t.forward_ms:.0f}, attribution {t.attribution_ms:.0f}, jacobian {t.jacobian_ms:.0f},"
-        f" svd {t.svd_ms:.0f}, decode {t.decode_ms:.0f}; {exp.vjp_count} vector-Jacobian products"
+        f"\ntimings (ms): forward {t.forward_ms:.0f}, attribution {t.attribution_ms:.0f}, reconstruction "
+        f"{t.reconstruction_ms:.0f}, jacobian {t.jacobian_ms:.0f}, svd {t.svd_ms:.0f}, decode {t.decode_ms:.0f}; "
+        f"{method}{exp.vjp_count} vector-Jacobian and {exp.jvp_count} Jacobian-vector products"
     )
     return "\n".join(lines)
+
+
+def _stable_rank(spectrum: PositionSpectrum | LinearMapSpectrum) -> str:
+    if spectrum.stable_rank_error:
+        return f"{spectrum.stable_rank:.2f} ± {spectrum.stable_rank_error:.2f} (estimated)"
+    return f"{spectrum.stable_rank:.2f}"
+
+
+def _components(components: Sequence[SingularComponent], limit: int, right: str) -> list[str]:
+    lines = []
+    for component in components:
+        certificate = max(component.residual_left, component.residual_right)
+        lines.append(f"  #{component.rank} s={component.value:.3f} (residual {certificate:.1e})")
+        lines.append(f"     output side (LM head): {_tokens(component.left_tokens, limit)}")
+        lines.append(f"     {right}: {_tokens(component.right_tokens, limit)}")
+    return lines
 
 
 #: Shades of |value| / max |value| in the heat map, faint to strong.
