@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from linlens.client import Client, ExplainOptions, HealthStatus, InvalidArgumentError, NotFoundError
+from linlens.client import Client, ExplainMethod, ExplainOptions, HealthStatus, InvalidArgumentError, NotFoundError
 from linlens.server.app import RunningServer, start_server
 from linlens.server.config import load_config
 
@@ -106,7 +106,7 @@ def test_model_load_and_memory_are_exported(server: RunningServer) -> None:
 
 def test_explain_moves_request_phase_and_reconstruction_metrics(server: RunningServer, client: Client) -> None:
     before = scrape(port(server))
-    result = client.explain(PROMPT, options=ExplainOptions(top_k=2, tokens_per_vector=3))
+    result = client.explain(PROMPT, options=ExplainOptions(top_k=2, tokens_per_vector=3, method=ExplainMethod.FULL))
     after = scrape(port(server))
     assert result.explanation.predicted.text == " only"
     rel_error = result.explanation.reconstruction.relative_error_vs_model  # type: ignore[union-attr]
@@ -127,7 +127,7 @@ def test_explain_moves_request_phase_and_reconstruction_metrics(server: RunningS
         for (n, lab), v in after.samples.items()
         if n == "linlens_explanation_phase_duration_seconds_count" and v > before.get(n, **dict(lab))
     }
-    assert {"jacobian", "svd", "decode"} <= phases, phases
+    assert {"jacobian", "svd", "decode", "reconstruction"} <= phases, phases
     assert delta("linlens_explanation_phase_duration_seconds_count", model=MODEL, phase="jacobian") == 1
     # An explanation generates nothing; the request latency covers the explanation phases.
     assert delta("linlens_generated_tokens_total", model=MODEL) == 0

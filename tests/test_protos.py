@@ -49,7 +49,14 @@ def test_generated_modules_import_under_the_linlens_v1_package() -> None:
 
     assert linlens_pb2.DESCRIPTOR.package == "linlens.v1"
     service = linlens_pb2.DESCRIPTOR.services_by_name["LinlensService"]
-    assert [m.name for m in service.methods] == ["Generate", "GenerateStream", "Explain", "ListModels", "GetModel"]
+    assert [m.name for m in service.methods] == [
+        "Generate",
+        "GenerateStream",
+        "Explain",
+        "ExplainStream",
+        "ListModels",
+        "GetModel",
+    ]
     assert service.methods_by_name["GenerateStream"].server_streaming
     assert hasattr(linlens_pb2_grpc, "LinlensServiceStub")
     assert hasattr(linlens_pb2_grpc, "add_LinlensServiceServicer_to_server")

@@ -205,7 +205,10 @@ def test_explain_rpc_matches_the_models_prediction(stub: pb_grpc.LinlensServiceS
     )
     exp = response.explanation
     assert exp.predicted.token_id == reference_argmax(smollm2, ids)
-    assert not exp.HasField("reconstruction") and not exp.HasField("jacobians") and len(exp.spectra) == 0
+    assert not exp.HasField("jacobians") and len(exp.spectra) == 0 and exp.method == pb.EXPLAIN_METHOD_UNSPECIFIED
+    # Every explanation carries its reconstruction, from one forward-mode JVP (no Jacobian is built for top_k 0).
+    assert exp.reconstruction.predicts_same_token and exp.reconstruction.relative_error_vs_model < 5e-6
+    assert exp.vjp_count == 1 and exp.jvp_count == 1
     assert len(exp.attributions[0].per_token) == len(ids)
     assert exp.y.dtype == pb.TENSOR_DTYPE_FLOAT32 and len(exp.y.data) == 4 * smollm2.hidden_size
     y = np.frombuffer(exp.y.data, dtype="<f4")

@@ -26,6 +26,7 @@ from linlens.client import (
     NO_RETRY,
     Client,
     DeadlineExceededError,
+    ExplainMethod,
     ExplainOptions,
     Explanation,
     GenerationDone,
@@ -46,7 +47,11 @@ LAYERS = 30  # SmolLM2-135M
 
 
 def test_explain_returns_the_exact_layer_matrix_and_layer_maps(target: str) -> None:
-    options = ExplainOptions(top_k=0, layers=LayerAnalysisOptions(layers=(29, 5), top_k=2, tokens_per_vector=4))
+    options = ExplainOptions(
+        top_k=0,
+        method=ExplainMethod.FULL,
+        layers=LayerAnalysisOptions(layers=(29, 5), top_k=2, tokens_per_vector=4),
+    )
     with Client(target) as client:
         result = client.explain(PROMPT, options=options, timeout=120)
     summary = result.layer_attributions

@@ -38,6 +38,7 @@ from linlens.client import (
     ExplainOptions,
     ExplainResult,
     Explanation,
+    ExplanationProgress,
     GateMode,
     GeneratedToken,
     Generation,
@@ -64,7 +65,12 @@ class Backend(Protocol):
     """What the commands need: Client and InProcessClient both have it."""
 
     def explain(
-        self, prompt: str | None = None, *, options: ExplainOptions | None = None, **kwargs: Unpack[InputArgs]
+        self,
+        prompt: str | None = None,
+        *,
+        options: ExplainOptions | None = None,
+        on_progress: Callable[[ExplanationProgress], None] | None = None,
+        **kwargs: Unpack[InputArgs],
     ) -> ExplainResult: ...
 
     def generate(self, prompt: str | None = None, **kwargs: Unpack[GenerateArgs]) -> Generation: ...
@@ -85,13 +91,20 @@ def _say(text: str) -> None:
     sys.stderr.flush()
 
 
-def _progress(done: int, total: int) -> None:
+def _progress(progress: ExplanationProgress) -> None:
+    """A progress bar on stderr, one line per phase of products (drawn only on a terminal)."""
     width = 32
-    filled = round(done / max(total, 1) * width)
-    sys.stderr.write(f"\rJacobian [{'#' * filled}{'.' * (width - filled)}] {done}/{total} VJPs")
-    if done >= total:
+    filled = round(min(progress.done / max(progress.total, 1), 1.0) * width)
+    sys.stderr.write(
+        f"\r{progress.phase:>8} [{'#' * filled}{'.' * (width - filled)}] {progress.done}/{progress.total} products"
+    )
+    if progress.done >= progress.total:
         sys.stderr.write("\n")
     sys.stderr.flush()
+
+
+def _bar() -> Callable[[ExplanationProgress], None] | None:
+    return _progress if sys.stderr.isatty() else None
 
 
 def open_backend(args: argparse.Namespace) -> Backend:
@@ -109,7 +122,7 @@ def open_backend(args: argparse.Namespace) -> Backend:
     model = args.model or IN_PROCESS_DEFAULT_MODEL
     if sys.stderr.isatty():
         _say(f"loading {model} in this process (pass --server HOST:PORT to use a running server) ...")
-    return InProcessClient(model, on_progress=_progress if sys.stderr.isatty() else None, timeout=args.timeout)
+    return InProcessClient(model, timeout=args.timeout)
 
 
 def _remote(args: argparse.Namespace, target: str) -> Backend:
@@ -209,7 +222,7 @@ Connect = Callable[[], Backend]
 def cmd_explain(args: argparse.Namespace, connect: Connect) -> int:
     options = _explain_options(args)
     with contextlib.closing(connect()) as backend:
-        result = backend.explain(model=args.model or None, options=options, **_input(args))
+        result = backend.explain(model=args.model or None, options=options, on_progress=_bar(), **_input(args))
     if args.json:
         _print_json(result)
     else:
@@ -250,7 +263,10 @@ def cmd_generate(args: argparse.Namespace, connect: Connect) -> int:
 
 
 def _show(event: StreamEvent) -> None:
-    if isinstance(event, GeneratedToken):
+    if isinstance(event, ExplanationProgress):
+        if sys.stderr.isatty():
+            _progress(event)
+    elif isinstance(event, GeneratedToken):
         sys.stdout.write(event.text)
         sys.stdout.flush()
     elif isinstance(event, GenerationDone):

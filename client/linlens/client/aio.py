@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 from types import TracebackType
-from typing import Any, Unpack, cast
+from typing import Any, TypeVar, Unpack, cast
 
 import grpc
 import grpc.aio
@@ -21,16 +21,18 @@ from linlens.client.health import (
     encode_health_request,
 )
 from linlens.client.retry import NO_RETRY, Attempts, RetryPolicy
-from linlens.contract import ExplainOptions, ExplainResult, Generation, ModelInfo, StreamEvent
+from linlens.contract import ExplainOptions, ExplainResult, ExplanationProgress, Generation, ModelInfo, StreamEvent
 from linlens.contract.requests import (
     GenerateArgs,
     InputArgs,
     explain_request,
+    explain_stream_request,
     generate_request,
     generate_stream_request,
 )
 from linlens.contract.wire import (
     explain_result_from_proto,
+    explain_stream_event_from_proto,
     generation_from_proto,
     model_info_from_proto,
     stream_event_from_proto,
@@ -38,21 +40,26 @@ from linlens.contract.wire import (
 from linlens.v1 import linlens_pb2 as pb
 from linlens.v1 import linlens_pb2_grpc as pb_grpc
 
+E = TypeVar("E")
 
-class AsyncGenerationStream(AsyncIterator[StreamEvent]):
-    """The events of one GenerateStream call: ``async for event in stream``. See GenerationStream."""
 
-    def __init__(self, start: Callable[[float | None], Any], attempts: Attempts) -> None:
+class AsyncServerStream(AsyncIterator[E]):
+    """The decoded events of one server-streaming call: ``async for event in stream``. See ServerStream."""
+
+    def __init__(
+        self, start: Callable[[float | None], Any], attempts: Attempts, decode: Callable[[Any], E | None]
+    ) -> None:
         self._start = start
+        self._decode = decode
         self._attempts = attempts
         self._call: Any = None
         self._received = False
         self._finished = False
 
-    def __aiter__(self) -> AsyncGenerationStream:
+    def __aiter__(self) -> AsyncServerStream[E]:
         return self
 
-    async def __anext__(self) -> StreamEvent:
+    async def __anext__(self) -> E:
         while True:
             if self._finished:
                 raise StopAsyncIteration
@@ -75,7 +82,7 @@ class AsyncGenerationStream(AsyncIterator[StreamEvent]):
                 self._finished = True
                 raise StopAsyncIteration
             self._received = True
-            event = stream_event_from_proto(cast(pb.GenerateStreamResponse, message))
+            event = self._decode(message)
             if event is not None:
                 return event
 
@@ -85,13 +92,20 @@ class AsyncGenerationStream(AsyncIterator[StreamEvent]):
         if self._call is not None:
             self._call.cancel()
 
-    async def __aenter__(self) -> AsyncGenerationStream:
+    async def __aenter__(self) -> AsyncServerStream[E]:
         return self
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.cancel()
+
+
+class AsyncGenerationStream(AsyncServerStream[StreamEvent]):
+    """The events of one GenerateStream call: ``async for event in stream``. See GenerationStream."""
+
+    def __init__(self, start: Callable[[float | None], Any], attempts: Attempts) -> None:
+        super().__init__(start, attempts, stream_event_from_proto)
 
 
 class AsyncClient(ClientBase):
@@ -158,14 +172,35 @@ class AsyncClient(ClientBase):
         prompt: str | None = None,
         *,
         options: ExplainOptions | None = None,
+        on_progress: Callable[[ExplanationProgress], None] | None = None,
         timeout: float | None = USE_DEFAULT,
         metadata: MetadataLike | None = None,
         **kwargs: Unpack[InputArgs],
     ) -> ExplainResult:
         """See Client.explain."""
-        request = explain_request(prompt, options, kwargs)
-        response = await self._unary(self._stub.Explain, request, timeout, metadata, self.retry)
-        return explain_result_from_proto(response)
+        if on_progress is None:
+            request = explain_request(prompt, options, kwargs)
+            response = await self._unary(self._stub.Explain, request, timeout, metadata, self.retry)
+            return explain_result_from_proto(response)
+        stream_request = explain_stream_request(prompt, options, kwargs)
+        merged = self._metadata(metadata)
+
+        def start(remaining: float | None) -> Any:
+            return self._stub.ExplainStream(
+                stream_request, timeout=remaining, metadata=merged, wait_for_ready=self.wait_for_ready
+            )
+
+        attempts = Attempts(self.retry, self._deadline(timeout))
+        stream: AsyncServerStream[ExplanationProgress | ExplainResult] = AsyncServerStream(
+            start, attempts, explain_stream_event_from_proto
+        )
+        async with stream as events:
+            async for event in events:
+                if isinstance(event, ExplanationProgress):
+                    on_progress(event)
+                else:
+                    return event
+        raise UnavailableError(grpc.StatusCode.UNAVAILABLE, "the explanation stream ended without its result")
 
     async def list_models(
         self, *, timeout: float | None = USE_DEFAULT, metadata: MetadataLike | None = None
@@ -237,4 +272,4 @@ class AsyncClient(ClientBase):
         await self.close()
 
 
-__all__ = ["AsyncClient", "AsyncGenerationStream"]
+__all__ = ["AsyncClient", "AsyncGenerationStream", "AsyncServerStream"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from types import TracebackType
-from typing import Any, Unpack, cast
+from typing import Any, TypeVar, Unpack, cast
 
 import grpc
 
@@ -20,16 +20,18 @@ from linlens.client.health import (
     encode_health_request,
 )
 from linlens.client.retry import NO_RETRY, Attempts, RetryPolicy
-from linlens.contract import ExplainOptions, ExplainResult, Generation, ModelInfo, StreamEvent
+from linlens.contract import ExplainOptions, ExplainResult, ExplanationProgress, Generation, ModelInfo, StreamEvent
 from linlens.contract.requests import (
     GenerateArgs,
     InputArgs,
     explain_request,
+    explain_stream_request,
     generate_request,
     generate_stream_request,
 )
 from linlens.contract.wire import (
     explain_result_from_proto,
+    explain_stream_event_from_proto,
     generation_from_proto,
     model_info_from_proto,
     stream_event_from_proto,
@@ -37,18 +39,21 @@ from linlens.contract.wire import (
 from linlens.v1 import linlens_pb2 as pb
 from linlens.v1 import linlens_pb2_grpc as pb_grpc
 
+E = TypeVar("E")
 
-class GenerationStream(Iterator[StreamEvent]):
-    """The events of one GenerateStream call, as they arrive.
 
-    Iterate it (``for event in stream``); each event is a GeneratedToken, an Explanation, a LayerAttributions or
-    LayerResult (ExplainOptions.layers) or, last, a GenerationDone. ``cancel()`` (or leaving a ``with`` block) stops
-    the server's work. A failure before the first event is retried like a unary call; after that it is raised,
-    because repeating the call would repeat events already delivered.
+class ServerStream(Iterator[E]):
+    """The decoded events of one server-streaming call, as they arrive.
+
+    ``cancel()`` (or leaving a ``with`` block) stops the server's work. A failure before the first event is retried
+    like a unary call; after that it is raised, because repeating the call would repeat events already delivered.
     """
 
-    def __init__(self, start: Callable[[float | None], Any], attempts: Attempts) -> None:
+    def __init__(
+        self, start: Callable[[float | None], Any], attempts: Attempts, decode: Callable[[Any], E | None]
+    ) -> None:
         self._start = start
+        self._decode = decode
         self._attempts = attempts
         self._call: Any = None
         self._received = False
@@ -58,15 +63,15 @@ class GenerationStream(Iterator[StreamEvent]):
     def _open(self) -> None:
         self._call = self._start(self._attempts.remaining())
 
-    def __iter__(self) -> GenerationStream:
+    def __iter__(self) -> ServerStream[E]:
         return self
 
-    def __next__(self) -> StreamEvent:
+    def __next__(self) -> E:
         while True:
             if self._finished:
                 raise StopIteration
             try:
-                message = cast(pb.GenerateStreamResponse, next(self._call))
+                message = next(self._call)
             except StopIteration:
                 self._finished = True
                 raise
@@ -82,7 +87,7 @@ class GenerationStream(Iterator[StreamEvent]):
                 self._open()
                 continue
             self._received = True
-            event = stream_event_from_proto(message)
+            event = self._decode(message)
             if event is not None:
                 return event
 
@@ -92,13 +97,21 @@ class GenerationStream(Iterator[StreamEvent]):
         if self._call is not None:
             self._call.cancel()
 
-    def __enter__(self) -> GenerationStream:
+    def __enter__(self) -> ServerStream[E]:
         return self
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.cancel()
+
+
+class GenerationStream(ServerStream[StreamEvent]):
+    """The events of one GenerateStream call, as they arrive: GeneratedToken, Explanation, LayerAttributions and
+    LayerResult (ExplainOptions.layers), ExplanationProgress while an explanation runs, and last GenerationDone."""
+
+    def __init__(self, start: Callable[[float | None], Any], attempts: Attempts) -> None:
+        super().__init__(start, attempts, stream_event_from_proto)
 
 
 class Client(ClientBase):
@@ -175,13 +188,37 @@ class Client(ClientBase):
         prompt: str | None = None,
         *,
         options: ExplainOptions | None = None,
+        on_progress: Callable[[ExplanationProgress], None] | None = None,
         timeout: float | None = USE_DEFAULT,
         metadata: MetadataLike | None = None,
         **kwargs: Unpack[InputArgs],
     ) -> ExplainResult:
-        """Explain the model's next-token prediction after the input (no sampling, nothing generated)."""
-        request = explain_request(prompt, options, kwargs)
-        return explain_result_from_proto(self._unary(self._stub.Explain, request, timeout, metadata, self.retry))
+        """Explain the model's next-token prediction after the input (no sampling, nothing generated).
+
+        With ``on_progress``, the call streams (ExplainStream) and reports how far the products have got as they go.
+        """
+        if on_progress is None:
+            request = explain_request(prompt, options, kwargs)
+            return explain_result_from_proto(self._unary(self._stub.Explain, request, timeout, metadata, self.retry))
+        stream_request = explain_stream_request(prompt, options, kwargs)
+        merged = self._metadata(metadata)
+
+        def start(remaining: float | None) -> Any:
+            return self._stub.ExplainStream(
+                stream_request, timeout=remaining, metadata=merged, wait_for_ready=self.wait_for_ready
+            )
+
+        attempts = Attempts(self.retry, self._deadline(timeout))
+        stream: ServerStream[ExplanationProgress | ExplainResult] = ServerStream(
+            start, attempts, explain_stream_event_from_proto
+        )
+        with stream as events:
+            for event in events:
+                if isinstance(event, ExplanationProgress):
+                    on_progress(event)
+                else:
+                    return event
+        raise UnavailableError(grpc.StatusCode.UNAVAILABLE, "the explanation stream ended without its result")
 
     def list_models(
         self, *, timeout: float | None = USE_DEFAULT, metadata: MetadataLike | None = None
@@ -263,4 +300,4 @@ class Client(ClientBase):
         self.close()
 
 
-__all__ = ["Client", "GenerationStream"]
+__all__ = ["Client", "GenerationStream", "ServerStream"]

@@ -181,6 +181,15 @@ def generate_stream_request(prompt: str | None, args: GenerateArgs) -> pb.Genera
     return request
 
 
+def explain_stream_request(
+    prompt: str | None, options: ExplainOptions | None, args: InputArgs
+) -> pb.ExplainStreamRequest:
+    """The ExplainStreamRequest for ``explain(prompt, options=..., on_progress=..., **args)``: an ExplainRequest."""
+    request = pb.ExplainStreamRequest()
+    request.ParseFromString(explain_request(prompt, options, args).SerializeToString())
+    return request
+
+
 def explain_request(prompt: str | None, options: ExplainOptions | None, args: InputArgs) -> pb.ExplainRequest:
     """The ExplainRequest for ``explain(prompt, options=..., **args)``."""
     unknown = set(args) - _keys(InputArgs)
@@ -199,6 +208,7 @@ __all__ = [
     "build_input",
     "build_sampling",
     "explain_request",
+    "explain_stream_request",
     "generate_request",
     "generate_stream_request",
     "resolve_explain",

@@ -375,10 +375,23 @@ class GenerationDone:
     seed: int | None = None
 
 
+@dataclass(frozen=True)
+class ExplanationProgress:
+    """How far an explanation has got: products done out of those planned for a phase ("jacobian", "spectra",
+    "layers"; matrix-free totals are estimates, raised if the work needs more)."""
+
+    phase: str
+    done: int
+    total: int
+    step: int = 0
+
+
 #: What a generation stream yields: tokens as they are generated, explanations as they are computed, each layer's
 #: analysis as it is computed (ExplainOptions.layers: the LayerAttributions matrix, then one LayerResult per layer),
-#: then done.
-StreamEvent: TypeAlias = GeneratedToken | Explanation | LayerAttributions | LayerResult | GenerationDone
+#: progress while an explanation runs, then done.
+StreamEvent: TypeAlias = (
+    GeneratedToken | Explanation | LayerAttributions | LayerResult | ExplanationProgress | GenerationDone
+)
 
 
 @dataclass(frozen=True)
@@ -483,7 +496,7 @@ class StreamAssembler:
             self._matrices[event.step] = event
         elif isinstance(event, LayerResult):
             self._layers.setdefault(event.step, []).append(event)
-        else:
+        elif isinstance(event, GenerationDone):
             self.done = event
 
     @property
@@ -530,6 +543,7 @@ __all__ = [
     "ComponentContribution",
     "ExplainResult",
     "Explanation",
+    "ExplanationProgress",
     "FinishReason",
     "FloatArray",
     "GeneratedToken",

@@ -29,6 +29,7 @@ from linlens.contract.results import (
     ComponentContribution,
     ExplainResult,
     Explanation,
+    ExplanationProgress,
     FinishReason,
     FloatArray,
     GeneratedToken,
@@ -658,7 +659,17 @@ def generation_from_proto(message: pb.GenerateResponse) -> Generation:
     )
 
 
+def progress_to_proto(progress: ExplanationProgress) -> pb.ExplanationProgress:
+    return pb.ExplanationProgress(step=progress.step, phase=progress.phase, done=progress.done, total=progress.total)
+
+
+def progress_from_proto(message: pb.ExplanationProgress) -> ExplanationProgress:
+    return ExplanationProgress(phase=message.phase, done=message.done, total=message.total, step=message.step)
+
+
 def stream_event_to_proto(event: StreamEvent) -> pb.GenerateStreamResponse:
+    if isinstance(event, ExplanationProgress):
+        return pb.GenerateStreamResponse(progress=progress_to_proto(event))
     if isinstance(event, GeneratedToken):
         return pb.GenerateStreamResponse(token=generated_token_to_proto(event))
     if isinstance(event, Explanation):
@@ -691,6 +702,8 @@ def stream_event_from_proto(message: pb.GenerateStreamResponse) -> StreamEvent |
         return layer_attributions_from_proto(message.layer_attributions)
     if kind == "layer":
         return layer_result_from_proto(message.layer)
+    if kind == "progress":
+        return progress_from_proto(message.progress)
     if kind == "done":
         done = message.done
         return GenerationDone(
@@ -709,6 +722,16 @@ def explain_result_to_proto(result: ExplainResult) -> pb.ExplainResponse:
     return pb.ExplainResponse(
         model=result.model, explanation=explanation_to_proto(result.explanation), prompt_text=result.prompt_text
     )
+
+
+def explain_stream_event_from_proto(message: pb.ExplainStreamResponse) -> ExplanationProgress | ExplainResult | None:
+    """The event an ExplainStream message carries; None for an empty message (a newer server's unknown kind)."""
+    kind = message.WhichOneof("event")
+    if kind == "progress":
+        return progress_from_proto(message.progress)
+    if kind == "result":
+        return explain_result_from_proto(message.result)
+    return None
 
 
 def explain_result_from_proto(message: pb.ExplainResponse) -> ExplainResult:
@@ -768,6 +791,7 @@ __all__ = [
     "explain_options_to_proto",
     "explain_result_from_proto",
     "explain_result_to_proto",
+    "explain_stream_event_from_proto",
     "explanation_from_proto",
     "explanation_to_proto",
     "finish_reason_from_proto",
@@ -785,6 +809,8 @@ __all__ = [
     "model_info_to_proto",
     "predicted_from_proto",
     "predicted_to_proto",
+    "progress_from_proto",
+    "progress_to_proto",
     "stream_event_from_proto",
     "stream_event_to_proto",
     "timings_from_proto",

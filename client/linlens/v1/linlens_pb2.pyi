@@ -1820,6 +1820,7 @@ class GenerateStreamResponse(_message.Message):
     DONE_FIELD_NUMBER: _builtins.int
     LAYER_ATTRIBUTIONS_FIELD_NUMBER: _builtins.int
     LAYER_FIELD_NUMBER: _builtins.int
+    PROGRESS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def token(self) -> Global___GeneratedToken:
         """A newly generated token."""
@@ -1842,6 +1843,10 @@ class GenerateStreamResponse(_message.Message):
     def layer(self) -> Global___LayerResult:
         """One layer's result (ExplainOptions.layers), sent as soon as it is computed, in the requested layer order."""
 
+    @_builtins.property
+    def progress(self) -> Global___ExplanationProgress:
+        """How far an explanation's products have got, sent after each batch (at most a few per second)."""
+
     def __init__(
         self,
         *,
@@ -1850,16 +1855,51 @@ class GenerateStreamResponse(_message.Message):
         done: Global___GenerateDone | None = ...,
         layer_attributions: Global___LayerAttributions | None = ...,
         layer: Global___LayerResult | None = ...,
+        progress: Global___ExplanationProgress | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "event", b"event", "explanation", b"explanation", "layer", b"layer", "layer_attributions", b"layer_attributions", "token", b"token"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "event", b"event", "explanation", b"explanation", "layer", b"layer", "layer_attributions", b"layer_attributions", "progress", b"progress", "token", b"token"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "event", b"event", "explanation", b"explanation", "layer", b"layer", "layer_attributions", b"layer_attributions", "token", b"token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "event", b"event", "explanation", b"explanation", "layer", b"layer", "layer_attributions", b"layer_attributions", "progress", b"progress", "token", b"token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["token", "explanation", "done", "layer_attributions", "layer"]  # noqa: Y015
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["token", "explanation", "done", "layer_attributions", "layer", "progress"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 
 Global___GenerateStreamResponse: _TypeAlias = GenerateStreamResponse  # noqa: Y015
+
+@_typing.final
+class ExplanationProgress(_message.Message):
+    """ExplanationProgress says how far an explanation has got: products done out of the products planned for a phase."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STEP_FIELD_NUMBER: _builtins.int
+    PHASE_FIELD_NUMBER: _builtins.int
+    DONE_FIELD_NUMBER: _builtins.int
+    TOTAL_FIELD_NUMBER: _builtins.int
+    step: _builtins.int
+    """The explained step (0 for Explain and ExplainStream)."""
+    phase: _builtins.str
+    """The phase: "jacobian" (the full Jacobian), "spectra" (matrix-free products) or "layers" (the layer maps)."""
+    done: _builtins.int
+    """Vector-Jacobian and Jacobian-vector products done in this phase so far."""
+    total: _builtins.int
+    """Products planned for this phase (matrix-free: an estimate, raised if the work needs more)."""
+    def __init__(
+        self,
+        *,
+        step: _builtins.int = ...,
+        phase: _builtins.str = ...,
+        done: _builtins.int = ...,
+        total: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "phase", b"phase", "step", b"step", "total", b"total"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExplanationProgress: _TypeAlias = ExplanationProgress  # noqa: Y015
 
 @_typing.final
 class ExplainRequest(_message.Message):
@@ -1899,6 +1939,72 @@ class ExplainRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ExplainRequest: _TypeAlias = ExplainRequest  # noqa: Y015
+
+@_typing.final
+class ExplainStreamRequest(_message.Message):
+    """ExplainStreamRequest asks for an explanation with progress. Its fields mean exactly what ExplainRequest's do."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    INPUT_FIELD_NUMBER: _builtins.int
+    OPTIONS_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """The model to use; empty means the server's default model."""
+    @_builtins.property
+    def input(self) -> Global___Input:
+        """What the model reads; the prediction after its last token is explained."""
+
+    @_builtins.property
+    def options(self) -> Global___ExplainOptions:
+        """What to compute; absent means all defaults (steps and step_indices are ignored here)."""
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        input: Global___Input | None = ...,
+        options: Global___ExplainOptions | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["input", b"input", "options", b"options"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["input", b"input", "model", b"model", "options", b"options"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExplainStreamRequest: _TypeAlias = ExplainStreamRequest  # noqa: Y015
+
+@_typing.final
+class ExplainStreamResponse(_message.Message):
+    """ExplainStreamResponse is one event of ExplainStream: progress while the explanation runs, then its result."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROGRESS_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def progress(self) -> Global___ExplanationProgress:
+        """How far the explanation has got."""
+
+    @_builtins.property
+    def result(self) -> Global___ExplainResponse:
+        """The finished explanation, as Explain returns it; always the last event."""
+
+    def __init__(
+        self,
+        *,
+        progress: Global___ExplanationProgress | None = ...,
+        result: Global___ExplainResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "progress", b"progress", "result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "progress", b"progress", "result", b"result"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["progress", "result"]  # noqa: Y015
+    _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
+
+Global___ExplainStreamResponse: _TypeAlias = ExplainStreamResponse  # noqa: Y015
 
 @_typing.final
 class ExplainResponse(_message.Message):

@@ -50,6 +50,11 @@ class LinlensServiceStub:
                 request_serializer=linlens_dot_v1_dot_linlens__pb2.ExplainRequest.SerializeToString,
                 response_deserializer=linlens_dot_v1_dot_linlens__pb2.ExplainResponse.FromString,
                 _registered_method=True)
+        self.ExplainStream = channel.unary_stream(
+                '/linlens.v1.LinlensService/ExplainStream',
+                request_serializer=linlens_dot_v1_dot_linlens__pb2.ExplainStreamRequest.SerializeToString,
+                response_deserializer=linlens_dot_v1_dot_linlens__pb2.ExplainStreamResponse.FromString,
+                _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/linlens.v1.LinlensService/ListModels',
                 request_serializer=linlens_dot_v1_dot_linlens__pb2.ListModelsRequest.SerializeToString,
@@ -88,6 +93,14 @@ class LinlensServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExplainStream(self, request, context):
+        """ExplainStream is Explain with progress: ExplanationProgress events while the products run (for a progress bar
+        over a long explanation), then the ExplainResponse.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListModels(self, request, context):
         """ListModels lists the models this server can serve, loaded or not (with their ModelState).
         """
@@ -120,6 +133,11 @@ def add_LinlensServiceServicer_to_server(servicer, server):
                     servicer.Explain,
                     request_deserializer=linlens_dot_v1_dot_linlens__pb2.ExplainRequest.FromString,
                     response_serializer=linlens_dot_v1_dot_linlens__pb2.ExplainResponse.SerializeToString,
+            ),
+            'ExplainStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExplainStream,
+                    request_deserializer=linlens_dot_v1_dot_linlens__pb2.ExplainStreamRequest.FromString,
+                    response_serializer=linlens_dot_v1_dot_linlens__pb2.ExplainStreamResponse.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
@@ -214,6 +232,33 @@ class LinlensService:
             '/linlens.v1.LinlensService/Explain',
             linlens_dot_v1_dot_linlens__pb2.ExplainRequest.SerializeToString,
             linlens_dot_v1_dot_linlens__pb2.ExplainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExplainStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/linlens.v1.LinlensService/ExplainStream',
+            linlens_dot_v1_dot_linlens__pb2.ExplainStreamRequest.SerializeToString,
+            linlens_dot_v1_dot_linlens__pb2.ExplainStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -63,6 +63,10 @@ class LinlensServiceStub:
     """
     Explain: _grpc.UnaryUnaryMultiCallable[_linlens_pb2.ExplainRequest, _linlens_pb2.ExplainResponse]
     """Explain explains the model's next-token prediction for an input without generating anything."""
+    ExplainStream: _grpc.UnaryStreamMultiCallable[_linlens_pb2.ExplainStreamRequest, _linlens_pb2.ExplainStreamResponse]
+    """ExplainStream is Explain with progress: ExplanationProgress events while the products run (for a progress bar
+    over a long explanation), then the ExplainResponse.
+    """
     ListModels: _grpc.UnaryUnaryMultiCallable[_linlens_pb2.ListModelsRequest, _linlens_pb2.ListModelsResponse]
     """ListModels lists the models this server can serve, loaded or not (with their ModelState)."""
     GetModel: _grpc.UnaryUnaryMultiCallable[_linlens_pb2.GetModelRequest, _linlens_pb2.GetModelResponse]
@@ -83,6 +87,10 @@ class LinlensServiceAsyncStub(LinlensServiceStub):
     """
     Explain: _aio.UnaryUnaryMultiCallable[_linlens_pb2.ExplainRequest, _linlens_pb2.ExplainResponse]  # type: ignore[assignment]
     """Explain explains the model's next-token prediction for an input without generating anything."""
+    ExplainStream: _aio.UnaryStreamMultiCallable[_linlens_pb2.ExplainStreamRequest, _linlens_pb2.ExplainStreamResponse]  # type: ignore[assignment]
+    """ExplainStream is Explain with progress: ExplanationProgress events while the products run (for a progress bar
+    over a long explanation), then the ExplainResponse.
+    """
     ListModels: _aio.UnaryUnaryMultiCallable[_linlens_pb2.ListModelsRequest, _linlens_pb2.ListModelsResponse]  # type: ignore[assignment]
     """ListModels lists the models this server can serve, loaded or not (with their ModelState)."""
     GetModel: _aio.UnaryUnaryMultiCallable[_linlens_pb2.GetModelRequest, _linlens_pb2.GetModelResponse]  # type: ignore[assignment]
@@ -118,6 +126,16 @@ class LinlensServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_linlens_pb2.ExplainResponse, _abc.Awaitable[_linlens_pb2.ExplainResponse]]:
         """Explain explains the model's next-token prediction for an input without generating anything."""
+
+    @_abc_1.abstractmethod
+    def ExplainStream(
+        self,
+        request: _linlens_pb2.ExplainStreamRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_linlens_pb2.ExplainStreamResponse], _abc.AsyncIterator[_linlens_pb2.ExplainStreamResponse]]:
+        """ExplainStream is Explain with progress: ExplanationProgress events while the products run (for a progress bar
+        over a long explanation), then the ExplainResponse.
+        """
 
     @_abc_1.abstractmethod
     def ListModels(

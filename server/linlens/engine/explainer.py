@@ -95,7 +95,7 @@ class Explainer:
         options: ExplainOptions | None = None,
         *,
         should_stop: jac.ShouldStop | None = None,
-        on_progress: jac.OnProgress | None = None,
+        on_progress: jac.OnPhaseProgress | None = None,
         on_event: Callable[[ExplanationEvent], None] | None = None,
     ) -> Explanation:
         """Explain the next-token prediction after ``input_ids``; see :class:`ExplainOptions` for what is computed.
@@ -103,8 +103,8 @@ class Explainer:
         The returned Explanation carries the layer analysis when ``options.layers`` is set. ``on_event`` sees each
         part as soon as it is computed (the explanation without its layers, then the matrix, then each layer), so a
         stream can forward them live. ``should_stop`` is polled between batches of VJPs and between layers (raising
-        :class:`~linlens.engine.jacobian.ExplanationCancelled`); ``on_progress`` receives (VJPs done, VJPs in total)
-        of each Jacobian phase.
+        :class:`~linlens.engine.jacobian.ExplanationCancelled`); ``on_progress`` receives (phase, products done,
+        products planned) after each batch of products: phase "jacobian", "spectra" (matrix-free) or "layers".
         """
         options = options or ExplainOptions()
         self.validate(input_ids, options)

@@ -161,7 +161,7 @@ def explain_output(
     p: ExplanationPass,
     *,
     should_stop: jac.ShouldStop | None = None,
-    on_progress: jac.OnProgress | None = None,
+    on_progress: jac.OnPhaseProgress | None = None,
 ) -> Explanation:
     """Explain the prediction of ``p`` (see the module docstring). The layer analysis, if any, is not included."""
     context, options = p.context, p.options
@@ -272,10 +272,17 @@ def _full(
     p: ExplanationPass,
     tally: _Tally,
     should_stop: jac.ShouldStop | None,
-    on_progress: jac.OnProgress | None,
+    on_phase_progress: jac.OnPhaseProgress | None,
     reconstruction_error: float,
 ) -> tuple[tuple[PositionSpectrum, ...], tuple[float, ...], np.ndarray | None, LinearMapSpectrum | None]:
     options = p.options
+    on_progress = None
+    if on_phase_progress is not None:
+        report = on_phase_progress
+
+        def on_progress(done: int, total: int) -> None:
+            report("jacobian", done, total)
+
     tick = time.perf_counter()
     with torch.enable_grad():
         full = jac.full_jacobian(
@@ -323,7 +330,7 @@ def _matrix_free(
     p: ExplanationPass,
     tally: _Tally,
     should_stop: jac.ShouldStop | None,
-    on_progress: jac.OnProgress | None,
+    on_progress: jac.OnPhaseProgress | None,
     reconstruction_error: float,
 ) -> tuple[tuple[PositionSpectrum, ...], tuple[float, ...], LinearMapSpectrum | None]:
     options = p.options
@@ -332,7 +339,7 @@ def _matrix_free(
     graph = GraphProducts(p.y, p.x, chunk=p.vjp_chunk())
     positions = list(options.selected_positions(n))
     maps = len(positions) + (1 if options.prompt_spectrum else 0)
-    progress = _Progress(on_progress, int(matrix_free_products(k, maps)))
+    progress = _Progress(on_progress, "spectra", int(matrix_free_products(k, maps)))
     tick = time.perf_counter()
     spectra: tuple[PositionSpectrum, ...] = ()
     truncated: tuple[float, ...] = ()
@@ -378,6 +385,7 @@ def _matrix_free(
             error = found.frobenius_sq_error / max(float(found.values[0]) ** 2, 1e-300)
             residuals = (found.residual_left, found.residual_right)
             prompt = _prompt_spectrum(p, spectrum, residuals, tally, False, error, reconstruction_error)
+        progress.finish()
     except Cancelled:
         raise jac.ExplanationCancelled("explanation cancelled while computing the spectra") from None
     finally:
@@ -429,8 +437,9 @@ def _truncated(spectra: list[Spectrum], terms: torch.Tensor, constant: torch.Ten
 class _Progress:
     """Products done against an estimated total, for a progress bar (the total grows if the estimate was short)."""
 
-    def __init__(self, on_progress: jac.OnProgress | None, total: int) -> None:
+    def __init__(self, on_progress: jac.OnPhaseProgress | None, phase: str, total: int) -> None:
         self.on_progress = on_progress
+        self.phase = phase
         self.total = max(total, 1)
         self.done = 0
 
@@ -438,7 +447,12 @@ class _Progress:
         self.done += count
         self.total = max(self.total, self.done)
         if self.on_progress is not None:
-            self.on_progress(self.done, self.total)
+            self.on_progress(self.phase, self.done, self.total)
+
+    def finish(self) -> None:
+        """The phase is over: the total becomes what was done (an estimate can be above it)."""
+        if self.on_progress is not None and self.done < self.total:
+            self.on_progress(self.phase, self.done, self.done)
 
 
 # -- decoding ----------------------------------------------------------------------------------------------------------

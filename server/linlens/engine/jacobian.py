@@ -20,6 +20,8 @@ class ExplanationCancelled(RuntimeError):
 
 ShouldStop = Callable[[], bool]
 OnProgress = Callable[[int, int], None]
+#: What an explanation reports as it goes: (phase, products done, products planned).
+OnPhaseProgress = Callable[[str, int, int], None]
 
 #: Default memory budget of one batched backward, in bytes (override per Explainer).
 DEFAULT_VJP_MEMORY_BYTES = 1 << 30

@@ -56,7 +56,7 @@ def analyze_layers(
     options: LayerAnalysisOptions,
     *,
     should_stop: jac.ShouldStop | None = None,
-    on_progress: jac.OnProgress | None = None,
+    on_progress: jac.OnPhaseProgress | None = None,
 ) -> Iterator[LayerEvent]:
     """Yield the LayerAttributions matrix first, then one LayerResult per selected layer as soon as it is ready.
 
@@ -142,7 +142,7 @@ def analyze_layers(
     def progress(offset: int) -> jac.OnProgress:
         def report(finished: int, _: int) -> None:
             if on_progress is not None:
-                on_progress(min(offset + finished, total_products), total_products)
+                on_progress("layers", min(offset + finished, total_products), total_products)
 
         return report
 
@@ -230,6 +230,8 @@ def analyze_layers(
             duration_ms=seconds * 1000.0,
             vjp_count=products,
         )
+    if on_progress is not None and done and done != total_products:  # an estimate (matrix-free): say it is over
+        on_progress("layers", done, done)
 
 
 def layer_method(method: ExplainMethod, options: LayerAnalysisOptions, hidden: int) -> ExplainMethod:

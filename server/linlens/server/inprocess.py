@@ -75,8 +75,8 @@ class InProcessClient:
     """The SDK's API on models loaded here (see the module docstring).
 
     ``models`` are registry names, folders or .gguf paths (the first is the default), loaded at once, in order.
-    ``config`` sets the limits (default: a server's defaults, without warm-up). ``on_progress(done, total)`` sees
-    the progress of each Jacobian, e.g. for a progress bar.
+    ``config`` sets the limits (default: a server's defaults, without warm-up). ``on_progress`` sees an
+    ExplanationProgress after each batch of products (e.g. for a progress bar); ``explain`` also takes its own.
     """
 
     def __init__(
@@ -101,6 +101,7 @@ class InProcessClient:
         prompt: str | None = None,
         *,
         options: ExplainOptions | None = None,
+        on_progress: OnProgress | None = None,
         timeout: float | None = None,
         **kwargs: Unpack[InputArgs],
     ) -> ExplainResult:
@@ -110,7 +111,7 @@ class InProcessClient:
         def call() -> ExplainResult:
             work = prepare_explain(request, self.host, self.config)
             token = self._token(timeout)
-            result = run_explain(work, should_stop=token.should_stop, on_progress=self.on_progress)
+            result = run_explain(work, should_stop=token.should_stop, on_progress=on_progress or self.on_progress)
             return explain_result_from_proto(explain_result_to_proto(result))
 
         return _rethrown(call)
@@ -150,7 +151,7 @@ class InProcessClient:
                 should_stop=token.should_stop,
                 stop_reason=lambda: token.reason,
                 emit=emit,
-                on_progress=self.on_progress,
+                on_progress=emit,
             )
 
         return InProcessStream(produce, token)

@@ -194,8 +194,10 @@ def _check_limits(
         )
 
 
-def prepare_explain(request: pb.ExplainRequest, host: ModelHost, config: ServerConfig) -> ExplainWork:
-    """Admit an Explain request (RpcFailure for an unknown or unready model, or bad input)."""
+def prepare_explain(
+    request: pb.ExplainRequest | pb.ExplainStreamRequest, host: ModelHost, config: ServerConfig
+) -> ExplainWork:
+    """Admit an Explain or ExplainStream request (RpcFailure for an unknown or unready model, or bad input)."""
     loaded = host.ready(request.model)
     prompt_ids = encode_input(loaded, request.input, config)
     options, _ = explain_options(request.options, "options", loaded, prompt_ids, config)

@@ -20,11 +20,12 @@ from collections.abc import Iterator
 
 import grpc
 
-from linlens.contract import Generation, Timings
+from linlens.contract import ExplainResult, ExplanationProgress, Generation, Timings
 from linlens.contract.wire import (
     explain_result_to_proto,
     generation_to_proto,
     model_info_to_proto,
+    progress_to_proto,
     stream_event_to_proto,
 )
 from linlens.models import LoadedModel
@@ -33,7 +34,7 @@ from linlens.server.config import ServerConfig
 from linlens.server.hosting import ModelHost
 from linlens.server.jobs import JobRunner
 from linlens.server.metrics import Metrics
-from linlens.server.requests import GenerationWork, prepare_explain, prepare_generation
+from linlens.server.requests import ExplainWork, GenerationWork, prepare_explain, prepare_generation
 from linlens.server.work import run_explain, run_generation
 from linlens.v1 import linlens_pb2 as pb
 from linlens.v1 import linlens_pb2_grpc as pb_grpc
@@ -50,18 +51,32 @@ class LinlensServicer(pb_grpc.LinlensServiceServicer):
 
     def Explain(self, request: pb.ExplainRequest, context: grpc.ServicerContext) -> pb.ExplainResponse:
         call = self._for_model(request.model)
-        work = prepare_explain(request, self.host, self.config)
-        self._note_input(call, work.loaded, work.prompt_ids)
+        work = self._admit_explain(request, call)
         result = self.jobs.run(
             context, lambda token: run_explain(work, should_stop=token.should_stop, metrics=self.metrics)
         )
-        self.metrics.observe_queue_wait(call.model, call.queue_s)
-        explanation = result.explanation
-        call.explain_s, call.explained_steps = explanation.timings.total_ms / 1000.0, 1
-        timings = dataclasses.replace(explanation.timings, queue_ms=call.queue_s * 1000.0, total_ms=_elapsed_ms(call))
-        return explain_result_to_proto(
-            dataclasses.replace(result, explanation=dataclasses.replace(explanation, timings=timings))
+        return explain_result_to_proto(self._explained(call, result))
+
+    def ExplainStream(
+        self, request: pb.ExplainStreamRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.ExplainStreamResponse]:
+        call = self._for_model(request.model)
+        work = self._admit_explain(request, call)
+        events = self.jobs.stream(
+            context,
+            lambda token, emit: run_explain(
+                work, should_stop=token.should_stop, metrics=self.metrics, on_progress=emit
+            ),
         )
+        while True:
+            try:
+                progress = next(events)
+            except StopIteration as finished:
+                result: ExplainResult = finished.value
+                break
+            if isinstance(progress, ExplanationProgress):
+                yield pb.ExplainStreamResponse(progress=progress_to_proto(progress))
+        yield pb.ExplainStreamResponse(result=explain_result_to_proto(self._explained(call, result)))
 
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> pb.GenerateResponse:
         call = self._for_model(request.model)
@@ -92,6 +107,7 @@ class LinlensServicer(pb_grpc.LinlensServiceServicer):
                 stop_reason=lambda: token.reason,
                 metrics=self.metrics,
                 emit=emit,
+                on_progress=emit,
             ),
         )
         while True:
@@ -126,6 +142,19 @@ class LinlensServicer(pb_grpc.LinlensServiceServicer):
         call.prompt_tokens = len(prompt_ids)
         if self.config.log_prompts:
             call.prompt_text = loaded.tokenizer.decode(prompt_ids)
+
+    def _admit_explain(self, request: pb.ExplainRequest | pb.ExplainStreamRequest, call: CallRecord) -> ExplainWork:
+        work = prepare_explain(request, self.host, self.config)
+        self._note_input(call, work.loaded, work.prompt_ids)
+        return work
+
+    def _explained(self, call: CallRecord, result: ExplainResult) -> ExplainResult:
+        """Note a finished explanation on the call's record; the result with the request's timings."""
+        self.metrics.observe_queue_wait(call.model, call.queue_s)
+        explanation = result.explanation
+        call.explain_s, call.explained_steps = explanation.timings.total_ms / 1000.0, 1
+        timings = dataclasses.replace(explanation.timings, queue_ms=call.queue_s * 1000.0, total_ms=_elapsed_ms(call))
+        return dataclasses.replace(result, explanation=dataclasses.replace(explanation, timings=timings))
 
     def _admit_generation(
         self, request: pb.GenerateRequest | pb.GenerateStreamRequest, call: CallRecord

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from linlens.contract import (
     ExplainResult,
     Explanation,
+    ExplanationProgress,
     GeneratedToken,
     Generation,
     StreamEvent,
@@ -30,7 +31,10 @@ from linlens.server.scheduler import StopReason
 
 Emit = Callable[[StreamEvent], None]
 ShouldStop = Callable[[], bool]
-OnProgress = Callable[[int, int], None]
+OnProgress = Callable[[ExplanationProgress], None]
+
+#: Seconds between two progress events of one phase (its last event always goes out).
+PROGRESS_INTERVAL = 0.2
 
 
 def _never() -> bool:
@@ -55,6 +59,23 @@ def at_step(event: ExplanationEvent, step: int) -> ExplanationEvent:
     return dataclasses.replace(event, step=step)
 
 
+def progress_reporter(on_progress: OnProgress | None, step: int) -> Callable[[str, int, int], None] | None:
+    """The engine's (phase, done, total) callback as ExplanationProgress events of ``step``, a few per second."""
+    if on_progress is None:
+        return None
+    report = on_progress
+    last_at, last_phase = 0.0, ""
+
+    def forward(phase: str, done: int, total: int) -> None:
+        nonlocal last_at, last_phase
+        now = time.monotonic()
+        if done >= total or phase != last_phase or now - last_at >= PROGRESS_INTERVAL:
+            last_at, last_phase = now, phase
+            report(ExplanationProgress(phase=phase, done=done, total=total, step=step))
+
+    return forward
+
+
 def observe_explanation(metrics: Metrics | None, model: str, explanation: Explanation) -> None:
     """Record an explanation's phase durations and its reconstruction error."""
     if metrics is None:
@@ -75,7 +96,7 @@ def run_explain(
     """Explain the prediction after the prompt (its layer analysis included when asked)."""
     loaded = work.loaded
     explanation = loaded.explainer.explain(
-        work.prompt_ids, work.options, should_stop=should_stop, on_progress=on_progress
+        work.prompt_ids, work.options, should_stop=should_stop, on_progress=progress_reporter(on_progress, 0)
     )
     observe_explanation(metrics, loaded.name, explanation)
     return ExplainResult(
@@ -130,7 +151,13 @@ def run_generation(
                 emit(at_step(event, step))
 
         explanation = explanation_at_step(
-            loaded.explainer.explain(ids, options, should_stop=should_stop, on_progress=on_progress, on_event=forward),
+            loaded.explainer.explain(
+                ids,
+                options,
+                should_stop=should_stop,
+                on_progress=progress_reporter(on_progress, step),
+                on_event=forward,
+            ),
             step,
         )
         observe_explanation(metrics, loaded.name, explanation)
