@@ -14,7 +14,7 @@ result types are the contract's (``linlens.contract``), re-exported here; the sa
 model through ``linlens.server.inprocess.InProcessClient``.
 """
 
-from linlens.client._base import DEFAULT_TARGET, SERVER_ENV
+from linlens.client._base import API_KEY_ENV, DEFAULT_TARGET, SERVER_ENV
 from linlens.client.aio import AsyncClient, AsyncGenerationStream
 from linlens.client.errors import (
     CancelledError,
@@ -71,6 +71,7 @@ from linlens.contract import (
 )
 
 __all__ = [
+    "API_KEY_ENV",
     "DEFAULT_RETRY",
     "DEFAULT_TARGET",
     "NO_RETRY",

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from linlens.contract import GateMode, Precision, PredictedToken
+from linlens.contract import ExplainOptions, GateMode, PositionSelection, Precision, PredictedToken
 from linlens.engine import jacobian as jac
 from linlens.engine.decode import TokenDecoder
 from linlens.engine.families import Family, family_of
@@ -129,6 +129,42 @@ class ModelContext:
             heads=self._heads,
             itemsize=torch.empty((), dtype=dtype).element_size(),
             budget=self.vjp_memory_bytes,
+        )
+
+    def memory_estimate(self, n_tokens: int, options: ExplainOptions) -> jac.MemoryEstimate:
+        """What an explanation of ``n_tokens`` tokens with ``options`` needs at most (jacobian.explanation_memory):
+        which graphs, batches and Jacobians these options keep alive, in the order explain_output and
+        analyze_layers hold them."""
+        dtype = DTYPES[options.precision]
+        chunk = options.vjp_chunk_size or self.vjp_chunk(n_tokens, dtype)
+        graphs, jacobians = 1, 0
+        batch = 1 + len(options.targets)  # the attributions: one cotangent per target
+        if options.needs_full_jacobian:
+            batch = max(batch, chunk)
+            jacobians = 2  # J as computed and its per-position copy
+            if options.positions is PositionSelection.ALL:
+                jacobians += 1  # the SVD's input
+            if options.include_jacobians:
+                jacobians += 2  # the returned array and its wire encoding
+        if options.ordinary_contrast:
+            graphs += 1
+            batch = max(batch, chunk)
+            jacobians += 1
+        if options.layers is not None:
+            batch = max(batch, 2 * self.num_layers)  # the layers x tokens matrix: one cotangent per block
+            if options.layers.needs_jacobians:
+                batch = max(batch, chunk)
+                jacobians += 2  # a layer's map of the embeddings and of its own input
+        return jac.explanation_memory(
+            n_tokens=n_tokens,
+            hidden=self.hidden_size,
+            intermediate=self._intermediate,
+            layers=self.num_layers,
+            heads=self._heads,
+            itemsize=torch.empty((), dtype=dtype).element_size(),
+            graphs=graphs,
+            batch_vjps=batch,
+            jacobians=jacobians,
         )
 
 

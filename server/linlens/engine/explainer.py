@@ -77,6 +77,12 @@ class Explainer:
             check_token_id(target.token_id, self.vocab_size, f"targets[{i}].token_id")
             if target.contrast_token_id is not None:
                 check_token_id(target.contrast_token_id, self.vocab_size, f"targets[{i}].contrast_token_id")
+        if options.vjp_chunk_size is not None and options.vjp_chunk_size > self.hidden_size:
+            raise OptionError(
+                "vjp_chunk_size",
+                f"is {options.vjp_chunk_size}, above the model's hidden size {self.hidden_size} (a Jacobian has "
+                "hidden_size rows, so no batch holds more VJPs than that)",
+            )
         if options.precision is Precision.BFLOAT16 and self.context.device.type == "cpu":
             raise OptionError("precision", "BFLOAT16 needs an accelerator; on a CPU use FLOAT32 or FLOAT64")
         if options.layers is not None:
@@ -88,6 +94,12 @@ class Explainer:
                 raise OptionError(
                     "layers.top_k", f"is {options.layers.top_k}, above the model's hidden size {self.hidden_size}"
                 )
+
+    def memory_estimate(self, n_tokens: int, options: ExplainOptions) -> jac.MemoryEstimate:
+        """An upper bound of the memory an explanation of ``n_tokens`` tokens with ``options`` needs beyond the
+        model (forward graph, batched VJPs, Jacobians). The server refuses a request above its budget with this
+        before any work starts; ``vjp_chunk_size`` counts towards it."""
+        return self.context.memory_estimate(n_tokens, options)
 
     def explain(
         self,

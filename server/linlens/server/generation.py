@@ -67,7 +67,7 @@ class Sampling:
         if self.max_new_tokens > max_new_tokens_limit:
             raise InputError(
                 f"sampling.max_new_tokens is {self.max_new_tokens}, above this server's limit of "
-                f"{max_new_tokens_limit}; ask for fewer tokens"
+                f"{max_new_tokens_limit} (max_new_tokens); ask for fewer tokens"
             )
         if not math.isfinite(self.temperature) or self.temperature < 0:
             raise InputError(f"sampling.temperature must be 0 (greedy) or positive, got {self.temperature}")

@@ -75,13 +75,15 @@ def encode_input(loaded: LoadedModel, message: pb.Input, config: ServerConfig) -
             raise invalid("input is missing: set exactly one of input.text, input.token_ids or input.chat")
     except (InputError, OptionError) as exc:
         raise invalid(str(exc)) from None
-    if len(ids) > config.max_prompt_tokens:
+    if config.max_prompt_tokens and len(ids) > config.max_prompt_tokens:
         raise invalid(
-            f"the input has {len(ids)} tokens, above this server's limit of {config.max_prompt_tokens}; shorten it"
+            f"the input has {len(ids)} tokens, above this server's limit of {config.max_prompt_tokens} "
+            "(max_prompt_tokens); shorten it"
         )
     if loaded.max_positions and len(ids) >= loaded.max_positions:
         raise invalid(
-            f"the input has {len(ids)} tokens, which fills the model's context of {loaded.max_positions}; shorten it"
+            f"the input has {len(ids)} tokens, which fills the model's context of {loaded.max_positions} "
+            "(max_prompt_tokens 0 means the model's context); shorten it"
         )
     return ids
 
@@ -127,6 +129,7 @@ def explain_options(
             options = dataclasses.replace(options, explained_token_id=None)
         loaded.explainer.validate(prompt_ids, options)
         _check_limits(options, steps, loaded, config, max_new_tokens)
+        _check_memory(options, field, len(prompt_ids) + _last_step(steps, max_new_tokens), loaded, config)
     except OptionError as error:
         raise invalid(str(error.under(field))) from None
     return options, steps
@@ -191,6 +194,28 @@ def _check_limits(
             f"max_analyzed_layers; layers with Jacobians summed over {explained} explained step(s)",
             "select fewer layers (layers or every), explain fewer steps, or turn up_to_layer, layer_alone and "
             "component_spectra off for the cheap attribution matrix only",
+        )
+
+
+def _last_step(steps: tuple[int, ...] | None, max_new_tokens: int | None) -> int:
+    """Tokens generated before the last explained step (0 for Explain): what the longest explanation adds."""
+    if steps is None:
+        return max(0, int(max_new_tokens or 1) - 1)
+    return max(steps, default=0)
+
+
+def _check_memory(
+    options: ExplainOptions, field: str, n_tokens: int, loaded: LoadedModel, config: ServerConfig
+) -> None:
+    """The longest explanation a request asks for must fit ``max_explanation_memory_mb`` by the engine's estimate
+    (RpcFailure INVALID_ARGUMENT: the same request can never fit, so retrying it is pointless)."""
+    estimate = loaded.explainer.memory_estimate(n_tokens, options)
+    if estimate.total > config.max_explanation_memory_bytes:
+        chunk = f", a smaller {field}.vjp_chunk_size" if options.vjp_chunk_size else ""
+        raise invalid(
+            f"{field}: an explanation of {n_tokens} tokens with these options needs {estimate.describe()}, above "
+            f"this server's limit of {config.max_explanation_memory_mb} MiB (max_explanation_memory_mb); use a "
+            f"shorter input, {field}.top_k 0 (attributions only), positions LAST, no include_jacobians{chunk}"
         )
 
 
