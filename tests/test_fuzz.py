@@ -112,7 +112,7 @@ def message(descriptor: Descriptor, depth: int = 0) -> st.SearchStrategy[Message
             value: st.SearchStrategy[Any] = st.deferred(lambda f=field: message(f.message_type, depth + 1))
         else:
             value = scalar(field)
-        if field.label == FieldDescriptor.LABEL_REPEATED:
+        if field.is_repeated:
             longest = 300 if field.name in ("ids", "messages", "stop_sequences", "layers", "step_indices") else 12
             value = st.lists(value, max_size=longest)
         optional[field.name] = value
@@ -122,7 +122,7 @@ def message(descriptor: Descriptor, depth: int = 0) -> st.SearchStrategy[Message
         for name, value in values.items():
             field = descriptor.fields_by_name[name]
             target = getattr(out, name)
-            if field.label == FieldDescriptor.LABEL_REPEATED:
+            if field.is_repeated:
                 for item in value:
                     if field.message_type is not None:
                         target.add().CopyFrom(item)
