@@ -166,7 +166,7 @@ def near_valid(method: str) -> st.SearchStrategy[Message]:
     sampling = st.builds(
         pb.SamplingParams,
         max_new_tokens=st.sampled_from([1, 2, 4, 0, 65, 2**32 - 1]),
-        temperature=st.sampled_from([0.0, 0.7, 1e-300, 1e300, math.nan, math.inf, -1.0]),
+        temperature=st.sampled_from([0.0, 0.7, 1e-300, 1e-5, 0.01, 1e300, math.nan, math.inf, -1.0]),
         top_p=st.sampled_from([0.0, 0.5, 1.0, 1.5, math.nan]),
         top_k=st.sampled_from([0, 1, 50, 2**32 - 1]),
         seed=integers(0, 2**64 - 1),

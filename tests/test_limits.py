@@ -137,3 +137,11 @@ def test_concurrent_streams_are_limited(make_server: Callable[..., Any]) -> None
             except ResourceExhaustedError:
                 assert time.monotonic() < end, "the stream slot was never released"
                 time.sleep(0.1)
+
+
+def test_a_temperature_too_small_to_sample_is_refused(target: str) -> None:
+    """Found by the fuzzing: logits divided by 1e-300 overflow and sampling failed with INTERNAL."""
+    with Client(target, retry=NO_RETRY, timeout=60) as client:
+        with pytest.raises(InvalidArgumentError, match=r"temperature must be 0 \(greedy\) or at least 0.01"):
+            client.generate(PROMPT, max_new_tokens=1, temperature=1e-300)
+        assert client.generate(PROMPT, max_new_tokens=1, temperature=0.01, seed=1).usage.completion_tokens == 1
