@@ -251,7 +251,7 @@ def test_arbitrary_field_values(channel: grpc.Channel, method: str) -> None:
 
 @pytest.mark.parametrize("method", ["Generate", "GenerateStream", "Explain", "GetModel"])
 def test_nearly_valid_requests(channel: grpc.Channel, method: str) -> None:
-    @fuzz_settings(25)
+    @fuzz_settings(40)
     @given(near_valid(method))
     def check(request: Message) -> None:
         code = call(channel, method, request.SerializeToString())
