@@ -163,7 +163,7 @@ def run_call(
         code = error.code() if callable(getattr(error, "code", None)) else None
         if call.outcome == "":
             call.outcome = code.name if code is not None else "UNKNOWN"
-            details = error.details() or "" if callable(getattr(error, "details", None)) else ""
+            details = (error.details() or "") if callable(getattr(error, "details", None)) else ""
             local = details in ("Deadline Exceeded", "Locally cancelled by application!")
             call.server_answered = not local and code is not grpc.StatusCode.CANCELLED
     except grpc.FutureCancelledError:

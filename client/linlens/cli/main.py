@@ -129,8 +129,13 @@ def _remote(args: argparse.Namespace, target: str) -> Backend:
         )
     except ServerUnreachableError as error:
         client.close()
+        tls = (
+            " If it speaks TLS, check --ca-cert (and --client-cert/--client-key where it asks for client certificates)."
+            if args.tls
+            else " If it speaks TLS, add --tls or --ca-cert."
+        )
         raise CommandError(
-            f"{error.details}. Start one with `linlens serve` (or `bash scripts/demo.sh`), or leave out --server "
+            f"{error.details}.{tls} Start one with `linlens serve` (or `bash scripts/demo.sh`), or leave out --server "
             f"(and {SERVER_ENV}) to run the model in this process"
         ) from None
     except LinlensError:

@@ -40,7 +40,9 @@ class ServerConfig:
     """Every setting of one linlens server process.
 
     Limits exist so that one request cannot take the process down: each is checked before any model work starts and a
-    request over a limit is refused with INVALID_ARGUMENT naming the limit.
+    request over a limit is refused with a message naming the setting: INVALID_ARGUMENT when the request itself is too
+    large (retrying it cannot help), RESOURCE_EXHAUSTED for momentary capacity (queue, open streams) and for message
+    size, as gRPC does (docs/reliability.md has the table).
     """
 
     #: Address the gRPC server binds; 0.0.0.0 so that a container is reachable, 127.0.0.1 for local-only use.
