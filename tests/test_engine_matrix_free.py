@@ -150,7 +150,7 @@ def test_matrix_free_work_can_be_cancelled(models: dict[str, LoadedModel]) -> No
             sample_ids(),
             ExplainOptions(top_k=3, method=ExplainMethod.MATRIX_FREE, positions=PositionSelection.ALL),
             should_stop=lambda: len(calls) > 2,
-            on_progress=lambda done, total: calls.append(done),
+            on_progress=lambda phase, done, total: calls.append(done),
         )
 
 

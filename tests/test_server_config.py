@@ -99,3 +99,27 @@ def test_bad_files_are_reported(tmp_path: Path) -> None:
     mixed.write_text("port = 1\n[server]\nmax_queue = 2\n")
     with pytest.raises(ConfigError, match=r"outside the \[server\] table"):
         load_config(mixed, environ={})
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"tls_cert_file": "s.crt"}, "tls_cert_file and tls_key_file: give both"),
+        ({"tls_client_ca_file": "ca.crt"}, "tls_client_ca_file: mutual TLS needs TLS"),
+        ({"max_concurrent_streams": 32, "grpc_threads": 32}, "max_concurrent_streams: 32 must stay below grpc_threads"),
+        ({"health_port": 50051}, "health_port: 50051 is the gRPC port"),
+        ({"max_request_bytes": 0}, "max_request_bytes: must be at least 1"),
+        ({"max_prompt_tokens": -1}, "max_prompt_tokens: must be 0 or more"),
+    ],
+)
+def test_security_and_limit_settings_are_checked(settings: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(environ={}, overrides=settings)
+
+
+def test_security_settings_from_the_environment_and_flags() -> None:
+    env = {"LINLENS_TLS_CERT_FILE": "/s/tls.crt", "LINLENS_TLS_KEY_FILE": "/s/tls.key", "LINLENS_HEALTH_PORT": "50052"}
+    config = build_config(["--auth-token-file", "/s/tokens", "--no-reflection"], environ=env)
+    assert config.tls and config.tls_key_file == "/s/tls.key" and config.health_port == 50052
+    assert config.auth_token_file == "/s/tokens" and config.reflection is False
+    assert ServerConfig().reflection is True and not ServerConfig().tls and ServerConfig().max_prompt_tokens == 0

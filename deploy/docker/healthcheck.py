@@ -6,8 +6,10 @@ load or while draining after SIGTERM, or no answer at all). It imports no torch,
 seconds.
 
 Usage: linlens-healthcheck [HOST:PORT] [SERVICE]
-The target defaults to 127.0.0.1 and the port in LINLENS_PORT, else the config file named by LINLENS_CONFIG, else
-50051. SERVICE defaults to "" (the whole server); "linlens.v1.LinlensService" asks for the service specifically.
+The target defaults to 127.0.0.1 and the server's plaintext health-only port when it has one (``health_port``, the
+one to ask when the gRPC port speaks TLS), else its gRPC port; each read from LINLENS_HEALTH_PORT / LINLENS_PORT,
+else the config file named by LINLENS_CONFIG, else 50051. SERVICE defaults to "" (the whole server);
+"linlens.v1.LinlensService" asks for the service specifically.
 """
 
 from __future__ import annotations
@@ -22,21 +24,27 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 DEFAULT_PORT = 50051
 
 
-def configured_port() -> int:
-    """The gRPC port the server in this container uses, by the server's own precedence (env over file)."""
-    if os.environ.get("LINLENS_PORT"):
-        return int(os.environ["LINLENS_PORT"])
+def setting(name: str) -> int:
+    """An integer setting of the server in this container, by the server's own precedence (env over file); 0 when
+    it is not set."""
+    if os.environ.get(f"LINLENS_{name.upper()}"):
+        return int(os.environ[f"LINLENS_{name.upper()}"])
     path = os.environ.get("LINLENS_CONFIG")
     if path and path.endswith(".toml"):
         try:
             with open(path, "rb") as f:
                 data = tomllib.load(f)
         except (OSError, tomllib.TOMLDecodeError):
-            return DEFAULT_PORT
+            return 0
         table = data.get("server", data)
-        if isinstance(table, dict) and isinstance(table.get("port"), int):
-            return int(table["port"])
-    return DEFAULT_PORT
+        if isinstance(table, dict) and isinstance(table.get(name), int):
+            return int(table[name])
+    return 0
+
+
+def configured_port() -> int:
+    """The port to ask: the health-only port when the server has one, else its gRPC port."""
+    return setting("health_port") or setting("port") or DEFAULT_PORT
 
 
 def main(argv: list[str]) -> int:

@@ -30,6 +30,7 @@ from linlens.cli.render import (
     models_text,
 )
 from linlens.client import (
+    API_KEY_ENV,
     DEFAULT_TARGET,
     SERVER_ENV,
     AttributionTarget,
@@ -132,8 +133,7 @@ def _remote(args: argparse.Namespace, target: str) -> Backend:
         if not sep:
             raise CommandError(f"--header {header!r}: use KEY=VALUE")
         metadata.append((key.strip(), value.strip()))
-    root = Path(args.ca_cert).read_bytes() if args.ca_cert else None
-    client = Client(target, timeout=args.timeout, tls=args.tls, root_certificates=root, metadata=metadata)
+    client = Client(target, timeout=args.timeout, metadata=metadata, **_security(args))
     try:
         client.wait_until_ready(
             args.timeout,
@@ -143,14 +143,41 @@ def _remote(args: argparse.Namespace, target: str) -> Backend:
         )
     except ServerUnreachableError as error:
         client.close()
+        tls = (
+            " If it speaks TLS, check --ca-cert (and --client-cert/--client-key where it asks for client certificates)."
+            if args.tls
+            else " If it speaks TLS, add --tls or --ca-cert."
+        )
         raise CommandError(
-            f"{error.details}. Start one with `linlens serve` (or `bash scripts/demo.sh`), or leave out --server "
+            f"{error.details}.{tls} Start one with `linlens serve` (or `bash scripts/demo.sh`), or leave out --server "
             f"(and {SERVER_ENV}) to run the model in this process"
         ) from None
     except LinlensError:
         client.close()
         raise
     return client
+
+
+def _security(args: argparse.Namespace) -> dict[str, Any]:
+    """The Client's TLS and token arguments from --tls, --ca-cert, --client-cert/--client-key and --api-key."""
+
+    def read(flag: str, path: str | None) -> bytes | None:
+        if not path:
+            return None
+        try:
+            return Path(path).read_bytes()
+        except OSError as error:
+            raise CommandError(f"{flag} {path}: {error.strerror or error}") from None
+
+    if bool(args.client_cert) != bool(args.client_key):
+        raise CommandError("--client-cert and --client-key go together (the client certificate for mutual TLS)")
+    return {
+        "tls": args.tls,
+        "root_certificates": read("--ca-cert", args.ca_cert),
+        "certificate_chain": read("--client-cert", args.client_cert),
+        "private_key": read("--client-key", args.client_key),
+        "api_key": args.api_key,  # None: the SDK falls back to $LINLENS_API_KEY
+    }
 
 
 # --- options from flags ------------------------------------------------------------------------------------------
@@ -288,7 +315,7 @@ def cmd_models(args: argparse.Namespace, connect: Connect) -> int:
 def cmd_wait(args: argparse.Namespace) -> int:
     """Wait until a server's model can take requests (for scripts: start a server, wait, then call it)."""
     target = args.server or os.environ.get(SERVER_ENV) or DEFAULT_TARGET
-    with Client(target) as client:
+    with Client(target, **_security(args)) as client:
         info = client.wait_until_ready(args.timeout, model=args.model or None, on_wait=_loading_notice(target))
     print(f"{info.name} is ready on {target}")
     return 0
@@ -341,10 +368,23 @@ def _add_connection(parser: argparse.ArgumentParser, timeout: float) -> None:
     group.add_argument(
         "--timeout", type=float, default=timeout, help="deadline in seconds, waiting for a model included"
     )
-    group.add_argument("--tls", action="store_true", help="connect with TLS (system root certificates)")
-    group.add_argument("--ca-cert", metavar="FILE", help="PEM root certificates for TLS (implies --tls)")
+    _add_security(group)
     group.add_argument("--header", action="append", metavar="KEY=VALUE", help="metadata sent with each call")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def _add_security(group: Any) -> None:
+    group.add_argument("--tls", action="store_true", help="connect with TLS (system root certificates)")
+    group.add_argument("--ca-cert", metavar="FILE", help="PEM root certificates for TLS (implies --tls)")
+    group.add_argument("--client-cert", metavar="FILE", help="PEM client certificate for mutual TLS (implies --tls)")
+    group.add_argument("--client-key", metavar="FILE", help="PEM private key of --client-cert")
+    group.add_argument(
+        "--api-key",
+        default=None,
+        metavar="TOKEN",
+        help=f"API token sent as 'authorization: Bearer' (default: ${API_KEY_ENV}, which keeps it out of the "
+        "shell history and the process list)",
+    )
 
 
 def _add_input(parser: argparse.ArgumentParser) -> None:
@@ -433,23 +473,24 @@ def build_parser() -> argparse.ArgumentParser:
     wait.add_argument("--server", default=None, help=f"HOST:PORT (default: ${SERVER_ENV} or {DEFAULT_TARGET})")
     wait.add_argument("--model", default="", help="model name (default: the server's default model)")
     wait.add_argument("--timeout", type=float, default=600.0, help="seconds to wait, the server's start included")
+    _add_security(wait)
     wait.set_defaults(handler=cmd_wait)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "ca_cert", None) or getattr(args, "client_cert", None):
+        args.tls = True
     if args.command in ("serve", "wait"):
         try:
             return int(args.handler(args))
-        except LinlensError as error:
+        except (LinlensError, CommandError) as error:
             print(f"linlens: {error}", file=sys.stderr)
             return 1
     if args.command in ("explain", "generate") and not (args.prompt or args.token_ids):
         print("linlens: give a prompt or --token-ids", file=sys.stderr)
         return 2
-    if getattr(args, "ca_cert", None):
-        args.tls = True
     handler: Callable[[argparse.Namespace, Connect], int] = args.command_handler
     try:
         return handler(args, lambda: open_backend(args))

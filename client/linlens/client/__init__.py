@@ -14,7 +14,7 @@ result types are the contract's (``linlens.contract``), re-exported here; the sa
 model through ``linlens.server.inprocess.InProcessClient``.
 """
 
-from linlens.client._base import DEFAULT_TARGET, SERVER_ENV
+from linlens.client._base import API_KEY_ENV, DEFAULT_TARGET, SERVER_ENV
 from linlens.client.aio import AsyncClient, AsyncGenerationStream
 from linlens.client.errors import (
     CancelledError,
@@ -26,6 +26,7 @@ from linlens.client.errors import (
     NotFoundError,
     ResourceExhaustedError,
     ServerUnreachableError,
+    UnauthenticatedError,
     UnavailableError,
     error_for_code,
     from_rpc_error,
@@ -73,6 +74,7 @@ from linlens.contract import (
 )
 
 __all__ = [
+    "API_KEY_ENV",
     "DEFAULT_RETRY",
     "DEFAULT_TARGET",
     "NO_RETRY",
@@ -125,6 +127,7 @@ __all__ = [
     "StreamEvent",
     "Timings",
     "TokenScore",
+    "UnauthenticatedError",
     "UnavailableError",
     "Usage",
     "collect_stream",

@@ -24,6 +24,8 @@ MetadataLike: TypeAlias = Mapping[str, str] | Sequence[tuple[str, str]]
 DEFAULT_TARGET = "localhost:50051"
 #: The environment variable that names the server when a client is given no target (the CLI honours it too).
 SERVER_ENV = "LINLENS_SERVER"
+#: The environment variable a client takes its API token from when given no ``api_key`` (as OpenAI-style SDKs do).
+API_KEY_ENV = "LINLENS_API_KEY"
 #: Default per-call deadline in seconds. Explaining many steps of a long generation on CPU takes minutes.
 DEFAULT_TIMEOUT = 300.0
 #: Jacobians are n x d x d floats (8 tokens of a 576-wide model are already 10 MiB), far above gRPC's 4 MiB default.
@@ -46,6 +48,18 @@ def normalise_metadata(metadata: MetadataLike | None) -> tuple[tuple[str, str], 
     return tuple((str(key).lower(), str(value)) for key, value in pairs)
 
 
+def resolve_api_key(api_key: str | None) -> str | None:
+    """The token to send: ``api_key``, else ``$LINLENS_API_KEY``; ``""`` sends none. Checked to be one printable
+    word (gRPC metadata cannot carry line breaks); the error never repeats the token."""
+    key = os.environ.get(API_KEY_ENV, "") if api_key is None else api_key
+    key = key.strip()
+    if not key:
+        return None
+    if any(c.isspace() or not c.isprintable() for c in key):
+        raise ValueError(f"the API key (api_key or ${API_KEY_ENV}) must be one word of printable characters")
+    return key
+
+
 def resolve_retry(retry: RetryPolicy | int | None) -> RetryPolicy:
     """``retry=`` accepts a policy, an attempt count, or None (no retries)."""
     if retry is None:
@@ -64,7 +78,9 @@ class ClientBase:
     seconds (None: no deadline); every method takes its own ``timeout=``. ``retry`` is a RetryPolicy, a number of
     attempts, or None; only UNAVAILABLE and RESOURCE_EXHAUSTED are retried (they mean no work was done).
     ``metadata`` is sent with every call, merged with per-call metadata. TLS is used when ``tls`` is true, when any
-    certificate material is given, or with explicit ``credentials``.
+    certificate material is given, or with explicit ``credentials``; ``private_key`` and ``certificate_chain`` (PEM)
+    are the client certificate a server with mutual TLS asks for. ``api_key`` (default ``$LINLENS_API_KEY``; ``""``
+    for none) is sent as ``authorization: Bearer <api_key>`` with every call: use TLS when it crosses a network.
     """
 
     def __init__(
@@ -76,6 +92,7 @@ class ClientBase:
         private_key: bytes | None = None,
         certificate_chain: bytes | None = None,
         credentials: grpc.ChannelCredentials | None = None,
+        api_key: str | None = None,
         timeout: float | None = DEFAULT_TIMEOUT,
         retry: RetryPolicy | int | None = DEFAULT_RETRY,
         metadata: MetadataLike | None = None,
@@ -87,6 +104,9 @@ class ClientBase:
         self.timeout = timeout
         self.retry = resolve_retry(retry)
         self.metadata = normalise_metadata(metadata)
+        key = resolve_api_key(api_key)
+        if key is not None and not any(name == "authorization" for name, _ in self.metadata):
+            self.metadata += (("authorization", f"Bearer {key}"),)
         self.wait_for_ready = wait_for_ready
         if credentials is None and (
             tls or root_certificates is not None or private_key is not None or certificate_chain is not None
@@ -114,6 +134,7 @@ class ClientBase:
 
 
 __all__ = [
+    "API_KEY_ENV",
     "DEFAULT_MAX_MESSAGE_BYTES",
     "DEFAULT_TARGET",
     "DEFAULT_TIMEOUT",
@@ -122,6 +143,7 @@ __all__ = [
     "ClientBase",
     "MetadataLike",
     "normalise_metadata",
+    "resolve_api_key",
     "resolve_retry",
     "resolve_target",
 ]

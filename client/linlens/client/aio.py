@@ -246,7 +246,7 @@ class AsyncClient(ClientBase):
         try:
             await asyncio.wait_for(self._channel.channel_ready(), wait.connect_within(connect_timeout))
         except TimeoutError:
-            raise wait.timed_out("connect") from None
+            raise wait.timed_out("connect", await self._connection_error()) from None
         while True:
             remaining = wait.remaining()  # UnavailableError, saying what it waited for, once the time is up
             try:
@@ -258,6 +258,14 @@ class AsyncClient(ClientBase):
                 if wait.observe(info, serving):
                     return info
             await asyncio.sleep(wait.pause())
+
+    async def _connection_error(self) -> str:
+        """See Client._connection_error."""
+        try:
+            await self._health("", timeout=1.0)
+        except grpc.RpcError as error:
+            return str(error.details() or "")
+        return ""
 
     async def close(self) -> None:
         """Close the channel; calls in flight are cancelled."""

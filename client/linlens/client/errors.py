@@ -53,6 +53,11 @@ class ServerUnreachableError(UnavailableError):
     """No server answered at the target at all (nothing listening, wrong address, blocked network)."""
 
 
+class UnauthenticatedError(LinlensError):
+    """The server needs an API token and got none or a wrong one (UNAUTHENTICATED), or the token may not do this
+    (PERMISSION_DENIED): pass ``api_key=`` or set $LINLENS_API_KEY; do not retry with the same token."""
+
+
 class InternalError(LinlensError):
     """The server failed (INTERNAL, UNKNOWN, DATA_LOSS): a bug or a broken model, not your input."""
 
@@ -66,6 +71,8 @@ _BY_CODE: dict[grpc.StatusCode, type[LinlensError]] = {
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
     grpc.StatusCode.CANCELLED: CancelledError,
     grpc.StatusCode.UNAVAILABLE: UnavailableError,
+    grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
+    grpc.StatusCode.PERMISSION_DENIED: UnauthenticatedError,
     grpc.StatusCode.INTERNAL: InternalError,
     grpc.StatusCode.UNKNOWN: InternalError,
     grpc.StatusCode.DATA_LOSS: InternalError,

@@ -132,10 +132,14 @@ class ReadinessWait:
         self.connect_s = self.timeout if connect_timeout is None else min(self.timeout, connect_timeout)
         return self.connect_s
 
-    def timed_out(self, step: str = "ready") -> UnavailableError:
+    def timed_out(self, step: str = "ready", why: str = "") -> UnavailableError:
+        """The error a wait ends with; for ``step`` "connect", ``why`` is gRPC's last word on the connection (a
+        refused TLS handshake reads very differently from nobody listening)."""
         if step == "connect":
+            said = f"; {why}" if why else ""
             return ServerUnreachableError(
-                grpc.StatusCode.UNAVAILABLE, f"no linlens server answers at {self.target} (waited {self.connect_s:g} s)"
+                grpc.StatusCode.UNAVAILABLE,
+                f"no linlens server answers at {self.target} (waited {self.connect_s:g} s{said})",
             )
         if self._last is not None:
             detail = f": {self._last.state_detail}" if self._last.state_detail else ""

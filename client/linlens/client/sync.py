@@ -274,7 +274,7 @@ class Client(ClientBase):
         try:
             grpc.channel_ready_future(self._channel).result(timeout=wait.connect_within(connect_timeout))
         except grpc.FutureTimeoutError:
-            raise wait.timed_out("connect") from None
+            raise wait.timed_out("connect", self._connection_error()) from None
         while True:
             remaining = wait.remaining()  # UnavailableError, saying what it waited for, once the time is up
             try:
@@ -286,6 +286,14 @@ class Client(ClientBase):
                 if wait.observe(info, serving):
                     return info
             time.sleep(wait.pause())
+
+    def _connection_error(self) -> str:
+        """What gRPC says about the connection (a refused TLS handshake, nobody listening), from one quick call."""
+        try:
+            self._health("", timeout=1.0)
+        except grpc.RpcError as error:
+            return str(error.details() or "")
+        return ""
 
     def close(self) -> None:
         """Close the channel; calls in flight are cancelled."""

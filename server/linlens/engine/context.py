@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from linlens.contract import GateMode, Precision, PredictedToken
+from linlens.contract import ExplainMethod, ExplainOptions, GateMode, PositionSelection, Precision, PredictedToken
 from linlens.engine import jacobian as jac
 from linlens.engine.decode import TokenDecoder
 from linlens.engine.families import Family, family_of
@@ -129,6 +129,57 @@ class ModelContext:
             heads=self._heads,
             itemsize=torch.empty((), dtype=dtype).element_size(),
             budget=self.vjp_memory_bytes,
+        )
+
+    def memory_estimate(
+        self,
+        n_tokens: int,
+        options: ExplainOptions,
+        method: ExplainMethod | None,
+        layer_method: ExplainMethod,
+        krylov_batch: int,
+    ) -> jac.MemoryEstimate:
+        """What an explanation of ``n_tokens`` tokens with ``options`` needs at most (jacobian.explanation_memory):
+        which graphs, batches and Jacobians these options keep alive with the methods that will run (``method`` for
+        the spectra, ``layer_method`` for the layer maps; a matrix-free solve keeps a second, double-backward graph
+        and batches of ``krylov_batch`` products instead of Jacobians), in the order explain_output and
+        analyze_layers hold them."""
+        dtype = DTYPES[options.precision]
+        chunk = options.vjp_chunk_size or self.vjp_chunk(n_tokens, dtype)
+        graphs, jacobians = 1, 0
+        batch = 1 + len(options.targets)  # the attributions: one cotangent per target
+        if method is ExplainMethod.FULL:
+            batch = max(batch, chunk)
+            jacobians = 2  # J as computed and its per-position copy
+            if options.positions is PositionSelection.ALL or options.prompt_spectrum:
+                jacobians += 1  # the SVD's input
+            if options.include_jacobians:
+                jacobians += 2  # the returned array and its wire encoding
+        elif method is ExplainMethod.MATRIX_FREE:
+            graphs += 1  # the double-backward graph of the JVPs
+            batch = max(batch, min(chunk, krylov_batch))
+        if options.ordinary_contrast:
+            graphs += 1
+            batch = max(batch, chunk)
+            jacobians += 1
+        if options.layers is not None:
+            batch = max(batch, 2 * self.num_layers)  # the layers x tokens matrix: one cotangent per block
+            if options.layers.needs_jacobians and layer_method is ExplainMethod.FULL:
+                batch = max(batch, chunk)
+                jacobians += 2  # a layer's map of the embeddings and of its own input
+            elif options.layers.needs_jacobians:
+                graphs += 1  # a layer map's double-backward graph
+                batch = max(batch, min(chunk, krylov_batch))
+        return jac.explanation_memory(
+            n_tokens=n_tokens,
+            hidden=self.hidden_size,
+            intermediate=self._intermediate,
+            layers=self.num_layers,
+            heads=self._heads,
+            itemsize=torch.empty((), dtype=dtype).element_size(),
+            graphs=graphs,
+            batch_vjps=batch,
+            jacobians=jacobians,
         )
 
 

@@ -18,6 +18,7 @@ from typing import Any
 from transformers import PreTrainedModel
 
 from linlens.contract import (
+    ExplainMethod,
     ExplainOptions,
     Explanation,
     LayerAttributions,
@@ -28,9 +29,9 @@ from linlens.contract import (
 )
 from linlens.engine import jacobian as jac
 from linlens.engine.context import ModelContext
-from linlens.engine.explanation import explain_output
+from linlens.engine.explanation import block_size, choose_method, explain_output
 from linlens.engine.forward import ExplanationPass
-from linlens.engine.layers import analyze_layers
+from linlens.engine.layers import analyze_layers, layer_method
 
 #: What an explanation hands to ``on_event`` as it goes: the whole-output explanation first, then (with a layer
 #: analysis) the layers x tokens matrix and each selected layer's result.
@@ -77,6 +78,12 @@ class Explainer:
             check_token_id(target.token_id, self.vocab_size, f"targets[{i}].token_id")
             if target.contrast_token_id is not None:
                 check_token_id(target.contrast_token_id, self.vocab_size, f"targets[{i}].contrast_token_id")
+        if options.vjp_chunk_size is not None and options.vjp_chunk_size > self.hidden_size:
+            raise OptionError(
+                "vjp_chunk_size",
+                f"is {options.vjp_chunk_size}, above the model's hidden size {self.hidden_size} (a Jacobian has "
+                "hidden_size rows, so no batch holds more VJPs than that)",
+            )
         if options.precision is Precision.BFLOAT16 and self.context.device.type == "cpu":
             raise OptionError("precision", "BFLOAT16 needs an accelerator; on a CPU use FLOAT32 or FLOAT64")
         if options.layers is not None:
@@ -88,6 +95,17 @@ class Explainer:
                 raise OptionError(
                     "layers.top_k", f"is {options.layers.top_k}, above the model's hidden size {self.hidden_size}"
                 )
+
+    def memory_estimate(self, n_tokens: int, options: ExplainOptions) -> jac.MemoryEstimate:
+        """An upper bound of the memory an explanation of ``n_tokens`` tokens with ``options`` needs beyond the
+        model (forward graph, batched VJPs, Jacobians). The server refuses a request above its budget with this
+        before any work starts; ``vjp_chunk_size`` counts towards it."""
+        d = self.hidden_size
+        method = choose_method(options, n_tokens, d)
+        layer_method_ = layer_method(options.method, options.layers, d) if options.layers else ExplainMethod.FULL
+        maps = max(len(options.selected_positions(n_tokens)) + int(options.prompt_spectrum), 1)
+        krylov = block_size(max(options.top_k, options.layers.top_k if options.layers else 1, 1)) * maps
+        return self.context.memory_estimate(n_tokens, options, method, layer_method_, krylov)
 
     def explain(
         self,

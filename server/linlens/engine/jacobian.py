@@ -10,6 +10,7 @@ chunk rather than by d. Attributions need far less: w . J_i x_i for all i is the
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -27,17 +28,85 @@ OnPhaseProgress = Callable[[str, int, int], None]
 DEFAULT_VJP_MEMORY_BYTES = 1 << 30
 
 
+def layer_activation_bytes(*, n_tokens: int, hidden: int, intermediate: int, heads: int, itemsize: int) -> int:
+    """Bytes of what one layer saves for the backward pass of an ``n_tokens`` input: per token about 6 hidden-size
+    vectors (residual, norms, q/k/v/o), 3 intermediate-size ones (gate, up, product) and a row of attention weights
+    per head (twice: the weights and their softmax input)."""
+    return n_tokens * (6 * hidden + 3 * intermediate + 2 * heads * n_tokens) * itemsize
+
+
 def vjp_chunk_size(
     *, n_tokens: int, hidden: int, intermediate: int, layers: int, heads: int, itemsize: int, budget: int
 ) -> int:
     """How many VJPs to batch so that one batched backward stays within ``budget`` bytes.
 
-    Per cotangent, the backward holds gradients of every saved activation: per layer and token about 6 hidden-size
-    vectors (residual, norms, q/k/v/o), 3 intermediate-size ones (gate, up, product) and a row of attention weights
-    per head. The estimate is deliberately generous; the budget, not the estimate, is what a deployment tunes.
+    Per cotangent this counts the gradients of every saved activation of every layer. That is deliberately generous
+    (the backward frees each layer's gradients as it goes: :func:`explanation_memory` measures what is really
+    alive); the budget, not the estimate, is what a deployment tunes.
     """
-    per_vjp = n_tokens * layers * (6 * hidden + 3 * intermediate + 2 * heads * n_tokens) * itemsize
+    per_vjp = layers * layer_activation_bytes(
+        n_tokens=n_tokens, hidden=hidden, intermediate=intermediate, heads=heads, itemsize=itemsize
+    )
     return max(1, min(hidden, budget // max(per_vjp, 1)))
+
+
+#: Layers' worth of activation gradients alive per cotangent while a batched backward runs. Measured on SmolLM2
+#: (docs/reliability.md): 0.7 layers' worth with 8 tokens and 0.25 with 64 (576 VJPs in one batch); 1 keeps the
+#: estimate an upper bound.
+BACKWARD_LAYERS_ALIVE = 1
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Peak memory one explanation needs beyond the loaded model, by part, in bytes. An upper bound by design (the
+    parts are added although some are alive at different times), checked before any work starts."""
+
+    #: The linear twin's forward graph, kept for every VJP (twice with the ordinary contrast).
+    graph: int
+    #: One batched backward: ``vjps`` cotangents at once.
+    batch: int
+    #: Full Jacobians (hidden x tokens x hidden each) held at once, with their copies (SVD input, returned arrays).
+    jacobians: int
+    #: Cotangents in the largest batch this estimate assumes.
+    vjps: int
+
+    @property
+    def total(self) -> int:
+        return self.graph + self.batch + self.jacobians
+
+    def describe(self) -> str:
+        mib = 1024 * 1024
+        return (
+            f"about {self.total / mib:.0f} MiB (forward graph {self.graph / mib:.0f}, a batch of {self.vjps} VJPs "
+            f"{self.batch / mib:.0f}, Jacobians {self.jacobians / mib:.0f})"
+        )
+
+
+def explanation_memory(
+    *,
+    n_tokens: int,
+    hidden: int,
+    intermediate: int,
+    layers: int,
+    heads: int,
+    itemsize: int,
+    graphs: int,
+    batch_vjps: int,
+    jacobians: int,
+) -> MemoryEstimate:
+    """The memory of an explanation of ``n_tokens`` tokens that keeps ``graphs`` forward graphs, runs batches of
+    up to ``batch_vjps`` cotangents and holds ``jacobians`` full Jacobians at once (see ModelContext.memory_estimate,
+    which counts these for a request's options). One home for the arithmetic, so that admission, and any path that
+    picks a cheaper method when this is too large, agree."""
+    activations = layer_activation_bytes(
+        n_tokens=n_tokens, hidden=hidden, intermediate=intermediate, heads=heads, itemsize=itemsize
+    )
+    return MemoryEstimate(
+        graph=graphs * layers * activations,
+        batch=batch_vjps * BACKWARD_LAYERS_ALIVE * activations,
+        jacobians=jacobians * hidden * n_tokens * hidden * itemsize,
+        vjps=batch_vjps,
+    )
 
 
 def full_jacobian(

@@ -7,6 +7,10 @@ Health (grpc.health.v1) reports three kinds of service name:
   the moment a drain starts. This is what start-up, readiness and liveness probes and load balancers ask;
 - each model's name (e.g. ``smollm2-135m``): SERVING when that model can take requests.
 
+Security (see :mod:`linlens.server.auth` and ``ServerConfig``): TLS from certificate and key files, mutual TLS with
+a client CA, bearer tokens checked inside the call interceptor (health stays open), reflection that can be switched
+off, and an optional plaintext port that serves health only, for probes that cannot speak TLS.
+
 A drain (SIGTERM or SIGINT, or :meth:`RunningServer.drain`) turns every health status to NOT_SERVING, refuses new
 calls with UNAVAILABLE, lets calls in flight finish within the grace period, then cancels what is left and stops. A
 second signal during a drain cancels the remaining work at once.
@@ -30,6 +34,7 @@ from grpc_reflection.v1alpha import reflection
 
 from linlens.contract import ModelState
 from linlens.models import LoadedModel
+from linlens.server.auth import AuthInterceptor, TokenFile, TokenFileError
 from linlens.server.calls import SERVICE_NAME, CallInterceptor, Lifecycle
 from linlens.server.config import ServerConfig, build_config
 from linlens.server.hosting import ModelHost, ModelSlot, model_labels
@@ -45,8 +50,9 @@ _log = logging.getLogger(__name__)
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
-#: Largest message the server accepts (requests are small; this only bounds abuse).
-_MAX_RECEIVE_BYTES = 16 * 1024 * 1024
+#: gRPC reads at most this many times ``max_request_bytes`` of a message into memory; between the two the call
+#: interceptor refuses the request with a message that names the setting, above it gRPC refuses it on its own.
+_RECEIVE_HEADROOM = 2
 
 
 @dataclass
@@ -62,6 +68,9 @@ class RunningServer:
     health: health.HealthServicer
     lifecycle: Lifecycle
     servicer: LinlensServicer
+    #: The plaintext health-only server on ``config.health_port`` (None when that is off).
+    health_server: grpc.Server | None = None
+    health_port: int | None = None
     loaded_event: threading.Event = field(default_factory=threading.Event)
     stopped_event: threading.Event = field(default_factory=threading.Event)
     _drain_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -106,6 +115,8 @@ class RunningServer:
             self.lifecycle.wait_idle(5.0)
             self.scheduler.wait_idle(10.0)
             self.server.stop(grace=1.0).wait(5.0)
+            if self.health_server is not None:
+                self.health_server.stop(grace=None)
             self.metrics.stop_http_server()
             self.stopped_event.set()
             _log.info("stopped after %.1f s of draining", time.monotonic() - started)
@@ -130,6 +141,27 @@ def _apply_torch_threads(config: ServerConfig) -> None:
         torch.set_num_threads(config.torch_threads)
 
 
+def read_pem(setting: str, path: str) -> bytes:
+    """The bytes of a PEM file named by a setting (OSError naming the setting when it cannot be read)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise OSError(f"{setting} {path}: {exc.strerror or exc}") from None
+
+
+def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    """TLS credentials from the configured files (None: plaintext); mutual TLS when a client CA is configured."""
+    if not config.tls:
+        return None
+    key = read_pem("tls_key_file", config.tls_key_file)
+    chain = read_pem("tls_cert_file", config.tls_cert_file)
+    client_ca = read_pem("tls_client_ca_file", config.tls_client_ca_file) if config.tls_client_ca_file else None
+    return grpc.ssl_server_credentials(
+        [(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
+
+
 def start_server(
     config: ServerConfig,
     *,
@@ -150,11 +182,22 @@ def start_server(
     scheduler = Scheduler(config.max_concurrent_jobs, config.max_queue, on_queue_depth=metrics.set_queue_depth)
     servicer = LinlensServicer(config, host, JobRunner(scheduler), metrics)
 
+    credentials = server_credentials(config)  # before anything starts: a missing file stops start-up
+    interceptors: list[grpc.ServerInterceptor] = [
+        CallInterceptor(
+            metrics,
+            lifecycle,
+            max_request_bytes=config.max_request_bytes,
+            max_streams=config.max_concurrent_streams,
+        )
+    ]
+    if config.auth_token_file:
+        interceptors.append(AuthInterceptor(TokenFile(config.auth_token_file)))  # inside: refusals are logged
     server = grpc.server(
         ThreadPoolExecutor(max_workers=config.grpc_threads, thread_name_prefix="linlens-grpc"),
-        interceptors=[CallInterceptor(metrics, lifecycle)],
+        interceptors=interceptors,
         options=[
-            ("grpc.max_receive_message_length", _MAX_RECEIVE_BYTES),
+            ("grpc.max_receive_message_length", _RECEIVE_HEADROOM * config.max_request_bytes),
             ("grpc.max_send_message_length", -1),
             ("grpc.so_reuseport", 0),
         ],
@@ -162,8 +205,9 @@ def start_server(
     pb_grpc.add_LinlensServiceServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    service_names = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
-    reflection.enable_server_reflection(service_names, server)
+    if config.reflection:
+        service_names = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(service_names, server)
 
     for name in ("", SERVICE_NAME, *host.slots):
         health_servicer.set(name, _NOT_SERVING)
@@ -180,12 +224,19 @@ def start_server(
         metrics.observe_model_load(loaded.name, loaded.load_seconds, model_labels(loaded))
 
     address = f"{config.host}:{config.port}"
-    port = server.add_insecure_port(address)
+    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if port == 0:  # pragma: no cover - older grpc returns 0 instead of raising
         raise OSError(f"cannot listen on {address}: the port is taken or the address is not local")
+    health_server, health_port = None, None
+    if config.health_port:
+        health_server = grpc.server(ThreadPoolExecutor(max_workers=2, thread_name_prefix="linlens-health"))
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+        health_port = health_server.add_insecure_port(f"{config.host}:{config.health_port}")
     if config.metrics_port:
         metrics.start_http_server(config.metrics_port, config.metrics_host)
     server.start()
+    if health_server is not None:
+        health_server.start()
     running = RunningServer(
         config=config,
         server=server,
@@ -196,14 +247,19 @@ def start_server(
         health=health_servicer,
         lifecycle=lifecycle,
         servicer=servicer,
+        health_server=health_server,
+        health_port=health_port,
     )
     _log.info(
-        "linlens listening on %s:%d (models: %s; default %s; metrics port %s)",
+        "linlens listening on %s:%d (%s; tokens %s; models: %s; default %s; metrics port %s; health-only port %s)",
         config.host,
         port,
+        ("mutual TLS" if config.tls_client_ca_file else "TLS") if config.tls else "plaintext",
+        "required" if config.auth_token_file else "off",
         ", ".join(host.slots),
         host.default_name,
         running.metrics_port or "off",
+        health_port or "off",
     )
 
     def load() -> None:
@@ -230,7 +286,7 @@ def serve(config: ServerConfig, *, install_signal_handlers: bool = True) -> int:
     stop_requested = threading.Event()
     try:
         running = start_server(config)
-    except (OSError, RuntimeError) as exc:  # a taken port, an address that is not ours
+    except (OSError, RuntimeError, TokenFileError) as exc:  # a taken port, a missing certificate or token file
         _log.error("cannot start: %s", exc)
         return 1
 
@@ -271,4 +327,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     return serve(config)
 
 
-__all__ = ["RunningServer", "build_config", "main", "serve", "start_server"]
+__all__ = ["RunningServer", "build_config", "main", "serve", "server_credentials", "start_server"]

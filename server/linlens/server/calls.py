@@ -5,6 +5,9 @@ and reflection pass untouched, so probes work during a drain and stay out of the
 
 1. takes the caller's ``x-request-id`` (or makes one) and sends it back as initial metadata;
 2. refuses the call with UNAVAILABLE once a drain has begun, else counts it in flight (what a drain waits for);
+   refuses a request above ``max_request_bytes`` (RESOURCE_EXHAUSTED), bytes that are not the method's request
+   message (INVALID_ARGUMENT; gRPC alone would answer INTERNAL) and a GenerateStream beyond
+   ``max_concurrent_streams`` (RESOURCE_EXHAUSTED);
 3. makes the call's :class:`CallRecord` available to the servicer (:func:`current_call`), which notes the model,
    token counts and durations on it;
 4. maps whatever escapes the servicer to a status (:func:`linlens.server.status.failure_for`);
@@ -27,7 +30,7 @@ import grpc
 
 from linlens.server.logs import log_request
 from linlens.server.metrics import Metrics
-from linlens.server.status import SHUTTING_DOWN, RpcFailure, failure_for
+from linlens.server.status import SHUTTING_DOWN, RpcFailure, failure_for, invalid
 
 _log = logging.getLogger(__name__)
 
@@ -52,6 +55,8 @@ class CallRecord:
     explained_steps: int = 0
     prompt_text: str | None = None
     error: str = ""
+    #: The label of the caller's API token (linlens.server.auth), when tokens are required.
+    client: str = ""
 
     def fields(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -69,6 +74,8 @@ class CallRecord:
         }
         if self.error:
             out["error"] = self.error
+        if self.client:
+            out["client"] = self.client
         if self.prompt_text is not None:
             out["prompt"] = self.prompt_text
         return out
@@ -124,12 +131,52 @@ class Lifecycle:
             return True
 
 
-class CallInterceptor(grpc.ServerInterceptor):
-    """See the module docstring."""
+@dataclass(frozen=True)
+class RefusedRequest:
+    """What the guarded deserializer hands on instead of a request it refuses (the handler raises its failure)."""
 
-    def __init__(self, metrics: Metrics, lifecycle: Lifecycle) -> None:
+    failure: RpcFailure
+
+
+def guarded_deserializer(deserialize: Callable[[bytes], Any], max_bytes: int) -> Callable[[bytes], Any]:
+    """``deserialize`` that never raises: a request above ``max_bytes`` (0: no limit) or bytes that do not decode
+    become a :class:`RefusedRequest`, which the call then ends with, counted and logged like any other failure."""
+    descriptor = getattr(getattr(deserialize, "__self__", None), "DESCRIPTOR", None)
+    message = getattr(descriptor, "full_name", "request")
+
+    def guarded(data: bytes) -> Any:
+        if max_bytes and len(data) > max_bytes:
+            return RefusedRequest(
+                RpcFailure(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"the request is {len(data)} bytes, above this server's limit of {max_bytes} "
+                    "(max_request_bytes); send a shorter input",
+                )
+            )
+        try:
+            return deserialize(data)
+        except Exception as exc:
+            return RefusedRequest(
+                invalid(f"the request ({len(data)} bytes) is not a valid {message} message: {type(exc).__name__}")
+            )
+
+    return guarded
+
+
+class CallInterceptor(grpc.ServerInterceptor):
+    """See the module docstring. ``max_request_bytes`` and ``max_streams`` of 0 mean no limit."""
+
+    #: The server-streaming methods whose open calls ``max_streams`` counts.
+    STREAMS = ("GenerateStream",)
+
+    def __init__(
+        self, metrics: Metrics, lifecycle: Lifecycle, *, max_request_bytes: int = 0, max_streams: int = 0
+    ) -> None:
         self.metrics = metrics
         self.lifecycle = lifecycle
+        self.max_request_bytes = max_request_bytes
+        self.max_streams = max_streams
+        self._streams = threading.BoundedSemaphore(max_streams) if max_streams else None
 
     def intercept_service(self, continuation: Callable[[Any], Any], handler_call_details: Any) -> Any:
         handler = continuation(handler_call_details)
@@ -137,16 +184,17 @@ class CallInterceptor(grpc.ServerInterceptor):
         if handler is None or not handler_call_details.method.startswith(prefix):
             return handler
         method = handler_call_details.method.removeprefix(prefix)
+        deserializer = guarded_deserializer(handler.request_deserializer, self.max_request_bytes)
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 self._unary(method, handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
                 self._stream(method, handler.unary_stream),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         return handler  # pragma: no cover - the service has no client-streaming methods
@@ -160,6 +208,8 @@ class CallInterceptor(grpc.ServerInterceptor):
             current = _CURRENT.set(record)
             try:
                 with self._admitted(method):
+                    if isinstance(request, RefusedRequest):
+                        raise request.failure
                     return behavior(request, context)
             except Exception as exc:
                 failure = failure_for(exc, record.request_id)
@@ -179,6 +229,8 @@ class CallInterceptor(grpc.ServerInterceptor):
             responses: Iterator[Any] | None = None
             try:
                 with self._admitted(method):
+                    if isinstance(request, RefusedRequest):
+                        raise request.failure
                     while True:
                         current = _CURRENT.set(record)
                         try:
@@ -218,9 +270,27 @@ class CallInterceptor(grpc.ServerInterceptor):
         with self.metrics.inflight(method):
             self.lifecycle.enter()
             try:
-                yield
+                with self._stream_slot(method):
+                    yield
             finally:
                 self.lifecycle.leave()
+
+    @contextlib.contextmanager
+    def _stream_slot(self, method: str) -> Iterator[None]:
+        """One of ``max_streams`` slots for a streaming call (RESOURCE_EXHAUSTED when none is free)."""
+        if self._streams is None or method not in self.STREAMS:
+            yield
+            return
+        if not self._streams.acquire(blocking=False):
+            raise RpcFailure(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{self.max_streams} {method} calls are open, this server's limit (max_concurrent_streams); "
+                "retry with backoff",
+            )
+        try:
+            yield
+        finally:
+            self._streams.release()
 
     def _finish(self, record: CallRecord, failure: RpcFailure | None) -> None:
         if failure is not None:
@@ -234,4 +304,12 @@ class CallInterceptor(grpc.ServerInterceptor):
         log_request(record.fields())
 
 
-__all__ = ["SERVICE_NAME", "CallInterceptor", "CallRecord", "Lifecycle", "current_call"]
+__all__ = [
+    "SERVICE_NAME",
+    "CallInterceptor",
+    "CallRecord",
+    "Lifecycle",
+    "RefusedRequest",
+    "current_call",
+    "guarded_deserializer",
+]

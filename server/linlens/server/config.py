@@ -40,7 +40,9 @@ class ServerConfig:
     """Every setting of one linlens server process.
 
     Limits exist so that one request cannot take the process down: each is checked before any model work starts and a
-    request over a limit is refused with INVALID_ARGUMENT naming the limit.
+    request over a limit is refused with a message naming the setting: INVALID_ARGUMENT when the request itself is too
+    large (retrying it cannot help), RESOURCE_EXHAUSTED for momentary capacity (queue, open streams) and for message
+    size, as gRPC does (docs/reliability.md has the table).
     """
 
     #: Address the gRPC server binds; 0.0.0.0 so that a container is reachable, 127.0.0.1 for local-only use.
@@ -65,8 +67,9 @@ class ServerConfig:
     #: Jobs that may wait for a free worker; one more is refused with RESOURCE_EXHAUSTED so that clients back off
     #: instead of piling up latency.
     max_queue: int = 16
-    #: Longest accepted input, in tokens, after the chat template is applied.
-    max_prompt_tokens: int = 2048
+    #: Longest accepted input, in tokens, after the chat template is applied; 0 means the model's own context
+    #: (``max_position_embeddings``), which is always a limit too: an input that fills it leaves no room to predict.
+    max_prompt_tokens: int = 0
     #: Largest accepted ``max_new_tokens``.
     max_new_tokens: int = 512
     #: Largest accepted number of singular components per explained position.
@@ -77,6 +80,17 @@ class ServerConfig:
     max_tokens_per_vector: int = 64
     #: Largest number of extra attribution targets per request.
     max_attribution_targets: int = 16
+    #: Largest request message, in bytes. A larger one is refused with RESOURCE_EXHAUSTED naming this setting
+    #: (gRPC itself refuses anything above twice this size before it is read into memory).
+    max_request_bytes: int = 4 * 1024 * 1024
+    #: Memory, in MiB, that one explanation may need by the engine's estimate (forward graph, one batch of VJPs, the
+    #: Jacobians it holds; see ``Explainer.memory_estimate``). A request whose estimate is larger is refused with
+    #: INVALID_ARGUMENT before any work starts; ``vjp_chunk_size`` counts towards it, so it cannot step around it.
+    max_explanation_memory_mb: int = 4096
+    #: GenerateStream calls open at once. A stream holds a gRPC thread for its whole life (also while a slow client
+    #: reads its events), so this stays below ``grpc_threads`` to keep threads for unary calls and health checks;
+    #: one more stream is refused with RESOURCE_EXHAUSTED (retry later).
+    max_concurrent_streams: int = 16
     #: Most layers one request may analyse with Jacobians (ExplainOptions.layers with up_to_layer, layer_alone or
     #: component_spectra), summed over its explained steps: each costs hidden_size VJPs or more, seconds on a CPU.
     max_analyzed_layers: int = 64
@@ -94,15 +108,42 @@ class ServerConfig:
     log_level: str = "info"
     #: Whether request logs may contain prompt text. Off by default: prompts can hold personal data.
     log_prompts: bool = False
+    #: PEM certificate chain of the server; together with ``tls_key_file`` it turns TLS on for the gRPC port. Read
+    #: from a file (a mounted Kubernetes Secret), never baked into an image.
+    tls_cert_file: str = ""
+    #: PEM private key of ``tls_cert_file``.
+    tls_key_file: str = ""
+    #: PEM certificates of the CAs that sign client certificates. When set (TLS on), every client must present a
+    #: certificate signed by one of them (mutual TLS); the handshake fails otherwise.
+    tls_client_ca_file: str = ""
+    #: File of accepted API tokens, stored hashed: one SHA-256 hex digest per line, optionally followed by a label
+    #: that the access log shows as ``client`` (``#`` starts a comment). When set, every call except grpc.health.v1
+    #: needs ``authorization: Bearer <token>`` metadata; others get UNAUTHENTICATED. Re-read when the file changes.
+    auth_token_file: str = ""
+    #: Serve gRPC server reflection (grpcurl, Postman can then list and call the API without the proto files).
+    reflection: bool = True
+    #: A second, plaintext port that serves only grpc.health.v1 (0 = off). With TLS on, Kubernetes' gRPC probes
+    #: (which cannot speak TLS) and the image's health check ask this port; it exposes nothing but health.
+    health_port: int = 0
 
     @property
     def default_model(self) -> str:
         return self.models[0]
 
+    @property
+    def tls(self) -> bool:
+        """Whether the gRPC port speaks TLS."""
+        return bool(self.tls_cert_file)
+
+    @property
+    def max_explanation_memory_bytes(self) -> int:
+        return self.max_explanation_memory_mb * 1024 * 1024
+
     def validate(self) -> ServerConfig:
         """Raise ConfigError naming the first setting that is out of range; return self so calls can chain."""
         _check_port("port", self.port)
         _check_port("metrics_port", self.metrics_port)
+        _check_port("health_port", self.health_port)
         if not self.models:
             raise ConfigError("models: at least one model is needed (a registry name, a folder or a .gguf path)")
         if any(not m.strip() for m in self.models):
@@ -111,8 +152,10 @@ class ServerConfig:
             raise ConfigError(f"dtype: {self.dtype!r} is not one of {', '.join(_DTYPES)}")
         positive = (
             "max_concurrent_jobs",
-            "max_prompt_tokens",
             "max_new_tokens",
+            "max_request_bytes",
+            "max_explanation_memory_mb",
+            "max_concurrent_streams",
             "max_top_k",
             "max_explained_steps",
             "max_tokens_per_vector",
@@ -122,9 +165,20 @@ class ServerConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be at least 1, got {getattr(self, name)}")
-        for name in ("max_queue", "max_attribution_targets", "torch_threads"):
+        for name in ("max_queue", "max_attribution_targets", "torch_threads", "max_prompt_tokens"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must be 0 or more, got {getattr(self, name)}")
+        if self.max_concurrent_streams >= self.grpc_threads:
+            raise ConfigError(
+                f"max_concurrent_streams: {self.max_concurrent_streams} must stay below grpc_threads "
+                f"({self.grpc_threads}), so that unary calls and health checks always find a thread"
+            )
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ConfigError("tls_cert_file and tls_key_file: give both (TLS) or neither (plaintext)")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise ConfigError("tls_client_ca_file: mutual TLS needs TLS: set tls_cert_file and tls_key_file too")
+        if self.health_port and self.health_port == self.port:
+            raise ConfigError(f"health_port: {self.health_port} is the gRPC port; give another one, or 0 for none")
         if self.grace_period_s < 0:
             raise ConfigError(f"grace_period_s: must be 0 or more seconds, got {self.grace_period_s}")
         if self.log_format not in _LOG_FORMATS:
@@ -274,7 +328,10 @@ _HELP: dict[str, str] = {
     "device": "torch device, e.g. cpu or cuda",
     "max_concurrent_jobs": "model jobs running at once",
     "max_queue": "jobs allowed to wait; more are refused with RESOURCE_EXHAUSTED",
-    "max_prompt_tokens": "longest accepted input in tokens",
+    "max_prompt_tokens": "longest accepted input in tokens (0 = the model's context)",
+    "max_request_bytes": "largest accepted request message in bytes",
+    "max_explanation_memory_mb": "memory one explanation may need by the engine's estimate, in MiB",
+    "max_concurrent_streams": "GenerateStream calls open at once; more get RESOURCE_EXHAUSTED",
     "max_new_tokens": "largest accepted max_new_tokens",
     "max_top_k": "largest accepted explanation top_k",
     "max_explained_steps": "most generated steps one request may explain",
@@ -286,6 +343,11 @@ _HELP: dict[str, str] = {
     "torch_threads": "torch intra-op threads (0 = torch default)",
     "log_format": "text or json (one JSON object per line)",
     "log_level": "debug, info, warning or error",
+    "tls_cert_file": "PEM server certificate chain (with --tls-key-file: TLS on)",
+    "tls_key_file": "PEM private key of the server certificate",
+    "tls_client_ca_file": "PEM CA certificates of client certificates (mutual TLS: clients must present one)",
+    "auth_token_file": "file of SHA-256 hex digests of accepted bearer tokens, one per line (tokens required)",
+    "health_port": "extra plaintext port serving only grpc.health.v1, for probes (0 = off)",
 }
 
 
@@ -304,7 +366,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     defaults = ServerConfig()
     for f in fields(ServerConfig):
-        if f.name in ("models", "log_prompts", "warmup"):
+        if f.name in ("models", "log_prompts", "warmup", "reflection"):
             continue
         flag = "--" + f.name.replace("_", "-")
         kind = {"int": int, "float": float, "str": str}[str(f.type)]
@@ -328,6 +390,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="warm each model up before reporting SERVING (default: on)",
+    )
+    parser.add_argument(
+        "--reflection",
+        dest="reflection",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="serve gRPC server reflection (default: on)",
     )
 
 

@@ -29,6 +29,10 @@ from linlens.server.scheduler import StopReason
 
 #: max_new_tokens when a request leaves it unset.
 DEFAULT_MAX_NEW_TOKENS = 16
+#: Smallest positive sampling temperature. Logits divided by less overflow (float16 already at about 1e-4 with
+#: logits of 30; float32 at 1e-37), and sampling from infinities fails; below this, sampling is greedy decoding
+#: anyway, which temperature 0 asks for exactly.
+MIN_TEMPERATURE = 0.01
 
 
 class InputError(ValueError):
@@ -67,10 +71,15 @@ class Sampling:
         if self.max_new_tokens > max_new_tokens_limit:
             raise InputError(
                 f"sampling.max_new_tokens is {self.max_new_tokens}, above this server's limit of "
-                f"{max_new_tokens_limit}; ask for fewer tokens"
+                f"{max_new_tokens_limit} (max_new_tokens); ask for fewer tokens"
             )
         if not math.isfinite(self.temperature) or self.temperature < 0:
             raise InputError(f"sampling.temperature must be 0 (greedy) or positive, got {self.temperature}")
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            raise InputError(
+                f"sampling.temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}, got {self.temperature}: "
+                "below that the sampling is greedy decoding with overflowing logits; use 0"
+            )
         if not math.isfinite(self.top_p) or not 0.0 < self.top_p <= 1.0:
             raise InputError(f"sampling.top_p must lie in (0, 1] (0 or 1 turn it off), got {self.top_p}")
         if self.top_k < 0:

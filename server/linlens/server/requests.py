@@ -13,7 +13,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from linlens.contract import ExplainOptions, OptionError
+import grpc
+
+from linlens.contract import ExplainMethod, ExplainOptions, OptionError
 from linlens.contract.wire import explain_options_from_proto
 from linlens.models import LoadedModel
 from linlens.server.config import ServerConfig
@@ -26,7 +28,7 @@ from linlens.server.generation import (
     encode_text,
 )
 from linlens.server.hosting import ModelHost
-from linlens.server.status import invalid
+from linlens.server.status import RpcFailure, invalid
 from linlens.v1 import linlens_pb2 as pb
 
 
@@ -75,13 +77,15 @@ def encode_input(loaded: LoadedModel, message: pb.Input, config: ServerConfig) -
             raise invalid("input is missing: set exactly one of input.text, input.token_ids or input.chat")
     except (InputError, OptionError) as exc:
         raise invalid(str(exc)) from None
-    if len(ids) > config.max_prompt_tokens:
+    if config.max_prompt_tokens and len(ids) > config.max_prompt_tokens:
         raise invalid(
-            f"the input has {len(ids)} tokens, above this server's limit of {config.max_prompt_tokens}; shorten it"
+            f"the input has {len(ids)} tokens, above this server's limit of {config.max_prompt_tokens} "
+            "(max_prompt_tokens); shorten it"
         )
     if loaded.max_positions and len(ids) >= loaded.max_positions:
         raise invalid(
-            f"the input has {len(ids)} tokens, which fills the model's context of {loaded.max_positions}; shorten it"
+            f"the input has {len(ids)} tokens, which fills the model's context of {loaded.max_positions} "
+            "(max_prompt_tokens 0 means the model's context); shorten it"
         )
     return ids
 
@@ -127,6 +131,7 @@ def explain_options(
             options = dataclasses.replace(options, explained_token_id=None)
         loaded.explainer.validate(prompt_ids, options)
         _check_limits(options, steps, loaded, config, max_new_tokens)
+        options = _fit_memory(options, field, len(prompt_ids) + _last_step(steps, max_new_tokens), loaded, config)
     except OptionError as error:
         raise invalid(str(error.under(field))) from None
     return options, steps
@@ -192,6 +197,39 @@ def _check_limits(
             "select fewer layers (layers or every), explain fewer steps, or turn up_to_layer, layer_alone and "
             "component_spectra off for the cheap attribution matrix only",
         )
+
+
+def _last_step(steps: tuple[int, ...] | None, max_new_tokens: int | None) -> int:
+    """Tokens generated before the last explained step (0 for Explain): what the longest explanation adds."""
+    if steps is None:
+        return max(0, int(max_new_tokens or 1) - 1)
+    return max(steps, default=0)
+
+
+def _fit_memory(
+    options: ExplainOptions, field: str, n_tokens: int, loaded: LoadedModel, config: ServerConfig
+) -> ExplainOptions:
+    """The options to run under ``max_explanation_memory_mb``, by the engine's estimate, before any work starts.
+
+    Under ``method`` AUTO a request whose full Jacobians would not fit runs matrix-free when that fits (the same
+    outputs to the certified tolerance, without the Jacobians). Otherwise RpcFailure RESOURCE_EXHAUSTED with the
+    estimate and the ways to make it smaller: the same request can never fit this server, so a retry is pointless.
+    """
+    estimate = loaded.explainer.memory_estimate(n_tokens, options)
+    if estimate.total <= config.max_explanation_memory_bytes:
+        return options
+    if options.method is ExplainMethod.AUTO and not options.include_jacobians:
+        free = dataclasses.replace(options, method=ExplainMethod.MATRIX_FREE)
+        if loaded.explainer.memory_estimate(n_tokens, free).total <= config.max_explanation_memory_bytes:
+            return free
+    chunk = f", a smaller {field}.vjp_chunk_size" if options.vjp_chunk_size else ""
+    raise RpcFailure(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        f"{field}: an explanation of {n_tokens} tokens with these options needs {estimate.describe()}, above "
+        f"this server's limit of {config.max_explanation_memory_mb} MiB (max_explanation_memory_mb); use a "
+        f"shorter input, {field}.method MATRIX_FREE, {field}.top_k 0 (attributions only), positions LAST, no "
+        f"include_jacobians{chunk}",
+    )
 
 
 def prepare_explain(

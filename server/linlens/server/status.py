@@ -52,8 +52,15 @@ def stopped(reason: StopReason | None) -> RpcFailure:
     return RpcFailure(grpc.StatusCode.CANCELLED, "the call was cancelled; its work was stopped")
 
 
+#: How torch's CPU allocator says it is out of memory: a plain RuntimeError, not torch.OutOfMemoryError (torch 2.13).
+_CPU_ALLOCATOR_FAILURES = ("DefaultCPUAllocator: can't allocate memory", "DefaultCPUAllocator: not enough memory")
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
+    """Python's MemoryError (numpy too), torch.OutOfMemoryError (accelerators) or torch's CPU allocator failing."""
     if isinstance(exc, MemoryError):
+        return True
+    if isinstance(exc, RuntimeError) and any(text in str(exc) for text in _CPU_ALLOCATOR_FAILURES):
         return True
     try:
         import torch
