@@ -182,6 +182,9 @@ def test_panels_without_their_data_are_absent(lean: tuple[ExplainResult, Generat
     steps = [s["data-step"] for s in gen_page.having(**{"class": "explanation"})]
     assert steps == ["0", "1"] and len(generation.explanations) == 2
     assert generation.text in "".join(gen_page.text)
+    generated = [attrs for tag, attrs in gen_page.tags if "generated" in attrs.get("class", "").split()]
+    assert [int(g["data-token-id"]) for g in generated] == [t.token_id for t in generation.tokens]
+    assert [float(g["data-value"]) for g in generated] == [t.logprob for t in generation.tokens]
     # Jupyter: a fragment with its style scoped to it
     fragment = generation._repr_html_()
     assert fragment.startswith('<div class="linlens-report"><style>') and "<html" not in fragment
@@ -227,7 +230,7 @@ def test_token_text_is_escaped_in_html_and_drawn_plainly_in_png(
     lean: tuple[ExplainResult, Generation], tmp_path: Path
 ) -> None:
     plain, _ = lean
-    hostile = ("<script>alert(1)</script>", "$x^2$", "a\nb", "", ' "q" & ')
+    hostile = ("<script>alert(1)</script>", "$a_$", "a\nb", "", ' "q" & ')
     tokens = hostile + plain.explanation.input_tokens[len(hostile) :]
     exp = dataclasses.replace(plain.explanation, input_tokens=tokens)
     result = dataclasses.replace(plain, explanation=exp, prompt_text="<b>bold?</b>")
@@ -236,7 +239,7 @@ def test_token_text_is_escaped_in_html_and_drawn_plainly_in_png(
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in document and "&lt;b&gt;bold?&lt;/b&gt;" in document
     spans = [attrs for tag, attrs in Elements(document).tags if tag == "span" and "data-index" in attrs]
     assert [s["data-token"] for s in spans[: len(hostile)]] == list(hostile)
-    pixels = _png(result.save_png(tmp_path / "hostile.png"))  # mathtext would fail on "$x^2$" half-parsed
+    pixels = _png(result.save_png(tmp_path / "hostile.png"))  # as mathtext, "$a_$" would not parse
     assert pixels.shape[1] == PNG_WIDTH
 
 

@@ -27,6 +27,7 @@ from linlens.contract.results import (
     Attribution,
     ExplainResult,
     Explanation,
+    GeneratedToken,
     Generation,
     LayerAttributions,
     LayerResult,
@@ -91,8 +92,9 @@ class Report:
     title: str
     facts: tuple[tuple[str, str], ...]
     sections: tuple[ExplanationView, ...]
-    #: For a generation: the generated text (shown after the prompt); None otherwise.
+    #: For a generation: the generated text (shown after the prompt) and its tokens; None and () otherwise.
     continuation: str | None = None
+    generated: tuple[GeneratedToken, ...] = ()
 
 
 def token_label(text: str) -> str:
@@ -269,6 +271,7 @@ def build(result: Reportable) -> Report:
             facts=tuple(facts),
             sections=sections,
             continuation=result.text,
+            generated=result.tokens,
         )
     raise TypeError(
         f"a report is made of an ExplainResult, an Explanation or a Generation, not {type(result).__name__}"

@@ -9,11 +9,12 @@ number at full precision in ``data-value``, so a script (or a test) can check th
 from __future__ import annotations
 
 import html
+import math
 from collections.abc import Sequence
 
 import numpy as np
 
-from linlens.contract.results import LayerAttributions, LayerResult, PositionSpectrum, TokenScore
+from linlens.contract.results import GeneratedToken, LayerAttributions, LayerResult, PositionSpectrum, TokenScore
 from linlens.report import svg
 from linlens.report.colors import DIVERGING_STOPS, css, diverging_rgb, ink_for
 from linlens.report.content import (
@@ -298,6 +299,10 @@ def _section(view: ExplanationView) -> str:
     return "".join(parts)
 
 
+def _generated_title(token: GeneratedToken) -> str:
+    return f"step {token.index}, id {token.token_id}: log p {token.logprob:.4f}, p = {math.exp(token.logprob):.4f}"
+
+
 def fragment(result: Reportable | Report, *, with_style: bool = True) -> str:
     """The report as one ``<div class="linlens-report">``, by default with its scoped ``<style>`` inside (for
     notebooks, where the fragment is all there is)."""
@@ -309,9 +314,14 @@ def fragment(result: Reportable | Report, *, with_style: bool = True) -> str:
     ]
     parts.append(_facts(report.facts))
     if report.continuation is not None:
+        chips = "".join(
+            f'<span class="tok generated" data-step="{t.index}" data-token-id="{t.token_id}" '
+            f'data-value="{t.logprob!r}" title="{_e(_generated_title(t))}">{_e(_shown(t.text))}</span>'
+            for t in report.generated
+        )
         parts.append(
-            f'<h3>Generated text</h3><div class="tokens"><span class="tok continuation">'
-            f"{_e(report.continuation)}</span></div>"
+            '<h3>Generated text</h3><p class="note">Each generated token with its probability on hover.</p>'
+            f'<div class="tokens">{chips}</div>'
         )
     if not report.sections:
         parts.append('<p class="note">No explained steps (generate with explain to see them).</p>')

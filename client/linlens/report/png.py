@@ -46,7 +46,6 @@ from linlens.report.content import (
     build,
     emergence,
     explained_rank,
-    explanation_view,
     token_label,
 )
 from linlens.report.extra import require_viz
@@ -74,10 +73,10 @@ class Block:
     """A horizontal band of a figure: its height in inches and how to draw it, given the figure and its top."""
 
     height: float
-    draw: Callable[[Figure, float], None]
+    draw: Callable[[Page, float], None]
 
 
-class _Page:
+class Page:
     """Places axes by inches from the figure's top-left corner."""
 
     def __init__(self, fig: Figure, height: float) -> None:
@@ -100,11 +99,6 @@ class _Page:
         return ax
 
 
-def _pages(fig: Figure) -> _Page:
-    page: _Page = fig._linlens_page  # type: ignore[attr-defined]
-    return page
-
-
 def compose(blocks: Sequence[Block]) -> Figure:
     """A figure WIDTH_IN wide holding ``blocks`` one under the other."""
     require_viz()
@@ -112,10 +106,10 @@ def compose(blocks: Sequence[Block]) -> Figure:
 
     height = sum(block.height for block in blocks)
     fig = Figure(figsize=(WIDTH_IN, height), dpi=DPI, facecolor="white")
-    fig._linlens_page = _Page(fig, height)  # type: ignore[attr-defined]
+    page = Page(fig, height)
     top = 0.0
     for block in blocks:
-        block.draw(fig, top)
+        block.draw(page, top)
         top += block.height
     return fig
 
@@ -163,8 +157,8 @@ def text_block(lines: Sequence[tuple[str, float, str]], *, wrap: bool = True) ->
         laid.extend((piece, size, weight) for piece in pieces or [""])
     height = 0.15 + sum(size * 1.45 / 72 for _, size, _ in laid)
 
-    def draw(fig: Figure, top: float) -> None:
-        ax = _pages(fig).canvas(top, height)
+    def draw(page: Page, top: float) -> None:
+        ax = page.canvas(top, height)
         y = 0.08
         for text, size, weight in laid:
             ax.text(RIGHT_IN, y, text, fontsize=size, fontweight=weight, va="top", ha="left", parse_math=False)
@@ -212,10 +206,10 @@ def tokens_block(row: AttributionRow) -> Block:
         + f" = {row.total:+.4f}   (colour scale ±{row.scale:.3g}: red raises, blue lowers)"
     )
 
-    def draw(fig: Figure, top: float) -> None:
+    def draw(page: Page, top: float) -> None:
         from matplotlib.patches import Rectangle
 
-        ax = _pages(fig).canvas(top, height)
+        ax = page.canvas(top, height)
         ax.text(left, 0.06, head, fontsize=9.5, va="top", ha="left", parse_math=False)
         for line_no, line in enumerate(layout):
             y = head_h + line_no * _CHIP_LINE
@@ -271,8 +265,7 @@ def spectrum_block(spectrum: PositionSpectrum) -> Block:
     height = max(2.5, 0.75 + component_lines * 0.175)
     chart_w = 3.9
 
-    def draw(fig: Figure, top: float) -> None:
-        page = _pages(fig)
+    def draw(page: Page, top: float) -> None:
         ax = page.axes(top + 0.35, min(2.5, height) - 0.85, LEFT_IN, chart_w)
         _spectrum_axes(
             ax,
@@ -335,21 +328,28 @@ def heatmap_block(attributions: LayerAttributions) -> Block:
     finite = np.abs(rows[np.isfinite(rows)])
     scale = float(finite.max()) if finite.size else 0.0
 
-    def draw(fig: Figure, top: float) -> None:
-        page = _pages(fig)
+    def draw(page: Page, top: float) -> None:
         ax = page.axes(top + 0.4, plot_h, LEFT_IN, heat_w)
         shaded = np.vectorize(lambda v: signed_ratio(float(v), scale, gamma=HEATMAP_GAMMA))(rows)
         image = ax.imshow(
-            shaded, cmap=_diverging_cmap(), vmin=-1, vmax=1, aspect="auto", interpolation="nearest",
+            shaded,
+            cmap=_diverging_cmap(),
+            vmin=-1,
+            vmax=1,
+            aspect="auto",
+            interpolation="nearest",
             extent=(-0.5, n - 0.5, count + 0.5, -0.5),
-        )  # fmt: skip
+        )
         labels = [str(layer) for layer in range(count)] + ["dir"]
         step = max(1, math.ceil((count + 1) / 16))
         ticks = [i for i in range(count + 1) if i % step == 0 or i == count]
         ax.set_yticks(ticks, labels=[labels[i] for i in ticks])
+        # at most ~40 token labels fit under the map: label every k-th token of a long prompt
+        every = max(1, math.ceil(n / 40))
+        columns = range(0, n, every)
         ax.set_xticks(
-            range(n),
-            labels=[_shown(t) for t in attributions.input_tokens],
+            columns,
+            labels=[_shown(attributions.input_tokens[i]) for i in columns],
             rotation=60,
             ha="right",
             rotation_mode="anchor",
@@ -365,7 +365,7 @@ def heatmap_block(attributions: LayerAttributions) -> Block:
             parse_math=False,
         )
         bar = page.axes(top + 0.4, plot_h, LEFT_IN + heat_w + 0.1, 0.12)
-        colorbar = fig.colorbar(image, cax=bar)
+        colorbar = page.fig.colorbar(image, cax=bar)
         marks = [-1.0, -0.5, 0.0, 0.5, 1.0]
         colorbar.set_ticks(marks, labels=[f"{math.copysign(m * m * scale, m):+.2g}" for m in marks])
         colorbar.ax.tick_params(labelsize=6.5)
@@ -373,15 +373,15 @@ def heatmap_block(attributions: LayerAttributions) -> Block:
         y = np.arange(count)
         attention = np.asarray(attributions.attention_logits, dtype=np.float64)
         mlp = np.asarray(attributions.mlp_logits, dtype=np.float64)
-        shares.barh(y - 0.2, attention, height=0.4, color=unit(ATTENTION_RGB), label="attention")
-        shares.barh(y + 0.2, mlp, height=0.4, color=unit(MLP_RGB), label="MLP")
+        shares.barh(y - 0.2, attention, height=0.4, color=unit(ATTENTION_RGB))
+        shares.barh(y + 0.2, mlp, height=0.4, color=unit(MLP_RGB))
         shares.set_ylim(count + 0.5, -0.5)
         shares.axvline(0, color="0.4", linewidth=0.8)
         shares.set_yticks(ticks[:-1] if ticks[-1] == count else ticks)
         shares.tick_params(labelsize=7)
         shares.set_xlabel("contribution to the logit", fontsize=8)
-        shares.set_title("attention and MLP per layer", fontsize=8.5)
-        shares.legend(fontsize=7, loc="lower right")
+        # the series are named in the title: a legend box would cover the bars of some layer
+        shares.set_title("attention (blue) and MLP (orange) per layer", fontsize=8.5)
         shares.grid(True, axis="x", alpha=0.3)
 
     return Block(height, draw)
@@ -427,8 +427,8 @@ def _emergence_axes(ax: Axes, series: Emergence) -> None:
 def emergence_block(series: Emergence) -> Block:
     height = 2.7
 
-    def draw(fig: Figure, top: float) -> None:
-        _emergence_axes(_pages(fig).axes(top + 0.35, height - 0.9, LEFT_IN, WIDTH_IN - LEFT_IN - 0.9), series)
+    def draw(page: Page, top: float) -> None:
+        _emergence_axes(page.axes(top + 0.35, height - 0.9, LEFT_IN, WIDTH_IN - LEFT_IN - 0.9), series)
 
     return Block(height, draw)
 
@@ -453,8 +453,8 @@ def layer_table_block(layers: Sequence[LayerResult], token_id: int) -> Block:
 
     header = "layer attention       MLP  s.rank  rank-1  place  1st singular vector up to this layer (logit lens)"
 
-    def draw(fig: Figure, top: float) -> None:
-        ax = _pages(fig).canvas(top, height)
+    def draw(page: Page, top: float) -> None:
+        ax = page.canvas(top, height)
         ax.text(RIGHT_IN, 0.1, header, fontsize=7.5, family=MONO, weight="bold", va="top")
         for row, result in enumerate(ordered, start=1):
             ax.text(RIGHT_IN, 0.1 + row * line_h, line(result), fontsize=7.5, family=MONO, va="top", parse_math=False)
@@ -501,7 +501,7 @@ def report_figure(result: Reportable | Report, *, step: int | None = None) -> Fi
         if not chosen:
             steps = [view.explanation.step for view in report.sections]
             raise ValueError(f"no explained step {step} in this result (explained steps: {steps})")
-        report = Report(report.title, report.facts, chosen, report.continuation)
+        report = Report(report.title, report.facts, chosen, report.continuation, report.generated)
     with _drawing():
         return compose(report_blocks(report))
 
@@ -517,10 +517,10 @@ def spectra_figure(exp: Explanation, title: str) -> Figure:
         raise ValueError("this explanation has no spectra (explain with top_k > 0)")
     height = 4.6
 
-    def draw(fig: Figure, top: float) -> None:
+    def draw(page: Page, top: float) -> None:
         import matplotlib
 
-        ax = _pages(fig).axes(top + 0.45, height - 1.05, LEFT_IN, 7.4)
+        ax = page.axes(top + 0.45, height - 1.05, LEFT_IN, 7.4)
         colours = matplotlib.colormaps["viridis"](np.linspace(0, 0.9, len(exp.spectra)))
         for colour, spectrum in zip(colours, exp.spectra, strict=True):
             values = np.asarray(spectrum.singular_values, dtype=np.float64)
@@ -565,8 +565,7 @@ def singular_vectors_figure(exp: Explanation, title: str, *, position: int | Non
     height = 0.55 + rows * (per + 0.45)
     half = (WIDTH_IN - LEFT_IN - RIGHT_IN - 1.6) / 2
 
-    def draw(fig: Figure, top: float) -> None:
-        page = _pages(fig)
+    def draw(page: Page, top: float) -> None:
         page.canvas(top, 0.5).text(RIGHT_IN, 0.1, title, fontsize=10.5, weight="bold", va="top", parse_math=False)
         for row, component in enumerate(spectrum.components):
             y = top + 0.55 + row * (per + 0.45) + 0.25
@@ -592,31 +591,25 @@ def layers_figure(exp: Explanation, title: str) -> Figure:
     stable rank and rank-1 share of each analysed layer's up-to-layer map."""
     if exp.layer_attributions is None:
         raise ValueError("this explanation has no layer analysis (explain with layers)")
-    view = explanation_view(exp, title)
     blocks = [text_block([(title, 11, "bold")]), heatmap_block(exp.layer_attributions)]
     series = emergence(exp.layer_attributions, exp.layers)
     if series is not None:
         blocks.append(emergence_block(series))
-    mapped = sorted((r for r in view.layers if r.up_to_layer is not None), key=lambda r: r.layer)
+    mapped = [(r.layer, r.up_to_layer) for r in sorted(exp.layers, key=lambda r: r.layer) if r.up_to_layer]
     if mapped:
         height = 2.6
 
-        def draw(fig: Figure, top: float) -> None:
-            ax = _pages(fig).axes(top + 0.35, height - 0.9, LEFT_IN, WIDTH_IN - LEFT_IN - 0.9)
-            layers = [r.layer for r in mapped]
-            ax.plot(layers, [r.up_to_layer.stable_rank for r in mapped if r.up_to_layer], "-o", markersize=3,
-                    color=unit(LINE_RGB), label="stable rank")  # fmt: skip
+        def draw(page: Page, top: float) -> None:
+            ax = page.axes(top + 0.35, height - 0.9, LEFT_IN, WIDTH_IN - LEFT_IN - 0.9)
+            layers = [layer for layer, _ in mapped]
+            ax.plot(layers, [m.stable_rank for _, m in mapped], "-o", markersize=3, color=unit(LINE_RGB))
             ax.set_ylabel("stable rank", fontsize=8)
             ax.set_xlabel("layer", fontsize=8)
             ax.tick_params(labelsize=7)
             ax.grid(True, alpha=0.3)
             share = ax.twinx()
-            share.plot(
-                layers,
-                [r.up_to_layer.captured_share[0] if r.up_to_layer and r.up_to_layer.captured_share else np.nan
-                 for r in mapped],
-                "-s", markersize=3, color=unit(ACCENT_RGB),
-            )  # fmt: skip
+            shares = [m.captured_share[0] if m.captured_share else np.nan for _, m in mapped]
+            share.plot(layers, shares, "-s", markersize=3, color=unit(ACCENT_RGB))
             share.set_ylabel("rank-1 share", fontsize=8, color=unit(ACCENT_RGB))
             share.tick_params(labelsize=7, colors=unit(ACCENT_RGB))
             ax.set_title(
