@@ -83,12 +83,15 @@ def test_the_report_renders_offline_in_chromium(browser: Any, report_result: Exp
         assert exp.predicted.text.strip() in text
         chips = page.eval_on_selector_all(
             ".attribution[data-kind=explained] .tok",
-            "els => els.map(e => [e.textContent, e.title, e.dataset.value, getComputedStyle(e).backgroundColor])",
+            "els => els.map(e => [e.textContent, e.title, e.dataset.value, getComputedStyle(e).backgroundColor, "
+            "e.getBoundingClientRect().width, e.getBoundingClientRect().height])",
         )
         assert [c[0] for c in chips] == list(exp.input_tokens)
+        # each token chip is really drawn (a hidden or collapsed chip has no box)
+        assert all(width > 5 and height > 5 for *_, width, height in chips), chips
         values = exp.attributions[0].per_token
         strongest = int(np.argmax(np.abs(values)))
-        for i, (_, title, value, background) in enumerate(chips):
+        for i, (_, title, value, background, _, _) in enumerate(chips):
             assert title == f"{exp.input_tokens[i]!r} (position {i}): {float(values[i]):+.4f}"
             assert float(value) == float(values[i])
             r, _, b = _rgb(background)

@@ -601,8 +601,11 @@ def layers_figure(exp: Explanation, title: str) -> Figure:
 
         def draw(page: Page, top: float) -> None:
             ax = page.axes(top + 0.35, height - 0.9, LEFT_IN, WIDTH_IN - LEFT_IN - 0.9)
+            from matplotlib.ticker import MaxNLocator
+
             layers = [layer for layer, _ in mapped]
             ax.plot(layers, [m.stable_rank for _, m in mapped], "-o", markersize=3, color=unit(LINE_RGB))
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_ylabel("stable rank", fontsize=8)
             ax.set_xlabel("layer", fontsize=8)
             ax.tick_params(labelsize=7)
