@@ -130,7 +130,7 @@ def save_figure(fig: Figure, path: str | Path) -> Path:
     """Write ``fig`` as a PNG at DPI (exactly its size in inches times DPI) and return the path."""
     target = Path(path)
     with _drawing():
-        fig.savefig(target, format="png", dpi=DPI, facecolor="white", pil_kwargs={"optimize": True})
+        fig.savefig(target, format="png", dpi=DPI, facecolor="white")
     return target
 
 
