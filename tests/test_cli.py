@@ -156,7 +156,8 @@ def test_explain_and_generate_write_html_and_png_reports(
     assert status == 0 and out.startswith(" only one")
     assert "--- explanation of generated step 0 ---" in out  # --html implies --explain
     document = html.read_text(encoding="utf-8")
-    assert 'data-step="0"' in document and "only one" in document
+    assert '<section class="explanation" data-step="0">' in document
+    assert '"> only</span>' in document and '"> one</span>' in document  # the generated tokens, as chips
     with Image.open(png) as image:
         assert image.width == 1200
 
