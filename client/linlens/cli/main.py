@@ -9,6 +9,8 @@ Every command but ``serve`` works two ways, through the same SDK API:
   extra): the server's own request path on a model loaded here.
 
 ``--json`` prints the result as JSON (field names as in the proto; arrays as lists), the same document either way.
+``--html FILE`` and ``--png FILE`` (explain, generate) also write the result's report (``linlens.report``): one
+self-contained HTML file, and a PNG image (the ``linlens[viz]`` extra; checked before any work starts).
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ from linlens.client import (
     to_jsonable,
 )
 from linlens.contract import GenerateArgs, InputArgs, StreamAssembler
+from linlens.report import MissingExtraError, require_viz, save_html, save_png
 
 #: The model a command uses in-process when --model is not given (the server's default is the server's choice).
 IN_PROCESS_DEFAULT_MODEL = "smollm2-135m"
@@ -240,6 +243,31 @@ def _print_json(value: Any) -> None:
     print(json.dumps(to_jsonable(value), indent=2, ensure_ascii=False))
 
 
+def _check_reports(args: argparse.Namespace) -> None:
+    """Fail before any model work when a report cannot be written: no matplotlib for --png, no such folder."""
+    if getattr(args, "png", None):
+        try:
+            require_viz()
+        except MissingExtraError as error:
+            raise CommandError(f"--png: {error}") from None
+    for flag in ("html", "png"):
+        path = getattr(args, flag, None)
+        if path and not Path(path).resolve().parent.is_dir():
+            raise CommandError(f"--{flag} {path}: the folder {Path(path).resolve().parent} does not exist")
+
+
+def _write_reports(args: argparse.Namespace, result: ExplainResult | Generation) -> None:
+    """Write the --html and --png reports of ``result``, each announced on stderr (stdout keeps the result)."""
+    for path, save, what in ((args.html, save_html, "HTML"), (args.png, save_png, "PNG")):
+        if not path:
+            continue
+        try:
+            save(result, path)
+        except OSError as error:
+            raise CommandError(f"cannot write the {what} report to {path}: {error}") from None
+        _say(f"linlens: wrote the {what} report to {path}")
+
+
 # --- commands ----------------------------------------------------------------------------------------------------
 
 
@@ -255,6 +283,7 @@ def cmd_explain(args: argparse.Namespace, connect: Connect) -> int:
     else:
         print(f"model: {result.model}")
         print(explanation_report(result.explanation))
+    _write_reports(args, result)
     return 0
 
 
@@ -262,8 +291,10 @@ def cmd_generate(args: argparse.Namespace, connect: Connect) -> int:
     steps: Any = args.explain_steps
     if steps not in ("first", "all"):
         steps = tuple(int(s) for s in steps.split(","))
-    # --layers implies --explain: the layer analysis belongs to the explained steps
-    explain = _explain_options(args, steps) if args.explain or args.layers else None
+    # --layers implies --explain (the layer analysis belongs to the explained steps), and so do --html and --png
+    # (their pictures are of explanations)
+    explained = args.explain or args.layers or args.html or args.png
+    explain = _explain_options(args, steps) if explained else None
     request: dict[str, Any] = dict(
         model=args.model or None,
         max_new_tokens=args.max_new_tokens,
@@ -279,6 +310,7 @@ def cmd_generate(args: argparse.Namespace, connect: Connect) -> int:
         if args.json or args.no_stream:
             result = backend.generate(**request)
             _print_json(result) if args.json else print(generation_text(result))
+            _write_reports(args, result)
             return 0
         # Stream: print each token as soon as it exists; explanations (with their layers) once the stream is over.
         assembler = StreamAssembler()
@@ -286,6 +318,7 @@ def cmd_generate(args: argparse.Namespace, connect: Connect) -> int:
             assembler.add(event)
             _show(event)
     print(explanations_text(assembler.explanations))
+    _write_reports(args, assembler.generation())
     return 0
 
 
@@ -427,6 +460,12 @@ def _add_explain(parser: argparse.ArgumentParser) -> None:
     layers.add_argument("--layer-tokens-per-vector", type=int, default=None, help="tokens per layer singular vector")
 
 
+def _add_reports(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("pictures", "write the result's report as well (see linlens.report)")
+    group.add_argument("--html", metavar="FILE", help="one self-contained HTML file (works offline)")
+    group.add_argument("--png", metavar="FILE", help="a PNG image (needs pip install 'linlens[viz]')")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="linlens", description="Exact linear explanations of language models.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -445,12 +484,14 @@ def build_parser() -> argparse.ArgumentParser:
     explain = commands.add_parser("explain", help="explain the next-token prediction for a prompt")
     _add_input(explain)
     _add_explain(explain)
+    _add_reports(explain)
     _add_connection(explain, 600.0)
     explain.set_defaults(command_handler=cmd_explain)
 
     generate = commands.add_parser("generate", help="generate text, optionally explained")
     _add_input(generate)
     _add_explain(generate)
+    _add_reports(generate)
     _add_connection(generate, 600.0)
     generate.add_argument("--max-new-tokens", type=int, default=None)
     generate.add_argument("--temperature", type=float, default=None, help="0 or unset: greedy")
@@ -458,7 +499,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--sample-top-k", type=int, default=None, help="sampling top-k (not the explain top-k)")
     generate.add_argument("--seed", type=int, default=None)
     generate.add_argument("--stop", action="append", help="stop sequence (repeatable)")
-    generate.add_argument("--explain", action="store_true", help="explain generated steps")
+    generate.add_argument(
+        "--explain", action="store_true", help="explain generated steps (implied by --layers, --html and --png)"
+    )
     generate.add_argument("--explain-steps", default="first", help='"first", "all" or comma-separated step indices')
     generate.add_argument("--no-stream", action="store_true", help="one response at the end instead of streaming")
     generate.set_defaults(command_handler=cmd_generate)
@@ -493,6 +536,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     handler: Callable[[argparse.Namespace, Connect], int] = args.command_handler
     try:
+        _check_reports(args)
         return handler(args, lambda: open_backend(args))
     except OptionError as error:
         print(f"linlens: {error}", file=sys.stderr)

@@ -14,14 +14,51 @@ import dataclasses
 import enum
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeAlias
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias, cast
 
 import numpy as np
 import numpy.typing as npt
 
 from linlens.contract.options import AttributionTarget, ExplainMethod, GateMode, Precision
 
+if TYPE_CHECKING:
+    from linlens.report import Reportable
+
 FloatArray = npt.NDArray[np.floating]
+
+
+class ReportMixin:
+    """Pictures of a result: an HTML report (self-contained, offline) and a PNG image, and a rich display in Jupyter.
+
+    The drawing lives in ``linlens.report``, imported only when one of these is called, so that importing the
+    contract (and the client) stays light; the PNG needs matplotlib (``pip install 'linlens[viz]'``).
+    """
+
+    def to_html(self) -> str:
+        """The report as one self-contained HTML document (inline CSS and SVG; nothing is fetched)."""
+        from linlens.report import to_html
+
+        return to_html(cast("Reportable", self))
+
+    def save_html(self, path: str | Path) -> Path:
+        """Write the HTML report to ``path`` and return it."""
+        from linlens.report import save_html
+
+        return save_html(cast("Reportable", self), path)
+
+    def save_png(self, path: str | Path) -> Path:
+        """Write the report as a PNG image to ``path`` and return it (needs the viz extra: matplotlib)."""
+        from linlens.report import save_png
+
+        return save_png(cast("Reportable", self), path)
+
+    def _repr_html_(self) -> str:
+        """Jupyter's rich display: the report as an HTML fragment with its style scoped to it."""
+        from linlens.report import fragment
+
+        return fragment(cast("Reportable", self))
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Explanations
@@ -253,7 +290,7 @@ class LayerResult:
 
 
 @dataclass(frozen=True, eq=False)
-class Explanation:
+class Explanation(ReportMixin):
     """The explanation of one next-token prediction (generation step ``step``; 0 for Explain)."""
 
     input_ids: tuple[int, ...]
@@ -334,7 +371,7 @@ class Usage:
 
 
 @dataclass(frozen=True)
-class Generation:
+class Generation(ReportMixin):
     """A finished generation: the continuation (not the prompt), its tokens and any explanations."""
 
     model: str
@@ -395,7 +432,7 @@ StreamEvent: TypeAlias = (
 
 
 @dataclass(frozen=True)
-class ExplainResult:
+class ExplainResult(ReportMixin):
     """The answer of ``explain``: the explanation plus which model served it and the rendered input."""
 
     model: str
@@ -558,6 +595,7 @@ __all__ = [
     "PositionSpectrum",
     "PredictedToken",
     "Reconstruction",
+    "ReportMixin",
     "SingularComponent",
     "StreamAssembler",
     "StreamEvent",
