@@ -174,7 +174,10 @@ def test_panels_without_their_data_are_absent(lean: tuple[ExplainResult, Generat
     page = Elements(document)
     assert not page.having(data_chart="spectrum") and not page.having(data_chart="emergence")
     assert not page.having(**{"class": "layers-panel"}) and 'class="heatmap"' not in document
-    assert "not computed (top_k 0" in document
+    # every explanation reports its reconstruction (one JVP), attributions-only ones too
+    reconstruction = plain.explanation.reconstruction
+    assert reconstruction is not None
+    assert f"relative error {reconstruction.relative_error_vs_model:.2e} vs the model" in document
     assert [r["data-kind"] for r in page.having(**{"class": "attribution"})] == ["explained"]
 
     # a generation: its text, then one section per explained step, in order

@@ -193,7 +193,7 @@ def explanation_facts(exp: Explanation) -> tuple[tuple[str, str], ...]:
             )
         )
     else:
-        facts.append(("reconstruction", "not computed (top_k 0: attributions only, no full Jacobian)"))
+        facts.append(("reconstruction", "not reported (a server older than 0.2.0 without a full Jacobian)"))
     if exp.ordinary is not None:
         facts.append(
             (
