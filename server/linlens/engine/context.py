@@ -146,7 +146,8 @@ class ModelContext:
         analyze_layers hold them."""
         dtype = DTYPES[options.precision]
         chunk = options.vjp_chunk_size or self.vjp_chunk(n_tokens, dtype)
-        graphs, jacobians = 1, 0
+        # The forward graph and the double-backward graph of the reconstruction's JVP (kept by a matrix-free solve).
+        graphs, jacobians = 2, 0
         batch = 1 + len(options.targets)  # the attributions: one cotangent per target
         if method is ExplainMethod.FULL:
             batch = max(batch, chunk)
@@ -156,7 +157,6 @@ class ModelContext:
             if options.include_jacobians:
                 jacobians += 2  # the returned array and its wire encoding
         elif method is ExplainMethod.MATRIX_FREE:
-            graphs += 1  # the double-backward graph of the JVPs
             batch = max(batch, min(chunk, krylov_batch))
         if options.ordinary_contrast:
             graphs += 1
