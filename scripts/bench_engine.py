@@ -30,6 +30,7 @@ import gc
 import os
 import platform
 import statistics
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -212,7 +213,8 @@ def matrix_free_costs(loaded: Any, lengths: list[int], repeats: int, layers_all:
         results: dict[Any, list[tuple[float, float, Any]]] = {m: [] for m in options}
         for opts in options.values():  # warm each path once: twins, allocator
             explainer.explain(ids[:16], opts)
-        for _ in range(repeats):
+        for repeat in range(repeats):
+            print(f"bench: {len(ids)} tokens, run {repeat + 1} of {repeats}", file=sys.stderr, flush=True)
             for method, opts in options.items():
                 results[method].append(measure(lambda opts=opts, ids=ids: explainer.explain(ids, opts)))
         full_s = statistics.median(r[0] for r in results[ExplainMethod.FULL])
@@ -221,6 +223,7 @@ def matrix_free_costs(loaded: Any, lengths: list[int], repeats: int, layers_all:
         free_m = statistics.median(r[1] for r in results[ExplainMethod.MATRIX_FREE])
         full, free = results[ExplainMethod.FULL][-1][2], results[ExplainMethod.MATRIX_FREE][-1][2]
         difference, same = _agreement(full, free)
+        print(f"bench: {len(ids)} tokens: full {full_s:.2f} s, matrix-free {free_s:.2f} s", file=sys.stderr, flush=True)
         rows.append(
             f"| {len(ids)} | {full_s:.2f} | {free_s:.2f} | {full_s / free_s:.1f}x | {full_m:.0f} | {free_m:.0f} "
             f"| {full_m / max(free_m, 1e-9):.1f}x | {full.vjp_count + full.jvp_count} / "
@@ -232,6 +235,7 @@ def matrix_free_costs(loaded: Any, lengths: list[int], repeats: int, layers_all:
         for method in (ExplainMethod.FULL, ExplainMethod.MATRIX_FREE):
             opts = ExplainOptions(top_k=0, method=method, layers=LayerAnalysisOptions(top_k=1))
             seconds, mib, result = measure(lambda opts=opts: explainer.explain(ids, opts))
+            print(f"bench: --layers all, {method.value}: {seconds:.1f} s", file=sys.stderr, flush=True)
             products = sum(r.vjp_count for r in result.layers)
             timed[method] = (seconds, mib, products, result)
         (fs, fm, fp, fr), (ms, mm, mp, mr) = timed[ExplainMethod.FULL], timed[ExplainMethod.MATRIX_FREE]
