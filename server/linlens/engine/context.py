@@ -121,15 +121,18 @@ class ModelContext:
 
     def vjp_chunk(self, n_tokens: int, dtype: torch.dtype) -> int:
         """VJPs per batched backward that keep one batch within the memory budget."""
-        return jac.vjp_chunk_size(
-            n_tokens=n_tokens,
-            hidden=self.hidden_size,
-            intermediate=self._intermediate,
-            layers=self.num_layers,
-            heads=self._heads,
-            itemsize=torch.empty((), dtype=dtype).element_size(),
-            budget=self.vjp_memory_bytes,
-        )
+        return jac.vjp_chunk_size(**self._geometry(n_tokens, dtype), budget=self.vjp_memory_bytes)
+
+    def _geometry(self, n_tokens: int, dtype: torch.dtype) -> dict[str, int]:
+        """What the memory arithmetic of jacobian.py needs to know of this model and input."""
+        return {
+            "n_tokens": n_tokens,
+            "hidden": self.hidden_size,
+            "intermediate": self._intermediate,
+            "layers": self.num_layers,
+            "heads": self._heads,
+            "itemsize": torch.empty((), dtype=dtype).element_size(),
+        }
 
     def memory_estimate(
         self,
@@ -171,12 +174,7 @@ class ModelContext:
                 graphs += 1  # a layer map's double-backward graph
                 batch = max(batch, min(chunk, krylov_batch))
         return jac.explanation_memory(
-            n_tokens=n_tokens,
-            hidden=self.hidden_size,
-            intermediate=self._intermediate,
-            layers=self.num_layers,
-            heads=self._heads,
-            itemsize=torch.empty((), dtype=dtype).element_size(),
+            **self._geometry(n_tokens, dtype),
             graphs=graphs,
             batch_vjps=batch,
             jacobians=jacobians,
