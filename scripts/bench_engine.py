@@ -18,7 +18,7 @@
 Speed goals are ratios measured in the same run (machines are noisy); no absolute time is asserted anywhere.
 
     python scripts/bench_engine.py --model smollm2-135m --repeats 3 [--markdown docs/benchmarks.md]
-    python scripts/bench_engine.py --part d --model smollm2-135m --tokens 7,128,1024 [--layers-all] [--wide]
+    python scripts/bench_engine.py --part d --model smollm2-135m --tokens 7,128,1024 [--layers-all] [--wide] [--threads 1]
 """
 
 from __future__ import annotations
@@ -199,7 +199,7 @@ def matrix_free_costs(loaded: Any, lengths: list[int], repeats: int, layers_all:
     explainer = loaded.explainer
     rows = [
         f"(d) {label} (d={loaded.hidden_size}, {loaded.num_layers} layers), the default request (top_k 3, last "
-        f"position), float32, median of {repeats}:",
+        f"position), float32, {torch.get_num_threads()} torch thread(s), median of {repeats}:",
         "",
         "| tokens | full: s | matrix-free: s | speed-up | full: peak MiB | matrix-free: peak MiB | memory ratio "
         "| products full / matrix-free | largest value difference | same top-8 tokens |",
@@ -268,7 +268,11 @@ def main() -> None:
     parser.add_argument("--tokens", default="7,128,1024", help="(d) prompt lengths")
     parser.add_argument("--layers-all", action="store_true", help="(d) also --layers all both ways")
     parser.add_argument("--wide", action="store_true", help="(d) a random Llama with hidden size 4096, 2 layers")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"bench: torch threads {torch.get_num_threads()}", file=sys.stderr, flush=True)
     if args.part == "d":
         lengths = [int(t) for t in args.tokens.split(",")]
         if args.wide:
