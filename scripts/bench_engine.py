@@ -18,7 +18,8 @@
 Speed goals are ratios measured in the same run (machines are noisy); no absolute time is asserted anywhere.
 
     python scripts/bench_engine.py --model smollm2-135m --repeats 3 [--markdown docs/benchmarks.md]
-    python scripts/bench_engine.py --part d --model smollm2-135m --tokens 7,128,1024 [--layers-all] [--wide] [--threads 1]
+    python scripts/bench_engine.py --part d --model smollm2-135m --tokens 7,128,1024 [--layers-all] [--wide]
+    (add --threads 1 for the one-thread numbers of docs/engine.md)
 """
 
 from __future__ import annotations
