@@ -248,6 +248,8 @@ def _scores(scores: Sequence[TokenScore], chars: int) -> str:
 
 
 def _spectrum_axes(ax: Axes, singular_values: np.ndarray, marked: int, title: str) -> None:
+    from matplotlib.ticker import MaxNLocator
+
     values = np.asarray(singular_values, dtype=np.float64)
     index = np.arange(1, len(values) + 1)
     keep = np.isfinite(values) & (values > 0)
@@ -255,6 +257,7 @@ def _spectrum_axes(ax: Axes, singular_values: np.ndarray, marked: int, title: st
     top = values[:marked]
     ax.semilogy(index[:marked][top > 0], top[top > 0], "o", color=unit(ACCENT_RGB), markersize=4)
     ax.set_xlabel("index (1 = largest)", fontsize=8)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # a matrix-free spectrum has a few values only
     ax.set_ylabel("singular value", fontsize=8)
     ax.tick_params(labelsize=7)
     ax.set_title(title, fontsize=8.5, parse_math=False)
