@@ -65,9 +65,10 @@ def main() -> None:
     started = time.perf_counter()
     client = InProcessClient(args.model)
     loaded = client.host.ready("")
+    layer = default_steering_layer(loaded.num_layers)
     print(
-        f"Model `{args.model}` ({loaded.num_layers} layers, steering layer {default_steering_layer(loaded.num_layers)}, "
-        f"every position), greedy, {args.max_new_tokens} new tokens; {platform.machine()}, torch {torch.__version__}."
+        f"Model `{args.model}` ({loaded.num_layers} layers, steering layer {layer}, every position), greedy, "
+        f"{args.max_new_tokens} new tokens; {platform.machine()}, torch {torch.__version__}."
     )
     print()
     print("| concept prompt | concept tokens | prompt | " + " | ".join(f"λ={s:g}" for s in STRENGTHS) + " |")
