@@ -27,9 +27,9 @@ from linlens.contract import ConceptVector, Steering, SteeringPositions, default
 from linlens.engine.steering import steered
 from linlens.server.inprocess import InProcessClient
 
-CONCEPTS = ("The Golden Gate Bridge is in San", "The capital of France is", "Wine is made from")
+CONCEPTS = ("The Golden Gate Bridge is in San", "Paris is the capital of", "The ocean is full of")
 PROMPTS = ("Tell me about your day.", "The weather today is", "Here is a short story:")
-STRENGTHS = (0.0, 0.25, 0.5, 1.0, 2.0)
+STRENGTHS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)
 
 
 def concept_mass(
