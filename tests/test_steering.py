@@ -351,3 +351,34 @@ def test_cli_concept_save_then_generate_with_the_saved_vector(
     assert [t["token_id"] for t in in_process["tokens"]] == [t["token_id"] for t in by_vector["tokens"]]
     assert main([*argv, "--steer", CONCEPT, "--steer-vector", str(saved)]) == 2
     assert "exclude each other" in capsys.readouterr().err
+
+
+def test_the_contract_rules_and_the_wire_mapping_of_steering() -> None:
+    from linlens.client import DEFAULT_STEERING_STRENGTH, OptionError
+    from linlens.contract import default_steering_layer
+    from linlens.contract.wire import steering_from_proto, steering_to_proto
+
+    assert default_steering_layer(30) == 20 and default_steering_layer(18) == 12 and default_steering_layer(1) == 0
+    spec = ConceptSpec([5, 6], map="layer", layer=3, rank=2, side="right")
+    back = steering_from_proto(steering_to_proto(Steering(concept=spec, layer=7, strength=-1.5, positions="prompt")))
+    assert back.concept == spec and back.layer == 7 and back.strength == -1.5
+    assert back.positions is SteeringPositions.PROMPT and back.vector is None
+    plain = steering_from_proto(steering_to_proto(Steering(vector=[3.0, 4.0])))
+    assert plain.strength == DEFAULT_STEERING_STRENGTH and plain.layer is None
+    assert plain.positions is SteeringPositions.ALL and np.array_equal(plain.vector, [3.0, 4.0])
+    assert spec.resolved_layer(30) == 3 and ConceptSpec("x", map="layer").resolved_layer(30, steering_layer=9) == 9
+    assert ConceptSpec("x").resolved_layer(30) is None
+    for fields, fragment in [
+        ({}, "concept and vector: give exactly one"),
+        ({"vector": [1.0], "concept": spec}, "give exactly one"),
+        ({"vector": [float("nan")]}, "vector holds NaN"),
+        ({"vector": [1.0], "strength": float("nan")}, "strength must be finite"),
+        ({"vector": [1.0], "layer": -1}, "layer must be at least 0"),
+        ({"vector": [1.0], "positions": "middle"}, "positions must be one of prompt, generated, all"),
+    ]:
+        with pytest.raises(OptionError, match=fragment):
+            Steering(**fields)
+    with pytest.raises(OptionError, match=r"layer is 30, but the model has layers 0\.\.29"):
+        Steering(vector=[1.0], layer=30).resolved_layer(30)
+    with pytest.raises(OptionError, match="prompt is empty"):
+        ConceptSpec(())

@@ -466,8 +466,8 @@ class ConceptVector:
     #: Unit-norm, hidden_size float32 values.
     vector: FloatArray
     singular_value: float
-    #: Decoded: through the final norm and the LM head (left vectors: logits), or to the nearest input embeddings
-    #: (right vectors: cosines).
+    #: Decoded as the explanation decodes it: left vectors through the LM head (score: logit; after the final norm's
+    #: frozen scale for a LAYER map), right vectors to the nearest input embeddings (score: cosine).
     tokens: tuple[TokenScore, ...]
     map: ConceptMap
     #: The layer of a LAYER map; None for the OUTPUT map.

@@ -2179,8 +2179,9 @@ class ComputeConceptResponse(_message.Message):
 
     @_builtins.property
     def tokens(self) -> _containers.RepeatedCompositeFieldContainer[Global___TokenScore]:
-        """The vector decoded: through the final norm and the LM head for a left vector (score: logit), to the nearest input
-        embeddings for a right vector (score: cosine).
+        """The vector decoded as the explanation decodes it: a left vector through the LM head (after the final norm's
+        frozen scale for a CONCEPT_MAP_LAYER map; score: logit), a right vector to the nearest input embeddings (score:
+        cosine).
         """
 
     def __init__(
