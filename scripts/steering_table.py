@@ -29,7 +29,7 @@ from linlens.server.inprocess import InProcessClient
 
 CONCEPTS = ("The Golden Gate Bridge is in San", "Paris is the capital of", "The ocean is full of")
 PROMPTS = ("Tell me about your day.", "The weather today is", "Here is a short story:")
-STRENGTHS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)
+STRENGTHS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0)
 
 
 def concept_mass(
@@ -74,6 +74,7 @@ def main() -> None:
     print("| concept prompt | concept tokens | prompt | " + " | ".join(f"λ={s:g}" for s in STRENGTHS) + " |")
     print("|---|---|---|" + "---|" * len(STRENGTHS))
     rises = total = 0
+    samples: list[tuple[float, str]] = []
     for concept_prompt in CONCEPTS:
         concept = client.compute_concept(concept_prompt, tokens_per_vector=args.tokens)
         words = ", ".join(repr(t.text) for t in concept.tokens[:4])
@@ -95,8 +96,15 @@ def main() -> None:
                 else:
                     total += 1
                     rises += mass > baseline
-                cells.append(f"{mass:.3f} ({hits:.0%})")
+                cells.append(f"{mass:.2g} ({hits:.0%})")
+                if concept_prompt == CONCEPTS[0] and prompt == PROMPTS[0]:
+                    samples.append((strength, generation.text))
             print(f"| {concept_prompt!r} | {words} | {prompt!r} | " + " | ".join(cells) + " |")
+    print()
+    print(f"Continuations of {PROMPTS[0]!r} steered toward {CONCEPTS[0]!r}:")
+    print()
+    for strength, text in samples:
+        print(f"- λ={strength:g}: {text!r}")
     print()
     print(
         f"P(concept) above the unsteered run in {rises} of {total} steered cells; "
