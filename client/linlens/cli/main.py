@@ -557,7 +557,7 @@ def build_parser() -> argparse.ArgumentParser:
     steer.add_argument("--steer", metavar="CONCEPT_PROMPT", help="steer toward this concept prompt's concept vector")
     steer.add_argument("--steer-vector", metavar="FILE", help="steer with a concept saved by `linlens concept --save`")
     steer.add_argument("--steer-layer", type=int, default=None, help="the steered layer (default: floor(2L/3))")
-    steer.add_argument("--steer-strength", type=float, default=None, help="lambda (default 1; negative steers away)")
+    steer.add_argument("--steer-strength", type=float, default=None, help="lambda (default 0.5; negative steers away)")
     steer.add_argument(
         "--steer-positions", choices=[p.value for p in SteeringPositions], default="all", help="positions steered"
     )

@@ -359,7 +359,7 @@ class SteeringPositions(str, enum.Enum):
 
 #: lambda when a request leaves it unset: the added vector's norm is strength / 2 times ||h_i|| (measured on
 #: SmolLM2 in docs/steering.md).
-DEFAULT_STEERING_STRENGTH = 1.0
+DEFAULT_STEERING_STRENGTH = 0.5
 
 
 def default_steering_layer(num_layers: int) -> int:

@@ -2069,7 +2069,7 @@ class Steering(_message.Message):
     layer: _builtins.int
     """The decoder layer (0-based) whose output hidden states are steered. Unset means floor(2 num_layers / 3)."""
     strength: _builtins.float
-    """lambda: the added vector's norm is strength / 2 times the hidden state's norm. Unset means 1; 0 steers nothing;
+    """lambda: the added vector's norm is strength / 2 times the hidden state's norm. Unset means 0.5; 0 steers nothing;
     negative steers away from the concept. Must be finite.
     """
     positions: Global___SteeringPositions.ValueType
