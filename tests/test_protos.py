@@ -56,6 +56,7 @@ def test_generated_modules_import_under_the_linlens_v1_package() -> None:
         "ExplainStream",
         "ListModels",
         "GetModel",
+        "ComputeConcept",
     ]
     assert service.methods_by_name["GenerateStream"].server_streaming
     assert hasattr(linlens_pb2_grpc, "LinlensServiceStub")

@@ -1,4 +1,4 @@
-"""The ``linlens`` command line: serve, explain, generate, models, wait.
+"""The ``linlens`` command line: serve, explain, generate, concept, models, wait.
 
 Every command but ``serve`` works two ways, through the same SDK API:
 
@@ -37,6 +37,9 @@ from linlens.client import (
     SERVER_ENV,
     AttributionTarget,
     Client,
+    ConceptMap,
+    ConceptSpec,
+    ConceptVector,
     ExplainMethod,
     ExplainOptions,
     ExplainResult,
@@ -53,6 +56,9 @@ from linlens.client import (
     PositionSelection,
     Precision,
     ServerUnreachableError,
+    SingularSide,
+    Steering,
+    SteeringPositions,
     StreamEvent,
     to_jsonable,
 )
@@ -80,6 +86,10 @@ class Backend(Protocol):
     def generate(self, prompt: str | None = None, **kwargs: Unpack[GenerateArgs]) -> Generation: ...
 
     def generate_stream(self, prompt: str | None = None, **kwargs: Unpack[GenerateArgs]) -> Iterator[StreamEvent]: ...
+
+    def compute_concept(
+        self, concept: ConceptSpec | str, *, tokens_per_vector: int | None = None, model: str | None = None
+    ) -> ConceptVector: ...
 
     def list_models(self) -> list[ModelInfo]: ...
 
@@ -239,6 +249,44 @@ def _explain_options(args: argparse.Namespace, steps: Any = "first") -> ExplainO
     return ExplainOptions(**fields)
 
 
+def _concept_spec(args: argparse.Namespace, prompt: str) -> ConceptSpec:
+    """The ConceptSpec of ``prompt`` from --map, --map-layer / --steer-map-layer, --rank and --side flags."""
+    fields: dict[str, Any] = {"map": ConceptMap(args.map), "rank": args.rank, "side": SingularSide(args.side)}
+    if args.map_layer is not None:
+        fields["layer"] = args.map_layer
+    return ConceptSpec(prompt, **fields)
+
+
+def _steering(args: argparse.Namespace) -> Steering | None:
+    """The Steering from --steer (a concept prompt) or --steer-vector (a saved concept), None without either."""
+    if args.steer and args.steer_vector:
+        raise OptionError("steering", "--steer and --steer-vector exclude each other: give one")
+    if not (args.steer or args.steer_vector):
+        return None
+    fields: dict[str, Any] = {"positions": SteeringPositions(args.steer_positions)}
+    if args.steer_layer is not None:
+        fields["layer"] = args.steer_layer
+    if args.steer_strength is not None:
+        fields["strength"] = args.steer_strength
+    if args.steer:
+        return Steering(concept=_concept_spec(args, args.steer), **fields)
+    return Steering(vector=_load_vector(args.steer_vector), **fields)
+
+
+def _load_vector(path: str) -> list[float]:
+    """A concept vector saved by ``linlens concept --save`` (or any JSON list of floats, or {"vector": [...]})."""
+    try:
+        document = json.loads(Path(path).read_text())
+    except OSError as error:
+        raise CommandError(f"--steer-vector {path}: {error.strerror or error}") from None
+    except ValueError as error:
+        raise CommandError(f"--steer-vector {path}: not JSON ({error})") from None
+    vector = document.get("vector") if isinstance(document, dict) else document
+    if not isinstance(vector, list):
+        raise CommandError(f"--steer-vector {path}: expected a JSON list of floats or an object with a 'vector' list")
+    return [float(v) for v in vector]
+
+
 def _print_json(value: Any) -> None:
     print(json.dumps(to_jsonable(value), indent=2, ensure_ascii=False))
 
@@ -296,6 +344,7 @@ def cmd_generate(args: argparse.Namespace, connect: Connect) -> int:
     explained = args.explain or args.layers or args.html or args.png
     explain = _explain_options(args, steps) if explained else None
     request: dict[str, Any] = dict(
+        steering=_steering(args),
         model=args.model or None,
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
@@ -333,6 +382,28 @@ def _show(event: StreamEvent) -> None:
         print(f"\n\n{finish_text(event)}")
     elif isinstance(event, Explanation):
         _say(f"(explained step {event.step})")
+
+
+def cmd_concept(args: argparse.Namespace, connect: Connect) -> int:
+    spec = _concept_spec(args, args.prompt)
+    with contextlib.closing(connect()) as backend:
+        concept = backend.compute_concept(spec, tokens_per_vector=args.tokens_per_vector, model=args.model or None)
+    if args.save:
+        Path(args.save).write_text(json.dumps(to_jsonable(concept), ensure_ascii=False) + "\n")
+    if args.json:
+        _print_json(concept)
+        return 0
+    where = f"layer {concept.layer} map" if concept.layer is not None else "output map"
+    print(f"model: {concept.model}")
+    print(f"concept prompt: {concept.prompt_text!r}")
+    print(
+        f"{concept.side.value} singular vector {concept.rank} of the {where}, "
+        f"singular value {concept.singular_value:.4g}"
+    )
+    print("tokens: " + ", ".join(f"{t.text!r} ({t.score:.3g})" for t in concept.tokens))
+    if args.save:
+        print(f"saved to {args.save}: steer with `linlens generate PROMPT --steer-vector {args.save}`")
+    return 0
 
 
 def cmd_models(args: argparse.Namespace, connect: Connect) -> int:
@@ -466,6 +537,24 @@ def _add_reports(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--png", metavar="FILE", help="a PNG image (needs pip install 'linlens[viz]')")
 
 
+def _add_concept(group: Any, prefix: str = "") -> None:
+    """--map, --map-layer, --rank, --side (``prefix`` steer- for generate's --steer concept prompt)."""
+    group.add_argument(
+        f"--{prefix}map",
+        dest="map",
+        choices=[m.value for m in ConceptMap],
+        default="output",
+        help="the map: the whole model's J (output) or a layer's up-to-layer map (layer)",
+    )
+    group.add_argument(
+        f"--{prefix}map-layer", dest="map_layer", type=int, default=None, help="the layer of --map layer"
+    )
+    group.add_argument(f"--{prefix}rank", dest="rank", type=int, default=1, help="which singular triplet (1 = top)")
+    group.add_argument(
+        f"--{prefix}side", dest="side", choices=[s.value for s in SingularSide], default="left", help="which vector"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="linlens", description="Exact linear explanations of language models.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -504,7 +593,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     generate.add_argument("--explain-steps", default="first", help='"first", "all" or comma-separated step indices')
     generate.add_argument("--no-stream", action="store_true", help="one response at the end instead of streaming")
+    steer = generate.add_argument_group(
+        "steering",
+        "add a concept vector a to one layer's hidden states while generating: h <- h + strength a ||h|| / (2 ||a||)",
+    )
+    steer.add_argument("--steer", metavar="CONCEPT_PROMPT", help="steer toward this concept prompt's concept vector")
+    steer.add_argument("--steer-vector", metavar="FILE", help="steer with a concept saved by `linlens concept --save`")
+    steer.add_argument("--steer-layer", type=int, default=None, help="the steered layer (default: floor(2L/3))")
+    steer.add_argument("--steer-strength", type=float, default=None, help="lambda (default 0.5; negative steers away)")
+    steer.add_argument(
+        "--steer-positions", choices=[p.value for p in SteeringPositions], default="all", help="positions steered"
+    )
+    _add_concept(steer, prefix="steer-")
     generate.set_defaults(command_handler=cmd_generate)
+
+    concept = commands.add_parser(
+        "concept", help="compute a concept vector (a decoded singular vector of a concept prompt's detached map)"
+    )
+    concept.add_argument("prompt", help="the concept prompt")
+    _add_concept(concept)
+    concept.add_argument("--tokens-per-vector", type=int, default=None, help="tokens the vector is decoded to")
+    concept.add_argument("--save", metavar="FILE", help="write the concept (JSON) for generate --steer-vector")
+    _add_connection(concept, 600.0)
+    concept.set_defaults(command_handler=cmd_concept)
 
     models = commands.add_parser("models", help="list the models (a server's, or the one loaded in-process)")
     _add_connection(models, 30.0)

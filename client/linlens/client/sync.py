@@ -20,16 +20,27 @@ from linlens.client.health import (
     encode_health_request,
 )
 from linlens.client.retry import NO_RETRY, Attempts, RetryPolicy
-from linlens.contract import ExplainOptions, ExplainResult, ExplanationProgress, Generation, ModelInfo, StreamEvent
+from linlens.contract import (
+    ConceptSpec,
+    ConceptVector,
+    ExplainOptions,
+    ExplainResult,
+    ExplanationProgress,
+    Generation,
+    ModelInfo,
+    StreamEvent,
+)
 from linlens.contract.requests import (
     GenerateArgs,
     InputArgs,
+    compute_concept_request,
     explain_request,
     explain_stream_request,
     generate_request,
     generate_stream_request,
 )
 from linlens.contract.wire import (
+    concept_vector_from_proto,
     explain_result_from_proto,
     explain_stream_event_from_proto,
     generation_from_proto,
@@ -219,6 +230,21 @@ class Client(ClientBase):
                 else:
                     return event
         raise UnavailableError(grpc.StatusCode.UNAVAILABLE, "the explanation stream ended without its result")
+
+    def compute_concept(
+        self,
+        concept: ConceptSpec | str,
+        *,
+        tokens_per_vector: int | None = None,
+        model: str | None = None,
+        timeout: float | None = USE_DEFAULT,
+        metadata: MetadataLike | None = None,
+    ) -> ConceptVector:
+        """The concept vector ``concept`` names (a ConceptSpec, or the concept prompt's text for the top left
+        singular vector of its output map), with its singular value and decoded tokens. Cache it and steer with
+        ``generate(..., steering=Steering(vector=concept.vector))`` without computing it again."""
+        request = compute_concept_request(concept, tokens_per_vector=tokens_per_vector, model=model)
+        return concept_vector_from_proto(self._unary(self._stub.ComputeConcept, request, timeout, metadata, self.retry))
 
     def list_models(
         self, *, timeout: float | None = USE_DEFAULT, metadata: MetadataLike | None = None

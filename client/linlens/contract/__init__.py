@@ -10,7 +10,10 @@ The protobuf definition (``protos/linlens/v1/linlens.proto``) stays the contract
 """
 
 from linlens.contract.options import (
+    DEFAULT_STEERING_STRENGTH,
     AttributionTarget,
+    ConceptMap,
+    ConceptSpec,
     ExplainMethod,
     ExplainOptions,
     GateMode,
@@ -18,12 +21,17 @@ from linlens.contract.options import (
     OptionError,
     PositionSelection,
     Precision,
+    SingularSide,
+    Steering,
+    SteeringPositions,
+    default_steering_layer,
 )
 from linlens.contract.requests import ChatMessage, GenerateArgs, InputArgs, MessageLike
 from linlens.contract.results import (
     EXPLANATION_PHASES,
     Attribution,
     ComponentContribution,
+    ConceptVector,
     ExplainResult,
     Explanation,
     ExplanationProgress,
@@ -52,11 +60,15 @@ from linlens.contract.results import (
 from linlens.contract.tensors import TensorDecodeError, array_from_tensor, tensor_from_array
 
 __all__ = [
+    "DEFAULT_STEERING_STRENGTH",
     "EXPLANATION_PHASES",
     "Attribution",
     "AttributionTarget",
     "ChatMessage",
     "ComponentContribution",
+    "ConceptMap",
+    "ConceptSpec",
+    "ConceptVector",
     "ExplainMethod",
     "ExplainOptions",
     "ExplainResult",
@@ -84,6 +96,9 @@ __all__ = [
     "PredictedToken",
     "Reconstruction",
     "SingularComponent",
+    "SingularSide",
+    "Steering",
+    "SteeringPositions",
     "StreamAssembler",
     "StreamEvent",
     "TensorDecodeError",
@@ -92,6 +107,7 @@ __all__ = [
     "Usage",
     "array_from_tensor",
     "collect_stream",
+    "default_steering_layer",
     "tensor_from_array",
     "to_jsonable",
 ]

@@ -18,9 +18,13 @@ can answer INVALID_ARGUMENT with the path the caller wrote (``explain.layers.eve
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias
+
+import numpy as np
+import numpy.typing as npt
 
 
 class OptionError(ValueError):
@@ -318,8 +322,168 @@ def _target(target: TargetLike, index: int) -> AttributionTarget:
     raise OptionError(f"targets[{index}]", f"cannot be used as an attribution target: {target!r}")
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Steering
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class ConceptMap(str, enum.Enum):
+    """The linear map whose singular vector becomes a concept vector."""
+
+    #: The whole model's detached Jacobian J of the concept prompt's last position (what Explain decomposes).
+    OUTPUT = "output"
+    #: The up-to-layer map of a layer (residual stream after it, last position): its left vectors live where steering
+    #: adds them.
+    LAYER = "layer"
+
+
+class SingularSide(str, enum.Enum):
+    """Which vector of a singular triplet (s, u, v)."""
+
+    #: u, signed to point along the map's output, decoded through the LM head.
+    LEFT = "left"
+    #: v (flipped with u), decoded to the nearest input embeddings.
+    RIGHT = "right"
+
+
+class SteeringPositions(str, enum.Enum):
+    """The positions whose hidden states are steered."""
+
+    #: The prompt's positions only (generated tokens still attend to the steered prompt).
+    PROMPT = "prompt"
+    #: The positions that predict generated tokens: the prompt's last position and every generated token.
+    GENERATED = "generated"
+    #: Every position.
+    ALL = "all"
+
+
+#: lambda when a request leaves it unset: the added vector's norm is strength / 2 times ||h_i|| (measured on
+#: SmolLM2 in docs/steering.md).
+DEFAULT_STEERING_STRENGTH = 0.5
+
+
+def default_steering_layer(num_layers: int) -> int:
+    """The layer steered when a request names none: floor(2 L / 3), "a layer near two thirds of the depth" (the
+    paper's choice: late enough that the residual stream carries concepts, early enough to shape the prediction)."""
+    return (2 * num_layers) // 3
+
+
+def _enum(field: str, kind: type[enum.Enum], value: object) -> Any:
+    try:
+        return kind(value)
+    except ValueError:
+        known = ", ".join(str(m.value) for m in kind)
+        raise OptionError(field, f"must be one of {known}, not {value!r}") from None
+
+
+@dataclass(frozen=True)
+class ConceptSpec:
+    """How to compute a concept vector: a concept prompt and one singular vector of one of its detached maps.
+
+    ``prompt`` is text or token ids (the concept prompt's last position is decomposed). ``layer`` is the layer of a
+    ``ConceptMap.LAYER`` map; None means the steering layer (``Steering.layer``) when the spec steers, and
+    :func:`default_steering_layer` in ``compute_concept``. ``rank`` is 1-based.
+    """
+
+    prompt: str | Sequence[int]
+    map: ConceptMap = ConceptMap.OUTPUT
+    layer: int | None = None
+    rank: int = 1
+    side: SingularSide = SingularSide.LEFT
+
+    def __post_init__(self) -> None:
+        if isinstance(self.prompt, str):
+            if not self.prompt:
+                raise OptionError("prompt", "is empty: give the concept prompt's text or token ids")
+        elif isinstance(self.prompt, bytes) or not isinstance(self.prompt, Sequence):
+            raise OptionError("prompt", f"must be text or a sequence of token ids, not {type(self.prompt).__name__}")
+        else:
+            ids = tuple(int(i) for i in self.prompt)
+            if not ids:
+                raise OptionError("prompt", "is empty: give the concept prompt's text or token ids")
+            negative = [i for i in ids if i < 0]
+            if negative:
+                raise OptionError("prompt", f"holds negative token ids {negative[:5]}")
+            object.__setattr__(self, "prompt", ids)
+        object.__setattr__(self, "map", _enum("map", ConceptMap, self.map))
+        object.__setattr__(self, "side", _enum("side", SingularSide, self.side))
+        _at_least("layer", self.layer, 0)
+        _at_least("rank", self.rank, 1)
+
+    def resolved_layer(self, num_layers: int, steering_layer: int | None = None) -> int | None:
+        """The layer of a LAYER map in a model of ``num_layers`` layers (None for the OUTPUT map); OptionError when
+        it does not exist. ``steering_layer`` is the layer the vector will steer, when it steers."""
+        if self.map is ConceptMap.OUTPUT:
+            return None
+        layer = self.layer if self.layer is not None else steering_layer
+        layer = layer if layer is not None else default_steering_layer(num_layers)
+        if layer >= num_layers:
+            raise OptionError("layer", f"is {layer}, but the model has layers 0..{num_layers - 1}")
+        return layer
+
+
+@dataclass(frozen=True, eq=False)
+class Steering:
+    """Steer a generation toward a concept: h_i <- h_i + strength * a * ||h_i|| / (2 ||a||) at the output of decoder
+    layer ``layer``, for the selected ``positions`` (arXiv 2505.24293).
+
+    Give exactly one of ``concept`` (computed on the server before generating: one explanation) or ``vector`` (e.g. a
+    cached ``ConceptVector.vector``). ``layer`` None means :func:`default_steering_layer`. A strength of 0 steers
+    nothing; a negative one steers away from the concept.
+    """
+
+    concept: ConceptSpec | None = None
+    vector: npt.ArrayLike | None = None
+    layer: int | None = None
+    strength: float = DEFAULT_STEERING_STRENGTH
+    positions: SteeringPositions = SteeringPositions.ALL
+
+    def __post_init__(self) -> None:
+        if (self.concept is None) == (self.vector is None):
+            raise OptionError("concept", "and vector: give exactly one (a concept prompt or a concept vector)")
+        if self.concept is not None and not isinstance(self.concept, ConceptSpec):
+            raise OptionError("concept", f"must be a ConceptSpec, not {type(self.concept).__name__}")
+        if self.vector is not None:
+            try:
+                vector = np.array(self.vector, dtype=np.float32)
+            except (TypeError, ValueError):
+                raise OptionError("vector", "must be a 1-D array of floats") from None
+            if vector.ndim != 1 or vector.size == 0:
+                raise OptionError("vector", f"must be a non-empty 1-D array, got shape {tuple(vector.shape)}")
+            if not np.isfinite(vector).all():
+                raise OptionError("vector", "holds NaN or infinite values")
+            if not np.any(vector):
+                raise OptionError("vector", "is all zeros: it has no direction to steer toward")
+            vector.flags.writeable = False
+            object.__setattr__(self, "vector", vector)
+        _at_least("layer", self.layer, 0)
+        if isinstance(self.strength, bool) or not isinstance(self.strength, (int, float)):
+            raise OptionError("strength", f"must be a number, not {type(self.strength).__name__}")
+        if not math.isfinite(self.strength):
+            raise OptionError("strength", f"must be finite, got {self.strength}")
+        object.__setattr__(self, "strength", float(self.strength))
+        object.__setattr__(self, "positions", _enum("positions", SteeringPositions, self.positions))
+
+    def resolved_layer(self, num_layers: int) -> int:
+        """The steered layer in a model of ``num_layers`` layers; OptionError when it does not exist."""
+        layer = self.layer if self.layer is not None else default_steering_layer(num_layers)
+        if layer >= num_layers:
+            raise OptionError("layer", f"is {layer}, but the model has layers 0..{num_layers - 1}")
+        return layer
+
+    def check_vector(self, hidden_size: int) -> None:
+        """OptionError when a given vector does not have the model's hidden size."""
+        if self.vector is not None and np.asarray(self.vector).size != hidden_size:
+            raise OptionError(
+                "vector", f"has {np.asarray(self.vector).size} values, but the model's hidden size is {hidden_size}"
+            )
+
+
 __all__ = [
+    "DEFAULT_STEERING_STRENGTH",
     "AttributionTarget",
+    "ConceptMap",
+    "ConceptSpec",
     "ExplainMethod",
     "ExplainOptions",
     "GateMode",
@@ -328,6 +492,10 @@ __all__ = [
     "OptionError",
     "PositionSelection",
     "Precision",
+    "SingularSide",
+    "Steering",
+    "SteeringPositions",
     "StepSelection",
     "TargetLike",
+    "default_steering_layer",
 ]

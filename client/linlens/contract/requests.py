@@ -13,8 +13,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeAlias, TypedDict
 
-from linlens.contract.options import ExplainOptions
-from linlens.contract.wire import explain_options_to_proto
+from linlens.contract.options import ConceptSpec, ExplainOptions, Steering
+from linlens.contract.wire import concept_spec_to_proto, explain_options_to_proto, steering_to_proto
 from linlens.v1 import linlens_pb2 as pb
 
 
@@ -62,6 +62,8 @@ class GenerateArgs(InputArgs, total=False):
     ignore_eos: bool
     #: Explain generated steps: True (the first step, default options) or ExplainOptions.
     explain: ExplainOptions | bool | None
+    #: Steer the generation toward a concept (a concept prompt or a cached concept vector); None: no steering.
+    steering: Steering | None
 
 
 def _keys(kind: type) -> frozenset[str]:
@@ -171,6 +173,11 @@ def generate_request(prompt: str | None, args: GenerateArgs) -> pb.GenerateReque
     options = resolve_explain(args.get("explain"))
     if options is not None:
         request.explain.CopyFrom(explain_options_to_proto(options))
+    steering = args.get("steering")
+    if steering is not None:
+        if not isinstance(steering, Steering):
+            raise TypeError(f"steering must be Steering or None, not {type(steering).__name__}")
+        request.steering.CopyFrom(steering_to_proto(steering))
     return request
 
 
@@ -200,6 +207,19 @@ def explain_request(prompt: str | None, options: ExplainOptions | None, args: In
     return request
 
 
+def compute_concept_request(
+    concept: ConceptSpec | str, *, tokens_per_vector: int | None = None, model: str | None = None
+) -> pb.ComputeConceptRequest:
+    """The ComputeConceptRequest for ``compute_concept(concept, ...)``; a bare string is ConceptSpec(prompt=it)."""
+    spec = ConceptSpec(concept) if isinstance(concept, str) else concept
+    if not isinstance(spec, ConceptSpec):
+        raise TypeError(f"concept must be a ConceptSpec or the concept prompt's text, not {type(concept).__name__}")
+    request = pb.ComputeConceptRequest(model=model or "", concept=concept_spec_to_proto(spec))
+    if tokens_per_vector is not None:
+        request.tokens_per_vector = _unsigned("tokens_per_vector", tokens_per_vector)
+    return request
+
+
 __all__ = [
     "ChatMessage",
     "GenerateArgs",
@@ -207,6 +227,7 @@ __all__ = [
     "MessageLike",
     "build_input",
     "build_sampling",
+    "compute_concept_request",
     "explain_request",
     "explain_stream_request",
     "generate_request",

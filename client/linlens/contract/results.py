@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeAlias, cast
 import numpy as np
 import numpy.typing as npt
 
-from linlens.contract.options import AttributionTarget, ExplainMethod, GateMode, Precision
+from linlens.contract.options import AttributionTarget, ConceptMap, ExplainMethod, GateMode, Precision, SingularSide
 
 if TYPE_CHECKING:
     from linlens.report import Reportable
@@ -492,6 +492,29 @@ class ModelInfo:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, eq=False)
+class ConceptVector:
+    """A concept vector: one singular vector of a concept prompt's detached map, with what it decodes to.
+
+    Pass ``vector`` back as ``Steering(vector=...)`` to steer with it without computing it again.
+    """
+
+    model: str
+    #: Unit-norm, hidden_size float32 values.
+    vector: FloatArray
+    singular_value: float
+    #: Decoded as the explanation decodes it: left vectors through the LM head (score: logit; after the final norm's
+    #: frozen scale for a LAYER map), right vectors to the nearest input embeddings (score: cosine).
+    tokens: tuple[TokenScore, ...]
+    map: ConceptMap
+    #: The layer of a LAYER map; None for the OUTPUT map.
+    layer: int | None
+    rank: int
+    side: SingularSide
+    #: The concept prompt as the model read it (decoded tokens).
+    prompt_text: str = ""
+
+
 def to_jsonable(value: Any) -> Any:
     """Plain data (dicts, lists, str, int, float, bool, None) for any result: arrays become nested lists and enums
     their string values, so ``json.dumps(to_jsonable(result))`` works for a CLI or a log."""
@@ -578,6 +601,7 @@ __all__ = [
     "EXPLANATION_PHASES",
     "Attribution",
     "ComponentContribution",
+    "ConceptVector",
     "ExplainResult",
     "Explanation",
     "ExplanationProgress",

@@ -16,6 +16,8 @@ import numpy as np
 
 from linlens.contract.options import (
     AttributionTarget,
+    ConceptMap,
+    ConceptSpec,
     ExplainMethod,
     ExplainOptions,
     GateMode,
@@ -23,10 +25,14 @@ from linlens.contract.options import (
     OptionError,
     PositionSelection,
     Precision,
+    SingularSide,
+    Steering,
+    SteeringPositions,
 )
 from linlens.contract.results import (
     Attribution,
     ComponentContribution,
+    ConceptVector,
     ExplainResult,
     Explanation,
     ExplanationProgress,
@@ -130,6 +136,23 @@ _MODEL_STATE = _EnumTable(
         ModelState.UNSPECIFIED: pb.MODEL_STATE_UNSPECIFIED,
     },
     ModelState.UNSPECIFIED,
+)
+_CONCEPT_MAP = _EnumTable(
+    "ConceptMap", {ConceptMap.OUTPUT: pb.CONCEPT_MAP_OUTPUT, ConceptMap.LAYER: pb.CONCEPT_MAP_LAYER}, ConceptMap.OUTPUT
+)
+_SIDE = _EnumTable(
+    "SingularSide",
+    {SingularSide.LEFT: pb.SINGULAR_SIDE_LEFT, SingularSide.RIGHT: pb.SINGULAR_SIDE_RIGHT},
+    SingularSide.LEFT,
+)
+_STEERING_POSITIONS = _EnumTable(
+    "SteeringPositions",
+    {
+        SteeringPositions.PROMPT: pb.STEERING_POSITIONS_PROMPT,
+        SteeringPositions.GENERATED: pb.STEERING_POSITIONS_GENERATED,
+        SteeringPositions.ALL: pb.STEERING_POSITIONS_ALL,
+    },
+    SteeringPositions.ALL,
 )
 _COMPONENT = {"attention": pb.LAYER_COMPONENT_ATTENTION, "mlp": pb.LAYER_COMPONENT_MLP}
 _COMPONENT_FROM_PB = {number: name for name, number in _COMPONENT.items()}
@@ -254,6 +277,104 @@ def explain_options_from_proto(message: pb.ExplainOptions) -> ExplainOptions:
     if message.HasField("layers"):
         fields["layers"] = layer_options_from_proto(message.layers)
     return ExplainOptions(**fields)
+
+
+def concept_spec_to_proto(spec: ConceptSpec) -> pb.ConceptSpec:
+    message = pb.ConceptSpec(map=_CONCEPT_MAP.to_pb(spec.map), side=_SIDE.to_pb(spec.side), rank=spec.rank)
+    if isinstance(spec.prompt, str):
+        message.prompt.text = spec.prompt
+    else:
+        message.prompt.token_ids.ids.extend(spec.prompt)
+    if spec.layer is not None:
+        message.layer = spec.layer
+    return message
+
+
+def concept_spec_from_proto(message: pb.ConceptSpec) -> ConceptSpec:
+    """The spec a request asked for (unset fields take the dataclass defaults). Raises OptionError."""
+    kind = message.prompt.WhichOneof("kind")
+    prompt: str | tuple[int, ...]
+    if kind == "text":
+        prompt = message.prompt.text
+    elif kind == "token_ids":
+        prompt = tuple(message.prompt.token_ids.ids)
+    elif kind == "chat":
+        raise OptionError("prompt", "is a chat: give the concept prompt as text or token ids")
+    else:
+        raise OptionError("prompt", "is missing: give the concept prompt as text or token ids")
+    fields: dict[str, Any] = {
+        "prompt": prompt,
+        "map": _CONCEPT_MAP.from_pb(message.map, "map"),
+        "side": _SIDE.from_pb(message.side, "side"),
+    }
+    for name in ("layer", "rank"):
+        if message.HasField(name):
+            fields[name] = getattr(message, name)
+    return ConceptSpec(**fields)
+
+
+def steering_to_proto(steering: Steering) -> pb.Steering:
+    message = pb.Steering(strength=steering.strength, positions=_STEERING_POSITIONS.to_pb(steering.positions))
+    if steering.concept is not None:
+        message.concept_prompt.CopyFrom(concept_spec_to_proto(steering.concept))
+    else:
+        message.vector.CopyFrom(tensor_from_array(np.asarray(steering.vector, dtype=np.float32)))
+    if steering.layer is not None:
+        message.layer = steering.layer
+    return message
+
+
+def steering_from_proto(message: pb.Steering) -> Steering:
+    """The steering a request asked for; OptionError names the field below ``steering`` (e.g. ``vector``)."""
+    fields: dict[str, Any] = {"positions": _STEERING_POSITIONS.from_pb(message.positions, "positions")}
+    kind = message.WhichOneof("concept")
+    if kind == "concept_prompt":
+        try:
+            fields["concept"] = concept_spec_from_proto(message.concept_prompt)
+        except OptionError as error:
+            raise error.under("concept_prompt") from None
+    elif kind == "vector":
+        try:
+            fields["vector"] = array_from_tensor(message.vector)
+        except ValueError as error:
+            raise OptionError("vector", f"is not a valid tensor: {error}") from None
+    else:
+        raise OptionError("concept", "is missing: set concept_prompt or vector")
+    if message.HasField("layer"):
+        fields["layer"] = message.layer
+    if message.HasField("strength"):
+        fields["strength"] = message.strength
+    return Steering(**fields)
+
+
+def concept_vector_to_proto(concept: ConceptVector) -> pb.ComputeConceptResponse:
+    message = pb.ComputeConceptResponse(
+        model=concept.model,
+        vector=tensor_from_array(concept.vector),
+        singular_value=concept.singular_value,
+        tokens=[_token_score_to_proto(t) for t in concept.tokens],
+        map=_CONCEPT_MAP.to_pb(concept.map),
+        rank=concept.rank,
+        side=_SIDE.to_pb(concept.side),
+        prompt_text=concept.prompt_text,
+    )
+    if concept.layer is not None:
+        message.layer = concept.layer
+    return message
+
+
+def concept_vector_from_proto(message: pb.ComputeConceptResponse) -> ConceptVector:
+    return ConceptVector(
+        model=message.model,
+        vector=array_from_tensor(message.vector),
+        singular_value=message.singular_value,
+        tokens=tuple(_token_score_from_proto(t) for t in message.tokens),
+        map=_CONCEPT_MAP.from_pb(message.map, "map"),
+        layer=message.layer if message.HasField("layer") else None,
+        rank=message.rank,
+        side=_SIDE.from_pb(message.side, "side"),
+        prompt_text=message.prompt_text,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -787,6 +908,10 @@ def model_info_from_proto(message: pb.ModelInfo) -> ModelInfo:
 
 
 __all__ = [
+    "concept_spec_from_proto",
+    "concept_spec_to_proto",
+    "concept_vector_from_proto",
+    "concept_vector_to_proto",
     "explain_options_from_proto",
     "explain_options_to_proto",
     "explain_result_from_proto",
@@ -811,6 +936,8 @@ __all__ = [
     "predicted_to_proto",
     "progress_from_proto",
     "progress_to_proto",
+    "steering_from_proto",
+    "steering_to_proto",
     "stream_event_from_proto",
     "stream_event_to_proto",
     "timings_from_proto",

@@ -285,6 +285,95 @@ FINISH_REASON_CANCELLED: FinishReason.ValueType  # 5
 """The caller cancelled the call or its deadline passed."""
 Global___FinishReason: _TypeAlias = FinishReason  # noqa: Y015
 
+class _ConceptMap:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ConceptMapEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ConceptMap.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CONCEPT_MAP_UNSPECIFIED: _ConceptMap.ValueType  # 0
+    """The default: the same as CONCEPT_MAP_OUTPUT."""
+    CONCEPT_MAP_OUTPUT: _ConceptMap.ValueType  # 1
+    """The whole model's detached Jacobian J of the concept prompt's last position (y after the final norm w.r.t. the
+    last input embedding), as Explain's spectra compute it.
+    """
+    CONCEPT_MAP_LAYER: _ConceptMap.ValueType  # 2
+    """The up-to-layer map of ConceptSpec.layer: the residual stream after that layer (last position) w.r.t. the input
+    embeddings, as the layer analysis computes it. Its left vectors live where steering adds them.
+    """
+
+class ConceptMap(_ConceptMap, metaclass=_ConceptMapEnumTypeWrapper):
+    """---------------------------------------------------------------------------------------------------------------
+    Steering
+    ---------------------------------------------------------------------------------------------------------------
+
+    ConceptMap names the linear map whose singular vector becomes a concept vector.
+    """
+
+CONCEPT_MAP_UNSPECIFIED: ConceptMap.ValueType  # 0
+"""The default: the same as CONCEPT_MAP_OUTPUT."""
+CONCEPT_MAP_OUTPUT: ConceptMap.ValueType  # 1
+"""The whole model's detached Jacobian J of the concept prompt's last position (y after the final norm w.r.t. the
+last input embedding), as Explain's spectra compute it.
+"""
+CONCEPT_MAP_LAYER: ConceptMap.ValueType  # 2
+"""The up-to-layer map of ConceptSpec.layer: the residual stream after that layer (last position) w.r.t. the input
+embeddings, as the layer analysis computes it. Its left vectors live where steering adds them.
+"""
+Global___ConceptMap: _TypeAlias = ConceptMap  # noqa: Y015
+
+class _SingularSide:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SingularSideEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SingularSide.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SINGULAR_SIDE_UNSPECIFIED: _SingularSide.ValueType  # 0
+    """The default: the same as SINGULAR_SIDE_LEFT."""
+    SINGULAR_SIDE_LEFT: _SingularSide.ValueType  # 1
+    """The left vector u (output side), signed so that it points along the map's output; decoded through the LM head."""
+    SINGULAR_SIDE_RIGHT: _SingularSide.ValueType  # 2
+    """The right vector v (input-embedding side), flipped with u; decoded to the nearest input embeddings."""
+
+class SingularSide(_SingularSide, metaclass=_SingularSideEnumTypeWrapper):
+    """SingularSide says which singular vector of a triplet (s, u, v) is taken."""
+
+SINGULAR_SIDE_UNSPECIFIED: SingularSide.ValueType  # 0
+"""The default: the same as SINGULAR_SIDE_LEFT."""
+SINGULAR_SIDE_LEFT: SingularSide.ValueType  # 1
+"""The left vector u (output side), signed so that it points along the map's output; decoded through the LM head."""
+SINGULAR_SIDE_RIGHT: SingularSide.ValueType  # 2
+"""The right vector v (input-embedding side), flipped with u; decoded to the nearest input embeddings."""
+Global___SingularSide: _TypeAlias = SingularSide  # noqa: Y015
+
+class _SteeringPositions:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SteeringPositionsEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SteeringPositions.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    STEERING_POSITIONS_UNSPECIFIED: _SteeringPositions.ValueType  # 0
+    """The default: the same as STEERING_POSITIONS_ALL."""
+    STEERING_POSITIONS_PROMPT: _SteeringPositions.ValueType  # 1
+    """The prompt's positions only; generated tokens are read unsteered (they still attend to the steered prompt)."""
+    STEERING_POSITIONS_GENERATED: _SteeringPositions.ValueType  # 2
+    """The positions that predict generated tokens: the prompt's last position and every generated token."""
+    STEERING_POSITIONS_ALL: _SteeringPositions.ValueType  # 3
+    """Every position, prompt and generated."""
+
+class SteeringPositions(_SteeringPositions, metaclass=_SteeringPositionsEnumTypeWrapper):
+    """SteeringPositions selects the positions whose hidden states are steered."""
+
+STEERING_POSITIONS_UNSPECIFIED: SteeringPositions.ValueType  # 0
+"""The default: the same as STEERING_POSITIONS_ALL."""
+STEERING_POSITIONS_PROMPT: SteeringPositions.ValueType  # 1
+"""The prompt's positions only; generated tokens are read unsteered (they still attend to the steered prompt)."""
+STEERING_POSITIONS_GENERATED: SteeringPositions.ValueType  # 2
+"""The positions that predict generated tokens: the prompt's last position and every generated token."""
+STEERING_POSITIONS_ALL: SteeringPositions.ValueType  # 3
+"""Every position, prompt and generated."""
+Global___SteeringPositions: _TypeAlias = SteeringPositions  # noqa: Y015
+
 class _ModelState:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -1617,6 +1706,7 @@ class GenerateRequest(_message.Message):
     INPUT_FIELD_NUMBER: _builtins.int
     SAMPLING_FIELD_NUMBER: _builtins.int
     EXPLAIN_FIELD_NUMBER: _builtins.int
+    STEERING_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The model to use; empty means the server's default model."""
     @_builtins.property
@@ -1631,6 +1721,12 @@ class GenerateRequest(_message.Message):
     def explain(self) -> Global___ExplainOptions:
         """Which steps to explain and how; absent means no explanations."""
 
+    @_builtins.property
+    def steering(self) -> Global___Steering:
+        """Steer the generation toward a concept; absent means no steering. Scoped to this request: other requests on the
+        same model are unaffected. Cannot be combined with explain (INVALID_ARGUMENT).
+        """
+
     def __init__(
         self,
         *,
@@ -1638,10 +1734,11 @@ class GenerateRequest(_message.Message):
         input: Global___Input | None = ...,
         sampling: Global___SamplingParams | None = ...,
         explain: Global___ExplainOptions | None = ...,
+        steering: Global___Steering | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["explain", b"explain", "input", b"input", "sampling", b"sampling"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["explain", b"explain", "input", b"input", "sampling", b"sampling", "steering", b"steering"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["explain", b"explain", "input", b"input", "model", b"model", "sampling", b"sampling"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["explain", b"explain", "input", b"input", "model", b"model", "sampling", b"sampling", "steering", b"steering"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1723,6 +1820,7 @@ class GenerateStreamRequest(_message.Message):
     INPUT_FIELD_NUMBER: _builtins.int
     SAMPLING_FIELD_NUMBER: _builtins.int
     EXPLAIN_FIELD_NUMBER: _builtins.int
+    STEERING_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The model to use; empty means the server's default model."""
     @_builtins.property
@@ -1737,6 +1835,10 @@ class GenerateStreamRequest(_message.Message):
     def explain(self) -> Global___ExplainOptions:
         """Which steps to explain and how; absent means no explanations."""
 
+    @_builtins.property
+    def steering(self) -> Global___Steering:
+        """Steer the generation toward a concept, as in GenerateRequest.steering."""
+
     def __init__(
         self,
         *,
@@ -1744,10 +1846,11 @@ class GenerateStreamRequest(_message.Message):
         input: Global___Input | None = ...,
         sampling: Global___SamplingParams | None = ...,
         explain: Global___ExplainOptions | None = ...,
+        steering: Global___Steering | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["explain", b"explain", "input", b"input", "sampling", b"sampling"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["explain", b"explain", "input", b"input", "sampling", b"sampling", "steering", b"steering"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["explain", b"explain", "input", b"input", "model", b"model", "sampling", b"sampling"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["explain", b"explain", "input", b"input", "model", b"model", "sampling", b"sampling", "steering", b"steering"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1900,6 +2003,209 @@ class ExplanationProgress(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ExplanationProgress: _TypeAlias = ExplanationProgress  # noqa: Y015
+
+@_typing.final
+class ConceptSpec(_message.Message):
+    """ConceptSpec says how to compute a concept vector: a concept prompt and one singular vector of one of its maps."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROMPT_FIELD_NUMBER: _builtins.int
+    MAP_FIELD_NUMBER: _builtins.int
+    LAYER_FIELD_NUMBER: _builtins.int
+    RANK_FIELD_NUMBER: _builtins.int
+    SIDE_FIELD_NUMBER: _builtins.int
+    map: Global___ConceptMap.ValueType
+    """Which map. Unspecified means CONCEPT_MAP_OUTPUT."""
+    layer: _builtins.int
+    """The layer of a CONCEPT_MAP_LAYER map (0-based). Unset means the steering layer (Steering.layer) in a Steering,
+    and floor(2 num_layers / 3) in ComputeConcept. Ignored for CONCEPT_MAP_OUTPUT.
+    """
+    rank: _builtins.int
+    """Which singular triplet, 1 for the largest. Unset means 1."""
+    side: Global___SingularSide.ValueType
+    """Which vector of the triplet. Unspecified means SINGULAR_SIDE_LEFT."""
+    @_builtins.property
+    def prompt(self) -> Global___Input:
+        """The concept prompt: text or token ids (a chat is INVALID_ARGUMENT). Must not be empty."""
+
+    def __init__(
+        self,
+        *,
+        prompt: Global___Input | None = ...,
+        map: Global___ConceptMap.ValueType = ...,
+        layer: _builtins.int | None = ...,
+        rank: _builtins.int | None = ...,
+        side: Global___SingularSide.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_layer", b"_layer", "_rank", b"_rank", "layer", b"layer", "prompt", b"prompt", "rank", b"rank"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_layer", b"_layer", "_rank", b"_rank", "layer", b"layer", "map", b"map", "prompt", b"prompt", "rank", b"rank", "side", b"side"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__layer: _TypeAlias = _typing.Literal["layer"]  # noqa: Y015
+    _WhichOneofArgType__layer: _TypeAlias = _typing.Literal["_layer", b"_layer"]  # noqa: Y015
+    _WhichOneofReturnType__rank: _TypeAlias = _typing.Literal["rank"]  # noqa: Y015
+    _WhichOneofArgType__rank: _TypeAlias = _typing.Literal["_rank", b"_rank"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__layer) -> _WhichOneofReturnType__layer | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__rank) -> _WhichOneofReturnType__rank | None: ...
+
+Global___ConceptSpec: _TypeAlias = ConceptSpec  # noqa: Y015
+
+@_typing.final
+class Steering(_message.Message):
+    """Steering adds a concept vector a to the hidden states of one layer while tokens are generated:
+    h_i <- h_i + strength * a * ||h_i|| / (2 ||a||) for every selected position i (arXiv 2505.24293).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONCEPT_PROMPT_FIELD_NUMBER: _builtins.int
+    VECTOR_FIELD_NUMBER: _builtins.int
+    LAYER_FIELD_NUMBER: _builtins.int
+    STRENGTH_FIELD_NUMBER: _builtins.int
+    POSITIONS_FIELD_NUMBER: _builtins.int
+    layer: _builtins.int
+    """The decoder layer (0-based) whose output hidden states are steered. Unset means floor(2 num_layers / 3)."""
+    strength: _builtins.float
+    """lambda: the added vector's norm is strength / 2 times the hidden state's norm. Unset means 0.5; 0 steers nothing;
+    negative steers away from the concept. Must be finite.
+    """
+    positions: Global___SteeringPositions.ValueType
+    """Which positions are steered. Unspecified means STEERING_POSITIONS_ALL."""
+    @_builtins.property
+    def concept_prompt(self) -> Global___ConceptSpec:
+        """Compute the vector from a concept prompt (costs one explanation before generation starts)."""
+
+    @_builtins.property
+    def vector(self) -> Global___Tensor:
+        """A vector given as is, e.g. ComputeConceptResponse.vector: 1-D, hidden_size finite floats, not all zero."""
+
+    def __init__(
+        self,
+        *,
+        concept_prompt: Global___ConceptSpec | None = ...,
+        vector: Global___Tensor | None = ...,
+        layer: _builtins.int | None = ...,
+        strength: _builtins.float | None = ...,
+        positions: Global___SteeringPositions.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_layer", b"_layer", "_strength", b"_strength", "concept", b"concept", "concept_prompt", b"concept_prompt", "layer", b"layer", "strength", b"strength", "vector", b"vector"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_layer", b"_layer", "_strength", b"_strength", "concept", b"concept", "concept_prompt", b"concept_prompt", "layer", b"layer", "positions", b"positions", "strength", b"strength", "vector", b"vector"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__layer: _TypeAlias = _typing.Literal["layer"]  # noqa: Y015
+    _WhichOneofArgType__layer: _TypeAlias = _typing.Literal["_layer", b"_layer"]  # noqa: Y015
+    _WhichOneofReturnType__strength: _TypeAlias = _typing.Literal["strength"]  # noqa: Y015
+    _WhichOneofArgType__strength: _TypeAlias = _typing.Literal["_strength", b"_strength"]  # noqa: Y015
+    _WhichOneofReturnType_concept: _TypeAlias = _typing.Literal["concept_prompt", "vector"]  # noqa: Y015
+    _WhichOneofArgType_concept: _TypeAlias = _typing.Literal["concept", b"concept"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__layer) -> _WhichOneofReturnType__layer | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__strength) -> _WhichOneofReturnType__strength | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_concept) -> _WhichOneofReturnType_concept | None: ...
+
+Global___Steering: _TypeAlias = Steering  # noqa: Y015
+
+@_typing.final
+class ComputeConceptRequest(_message.Message):
+    """ComputeConceptRequest asks for a concept vector on its own."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    CONCEPT_FIELD_NUMBER: _builtins.int
+    TOKENS_PER_VECTOR_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """The model to use; empty means the server's default model."""
+    tokens_per_vector: _builtins.int
+    """Tokens the vector is decoded to. Unset means 8."""
+    @_builtins.property
+    def concept(self) -> Global___ConceptSpec:
+        """The concept prompt and which singular vector to take."""
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        concept: Global___ConceptSpec | None = ...,
+        tokens_per_vector: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_tokens_per_vector", b"_tokens_per_vector", "concept", b"concept", "tokens_per_vector", b"tokens_per_vector"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_tokens_per_vector", b"_tokens_per_vector", "concept", b"concept", "model", b"model", "tokens_per_vector", b"tokens_per_vector"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__tokens_per_vector: _TypeAlias = _typing.Literal["tokens_per_vector"]  # noqa: Y015
+    _WhichOneofArgType__tokens_per_vector: _TypeAlias = _typing.Literal["_tokens_per_vector", b"_tokens_per_vector"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__tokens_per_vector) -> _WhichOneofReturnType__tokens_per_vector | None: ...
+
+Global___ComputeConceptRequest: _TypeAlias = ComputeConceptRequest  # noqa: Y015
+
+@_typing.final
+class ComputeConceptResponse(_message.Message):
+    """ComputeConceptResponse is a concept vector with what it means."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    VECTOR_FIELD_NUMBER: _builtins.int
+    SINGULAR_VALUE_FIELD_NUMBER: _builtins.int
+    TOKENS_FIELD_NUMBER: _builtins.int
+    MAP_FIELD_NUMBER: _builtins.int
+    LAYER_FIELD_NUMBER: _builtins.int
+    RANK_FIELD_NUMBER: _builtins.int
+    SIDE_FIELD_NUMBER: _builtins.int
+    PROMPT_TEXT_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """The model that computed it (the resolved name when the request left it empty)."""
+    singular_value: _builtins.float
+    """The singular value of its triplet."""
+    map: Global___ConceptMap.ValueType
+    """The map it came from (never UNSPECIFIED)."""
+    layer: _builtins.int
+    """The layer of a CONCEPT_MAP_LAYER map (resolved); unset for CONCEPT_MAP_OUTPUT."""
+    rank: _builtins.int
+    """The rank of its triplet (1 = largest)."""
+    side: Global___SingularSide.ValueType
+    """Which vector of the triplet it is (never UNSPECIFIED)."""
+    prompt_text: _builtins.str
+    """The concept prompt as text, after tokenisation and decoding."""
+    @_builtins.property
+    def vector(self) -> Global___Tensor:
+        """The vector (1-D, hidden_size float32 values, unit norm), to pass back as Steering.vector."""
+
+    @_builtins.property
+    def tokens(self) -> _containers.RepeatedCompositeFieldContainer[Global___TokenScore]:
+        """The vector decoded as the explanation decodes it: a left vector through the LM head (after the final norm's
+        frozen scale for a CONCEPT_MAP_LAYER map; score: logit), a right vector to the nearest input embeddings (score:
+        cosine).
+        """
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        vector: Global___Tensor | None = ...,
+        singular_value: _builtins.float = ...,
+        tokens: _abc.Iterable[Global___TokenScore] | None = ...,
+        map: Global___ConceptMap.ValueType = ...,
+        layer: _builtins.int | None = ...,
+        rank: _builtins.int = ...,
+        side: Global___SingularSide.ValueType = ...,
+        prompt_text: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_layer", b"_layer", "layer", b"layer", "vector", b"vector"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_layer", b"_layer", "layer", b"layer", "map", b"map", "model", b"model", "prompt_text", b"prompt_text", "rank", b"rank", "side", b"side", "singular_value", b"singular_value", "tokens", b"tokens", "vector", b"vector"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__layer: _TypeAlias = _typing.Literal["layer"]  # noqa: Y015
+    _WhichOneofArgType__layer: _TypeAlias = _typing.Literal["_layer", b"_layer"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__layer) -> _WhichOneofReturnType__layer | None: ...
+
+Global___ComputeConceptResponse: _TypeAlias = ComputeConceptResponse  # noqa: Y015
 
 @_typing.final
 class ExplainRequest(_message.Message):

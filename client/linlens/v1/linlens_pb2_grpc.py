@@ -65,6 +65,11 @@ class LinlensServiceStub:
                 request_serializer=linlens_dot_v1_dot_linlens__pb2.GetModelRequest.SerializeToString,
                 response_deserializer=linlens_dot_v1_dot_linlens__pb2.GetModelResponse.FromString,
                 _registered_method=True)
+        self.ComputeConcept = channel.unary_unary(
+                '/linlens.v1.LinlensService/ComputeConcept',
+                request_serializer=linlens_dot_v1_dot_linlens__pb2.ComputeConceptRequest.SerializeToString,
+                response_deserializer=linlens_dot_v1_dot_linlens__pb2.ComputeConceptResponse.FromString,
+                _registered_method=True)
 
 
 class LinlensServiceServicer:
@@ -116,6 +121,14 @@ class LinlensServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ComputeConcept(self, request, context):
+        """ComputeConcept computes a concept vector on its own (a decoded singular vector of the detached Jacobian of a
+        concept prompt), so that a caller can inspect it, cache it and steer with it later as Steering.vector.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LinlensServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -148,6 +161,11 @@ def add_LinlensServiceServicer_to_server(servicer, server):
                     servicer.GetModel,
                     request_deserializer=linlens_dot_v1_dot_linlens__pb2.GetModelRequest.FromString,
                     response_serializer=linlens_dot_v1_dot_linlens__pb2.GetModelResponse.SerializeToString,
+            ),
+            'ComputeConcept': grpc.unary_unary_rpc_method_handler(
+                    servicer.ComputeConcept,
+                    request_deserializer=linlens_dot_v1_dot_linlens__pb2.ComputeConceptRequest.FromString,
+                    response_serializer=linlens_dot_v1_dot_linlens__pb2.ComputeConceptResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -313,6 +331,33 @@ class LinlensService:
             '/linlens.v1.LinlensService/GetModel',
             linlens_dot_v1_dot_linlens__pb2.GetModelRequest.SerializeToString,
             linlens_dot_v1_dot_linlens__pb2.GetModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ComputeConcept(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/linlens.v1.LinlensService/ComputeConcept',
+            linlens_dot_v1_dot_linlens__pb2.ComputeConceptRequest.SerializeToString,
+            linlens_dot_v1_dot_linlens__pb2.ComputeConceptResponse.FromString,
             options,
             channel_credentials,
             insecure,

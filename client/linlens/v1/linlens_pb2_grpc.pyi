@@ -73,6 +73,10 @@ class LinlensServiceStub:
     """GetModel describes one model, also while it loads (an empty name means the default model). Unknown names fail
     with NOT_FOUND.
     """
+    ComputeConcept: _grpc.UnaryUnaryMultiCallable[_linlens_pb2.ComputeConceptRequest, _linlens_pb2.ComputeConceptResponse]
+    """ComputeConcept computes a concept vector on its own (a decoded singular vector of the detached Jacobian of a
+    concept prompt), so that a caller can inspect it, cache it and steer with it later as Steering.vector.
+    """
 
 @_typing.type_check_only
 class LinlensServiceAsyncStub(LinlensServiceStub):
@@ -96,6 +100,10 @@ class LinlensServiceAsyncStub(LinlensServiceStub):
     GetModel: _aio.UnaryUnaryMultiCallable[_linlens_pb2.GetModelRequest, _linlens_pb2.GetModelResponse]  # type: ignore[assignment]
     """GetModel describes one model, also while it loads (an empty name means the default model). Unknown names fail
     with NOT_FOUND.
+    """
+    ComputeConcept: _aio.UnaryUnaryMultiCallable[_linlens_pb2.ComputeConceptRequest, _linlens_pb2.ComputeConceptResponse]  # type: ignore[assignment]
+    """ComputeConcept computes a concept vector on its own (a decoded singular vector of the detached Jacobian of a
+    concept prompt), so that a caller can inspect it, cache it and steer with it later as Steering.vector.
     """
 
 class LinlensServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -153,6 +161,16 @@ class LinlensServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_linlens_pb2.GetModelResponse, _abc.Awaitable[_linlens_pb2.GetModelResponse]]:
         """GetModel describes one model, also while it loads (an empty name means the default model). Unknown names fail
         with NOT_FOUND.
+        """
+
+    @_abc_1.abstractmethod
+    def ComputeConcept(
+        self,
+        request: _linlens_pb2.ComputeConceptRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_linlens_pb2.ComputeConceptResponse, _abc.Awaitable[_linlens_pb2.ComputeConceptResponse]]:
+        """ComputeConcept computes a concept vector on its own (a decoded singular vector of the detached Jacobian of a
+        concept prompt), so that a caller can inspect it, cache it and steer with it later as Steering.vector.
         """
 
 def add_LinlensServiceServicer_to_server(servicer: LinlensServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

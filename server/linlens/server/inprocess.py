@@ -25,14 +25,24 @@ from typing import Any, TypeVar, Unpack
 
 from linlens.client.errors import LinlensError, error_for_code
 from linlens.contract import (
+    ConceptSpec,
+    ConceptVector,
     ExplainOptions,
     ExplainResult,
     Generation,
     ModelInfo,
     StreamEvent,
 )
-from linlens.contract.requests import GenerateArgs, InputArgs, explain_request, generate_request
+from linlens.contract.requests import (
+    GenerateArgs,
+    InputArgs,
+    compute_concept_request,
+    explain_request,
+    generate_request,
+)
 from linlens.contract.wire import (
+    concept_vector_from_proto,
+    concept_vector_to_proto,
     explain_result_from_proto,
     explain_result_to_proto,
     generation_from_proto,
@@ -45,10 +55,10 @@ from linlens.contract.wire import (
 from linlens.models import DEFAULT_MODEL
 from linlens.server.config import ServerConfig
 from linlens.server.hosting import ModelHost
-from linlens.server.requests import prepare_explain, prepare_generation
+from linlens.server.requests import prepare_concept, prepare_explain, prepare_generation
 from linlens.server.scheduler import CancelToken
 from linlens.server.status import RpcFailure, failure_for
-from linlens.server.work import OnProgress, run_explain, run_generation
+from linlens.server.work import OnProgress, run_concept, run_explain, run_generation
 
 T = TypeVar("T")
 
@@ -155,6 +165,24 @@ class InProcessClient:
             )
 
         return InProcessStream(produce, token)
+
+    def compute_concept(
+        self,
+        concept: ConceptSpec | str,
+        *,
+        tokens_per_vector: int | None = None,
+        model: str | None = None,
+        timeout: float | None = None,
+    ) -> ConceptVector:
+        """A concept vector (see Client.compute_concept)."""
+        request = compute_concept_request(concept, tokens_per_vector=tokens_per_vector, model=model)
+
+        def call() -> ConceptVector:
+            work = prepare_concept(request, self.host, self.config)
+            concept = run_concept(work, should_stop=self._token(timeout).should_stop)
+            return concept_vector_from_proto(concept_vector_to_proto(concept))
+
+        return _rethrown(call)
 
     def list_models(self) -> list[ModelInfo]:
         """The configured models (see Client.list_models)."""

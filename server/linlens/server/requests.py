@@ -15,8 +15,10 @@ from dataclasses import dataclass
 
 import grpc
 
-from linlens.contract import ExplainMethod, ExplainOptions, OptionError
-from linlens.contract.wire import explain_options_from_proto
+from linlens.contract import ConceptSpec, ExplainMethod, ExplainOptions, OptionError, Steering
+from linlens.contract.wire import concept_spec_from_proto, explain_options_from_proto, steering_from_proto
+from linlens.engine import check_token_id
+from linlens.engine.steering import DEFAULT_CONCEPT_TOKENS, concept_options
 from linlens.models import LoadedModel
 from linlens.server.config import ServerConfig
 from linlens.server.generation import (
@@ -42,6 +44,29 @@ class ExplainWork:
 
 
 @dataclass(frozen=True)
+class ConceptWork:
+    """An admitted concept vector to compute: a ComputeConcept request, or a Steering's concept prompt."""
+
+    loaded: LoadedModel
+    prompt_ids: list[int]
+    spec: ConceptSpec
+    #: The resolved layer of a LAYER map; None for OUTPUT.
+    layer: int | None
+    #: The explanation that computes it, as admitted (method switched to matrix-free when memory asks for it).
+    options: ExplainOptions
+    tokens_per_vector: int
+
+
+@dataclass(frozen=True)
+class SteeringWork:
+    """An admitted Steering: the steered layer resolved, and the concept to compute (None: the vector is given)."""
+
+    steering: Steering
+    layer: int
+    concept: ConceptWork | None
+
+
+@dataclass(frozen=True)
 class GenerationWork:
     """An admitted Generate or GenerateStream request."""
 
@@ -52,6 +77,8 @@ class GenerationWork:
     explain: ExplainOptions | None
     #: The steps to explain; None means every step the generation makes.
     steps: tuple[int, ...] | None
+    #: How to steer the generation; None means no steering.
+    steering: SteeringWork | None = None
 
     def steps_for(self, generated: int) -> list[int]:
         """The explained steps of a generation that made ``generated`` tokens (it may have stopped early)."""
@@ -233,6 +260,88 @@ def _fit_memory(
     )
 
 
+def _concept_ids(loaded: LoadedModel, spec: ConceptSpec, config: ServerConfig) -> list[int]:
+    """The concept prompt as token ids, checked like a request's input (OptionError naming ``prompt``)."""
+    if isinstance(spec.prompt, str):
+        try:
+            ids = encode_text(loaded.tokenizer, spec.prompt)
+        except InputError as error:
+            raise OptionError("prompt", str(error).removeprefix("input.text ")) from None
+    else:
+        ids = [check_token_id(int(t), loaded.vocab_size, f"prompt[{i}]") for i, t in enumerate(spec.prompt)]
+    limit = config.max_prompt_tokens or loaded.max_positions
+    if limit and len(ids) > limit:
+        raise OptionError("prompt", f"has {len(ids)} tokens, above this server's limit of {limit}; shorten it")
+    return ids
+
+
+def concept_work(
+    loaded: LoadedModel,
+    spec: ConceptSpec,
+    config: ServerConfig,
+    *,
+    steering_layer: int | None = None,
+    tokens_per_vector: int = DEFAULT_CONCEPT_TOKENS,
+) -> ConceptWork:
+    """Admit a concept vector's computation: the prompt, the map's layer, the rank against the model and this
+    server's limits, and the explanation's memory. OptionError names the field below the ConceptSpec."""
+    ids = _concept_ids(loaded, spec, config)
+    layer = spec.resolved_layer(loaded.num_layers, steering_layer)
+    if spec.rank > loaded.hidden_size:
+        raise OptionError("rank", f"is {spec.rank}, above the model's hidden size {loaded.hidden_size}")
+    if spec.rank > config.max_top_k:
+        raise OptionError(
+            "rank", f"is {spec.rank}, above this server's limit of {config.max_top_k} (max_top_k); take a lower rank"
+        )
+    options = concept_options(spec, layer, tokens_per_vector)
+    loaded.explainer.validate(ids, options)
+    options = _fit_memory(options, "concept", len(ids), loaded, config)
+    return ConceptWork(loaded, ids, spec, layer, options, tokens_per_vector)
+
+
+def steering_work(message: pb.Steering, loaded: LoadedModel, config: ServerConfig) -> SteeringWork:
+    """Admit a request's ``steering`` (RpcFailure INVALID_ARGUMENT naming the field, e.g. ``steering.layer``)."""
+    try:
+        steering = steering_from_proto(message)
+        layer = steering.resolved_layer(loaded.num_layers)
+        steering.check_vector(loaded.hidden_size)
+        concept = None
+        if steering.concept is not None:
+            try:
+                concept = concept_work(loaded, steering.concept, config, steering_layer=layer)
+            except OptionError as error:
+                raise error.under("concept_prompt") from None
+    except OptionError as error:
+        raise invalid(str(error.under("steering"))) from None
+    return SteeringWork(steering, layer, concept)
+
+
+def prepare_concept(request: pb.ComputeConceptRequest, host: ModelHost, config: ServerConfig) -> ConceptWork:
+    """Admit a ComputeConcept request (RpcFailure for an unknown or unready model, or bad input)."""
+    loaded = host.ready(request.model)
+    try:
+        if not request.HasField("concept"):
+            raise OptionError("concept", "is missing: give the concept prompt and which singular vector to take")
+        try:
+            spec = concept_spec_from_proto(request.concept)
+        except OptionError as error:
+            raise error.under("concept") from None
+        tokens = request.tokens_per_vector if request.HasField("tokens_per_vector") else DEFAULT_CONCEPT_TOKENS
+        if tokens < 1:
+            raise OptionError("tokens_per_vector", f"must be at least 1, got {tokens}")
+        if tokens > config.max_tokens_per_vector:
+            raise OptionError(
+                "tokens_per_vector",
+                f"is {tokens}, above this server's limit of {config.max_tokens_per_vector} (max_tokens_per_vector)",
+            )
+        try:
+            return concept_work(loaded, spec, config, tokens_per_vector=tokens)
+        except OptionError as error:
+            raise error.under("concept") from None
+    except OptionError as error:
+        raise invalid(str(error)) from None
+
+
 def prepare_explain(
     request: pb.ExplainRequest | pb.ExplainStreamRequest, host: ModelHost, config: ServerConfig
 ) -> ExplainWork:
@@ -250,8 +359,14 @@ def prepare_generation(
     loaded = host.ready(request.model)
     prompt_ids = encode_input(loaded, request.input, config)
     sampling = sampling_from_proto(request.sampling if request.HasField("sampling") else None, config)
+    steering = steering_work(request.steering, loaded, config) if request.HasField("steering") else None
     if not request.HasField("explain"):
-        return GenerationWork(loaded, prompt_ids, sampling, None, None)
+        return GenerationWork(loaded, prompt_ids, sampling, None, None, steering)
+    if steering is not None:
+        raise invalid(
+            "steering cannot be combined with explain yet: an explanation of the unsteered model would not explain "
+            "the steered tokens; generate steered, then explain (or drop one of the two)"
+        )
     options, steps = explain_options(
         request.explain, "explain", loaded, prompt_ids, config, max_new_tokens=sampling.max_new_tokens
     )
@@ -259,11 +374,16 @@ def prepare_generation(
 
 
 __all__ = [
+    "ConceptWork",
     "ExplainWork",
     "GenerationWork",
+    "SteeringWork",
+    "concept_work",
     "encode_input",
     "explain_options",
+    "prepare_concept",
     "prepare_explain",
     "prepare_generation",
     "sampling_from_proto",
+    "steering_work",
 ]

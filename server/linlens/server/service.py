@@ -22,6 +22,7 @@ import grpc
 
 from linlens.contract import ExplainResult, ExplanationProgress, Generation, Timings
 from linlens.contract.wire import (
+    concept_vector_to_proto,
     explain_result_to_proto,
     generation_to_proto,
     model_info_to_proto,
@@ -34,8 +35,14 @@ from linlens.server.config import ServerConfig
 from linlens.server.hosting import ModelHost
 from linlens.server.jobs import JobRunner
 from linlens.server.metrics import Metrics
-from linlens.server.requests import ExplainWork, GenerationWork, prepare_explain, prepare_generation
-from linlens.server.work import run_explain, run_generation
+from linlens.server.requests import (
+    ExplainWork,
+    GenerationWork,
+    prepare_concept,
+    prepare_explain,
+    prepare_generation,
+)
+from linlens.server.work import run_concept, run_explain, run_generation
 from linlens.v1 import linlens_pb2 as pb
 from linlens.v1 import linlens_pb2_grpc as pb_grpc
 
@@ -118,6 +125,16 @@ class LinlensServicer(pb_grpc.LinlensServiceServicer):
                 break
             yield stream_event_to_proto(event)
         yield stream_event_to_proto(self._finished(call, generation).done())
+
+    def ComputeConcept(
+        self, request: pb.ComputeConceptRequest, context: grpc.ServicerContext
+    ) -> pb.ComputeConceptResponse:
+        call = self._for_model(request.model)
+        work = prepare_concept(request, self.host, self.config)
+        self._note_input(call, work.loaded, work.prompt_ids)
+        concept = self.jobs.run(context, lambda token: run_concept(work, should_stop=token.should_stop))
+        self.metrics.observe_queue_wait(call.model, call.queue_s)
+        return concept_vector_to_proto(concept)
 
     def ListModels(self, request: pb.ListModelsRequest, context: grpc.ServicerContext) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(

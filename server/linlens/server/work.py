@@ -9,11 +9,13 @@ VJPs and between layers.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from linlens.contract import (
+    ConceptVector,
     ExplainResult,
     Explanation,
     ExplanationProgress,
@@ -24,9 +26,10 @@ from linlens.contract import (
     Usage,
 )
 from linlens.engine import ExplanationEvent
+from linlens.engine.steering import compute_concept, steered
 from linlens.server.generation import generate
 from linlens.server.metrics import Metrics
-from linlens.server.requests import ExplainWork, GenerationWork
+from linlens.server.requests import ConceptWork, ExplainWork, GenerationWork
 from linlens.server.scheduler import StopReason
 
 Emit = Callable[[StreamEvent], None]
@@ -104,6 +107,42 @@ def run_explain(
     )
 
 
+def run_concept(work: ConceptWork, *, should_stop: ShouldStop = _never) -> ConceptVector:
+    """Compute a concept vector (one explanation of the concept prompt)."""
+    return compute_concept(
+        work.loaded.explainer,
+        work.prompt_ids,
+        work.spec,
+        layer=work.layer,
+        model_name=work.loaded.name,
+        tokens_per_vector=work.tokens_per_vector,
+        options=work.options,
+        should_stop=should_stop,
+    )
+
+
+@contextlib.contextmanager
+def steering_for(work: GenerationWork, should_stop: ShouldStop) -> Iterator[None]:
+    """The request's steering around its generation (its concept vector computed first), or nothing."""
+    plan = work.steering
+    if plan is None:
+        yield
+        return
+    vector = plan.steering.vector
+    if plan.concept is not None:
+        vector = run_concept(plan.concept, should_stop=should_stop).vector
+    assert vector is not None
+    with steered(
+        work.loaded.model,
+        vector,
+        layer=plan.layer,
+        strength=plan.steering.strength,
+        positions=plan.steering.positions,
+        prompt_length=len(work.prompt_ids),
+    ):
+        yield
+
+
 def run_generation(
     work: GenerationWork,
     *,
@@ -127,16 +166,17 @@ def run_generation(
         if emit is not None:
             emit(token)
 
-    run = generate(
-        loaded.model,
-        loaded.tokenizer,
-        work.prompt_ids,
-        work.sampling,
-        max_positions=loaded.max_positions or None,
-        should_stop=should_stop,
-        stop_reason=stop_reason,
-        on_token=on_token,
-    )
+    with steering_for(work, should_stop):
+        run = generate(
+            loaded.model,
+            loaded.tokenizer,
+            work.prompt_ids,
+            work.sampling,
+            max_positions=loaded.max_positions or None,
+            should_stop=should_stop,
+            stop_reason=stop_reason,
+            on_token=on_token,
+        )
     if metrics is not None:
         metrics.add_generated_tokens(loaded.name, len(run.tokens))
     explanations: list[Explanation] = []
@@ -178,4 +218,13 @@ def run_generation(
     )
 
 
-__all__ = ["Emit", "at_step", "explanation_at_step", "observe_explanation", "run_explain", "run_generation"]
+__all__ = [
+    "Emit",
+    "at_step",
+    "explanation_at_step",
+    "observe_explanation",
+    "run_concept",
+    "run_explain",
+    "run_generation",
+    "steering_for",
+]
