@@ -23,7 +23,8 @@ from linlens.engine.context import DTYPES, ModelContext
 from linlens.engine.explanation import explain_output
 from linlens.engine.forward import ExplanationPass
 from linlens.engine.layers import analyze_layers
-from linlens.engine.linearize import LinearizedRMSNorm, build_twin
+from linlens.engine.linear_modules import LinearizedLayerNorm, LinearizedMLP, LinearizedMoE, LinearizedRMSNorm
+from linlens.engine.linearize import build_twin
 from linlens.models import LoadedModel, load_model
 
 EXACT = 1e-14
@@ -50,7 +51,11 @@ class BrokenContext(ModelContext):
         for module in twin.modules():
             if self.breakage == "softmax left live" and hasattr(module, "linlens_detach"):
                 module.linlens_detach = False
-            if self.breakage == "norm scale left live" and isinstance(module, LinearizedRMSNorm):
+            if self.breakage == "norm scale left live" and isinstance(module, (LinearizedRMSNorm, LinearizedLayerNorm)):
+                module.detach = False
+            if self.breakage == "activation left live" and isinstance(module, LinearizedMLP):
+                module.detach = False
+            if self.breakage == "router left live" and isinstance(module, LinearizedMoE):
                 module.detach = False
         return twin
 
@@ -67,7 +72,8 @@ def broken_explanation(model: LoadedModel, breakage: str) -> Any:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, LoadedModel]:
     root: Path = tmp_path_factory.mktemp("teeth")
-    return {family: load_model(str(save_tiny_model(family, root / family))) for family in ("llama-bias", "gemma3")}
+    families = ("llama-bias", "gemma3", "gpt2", "mixtral")
+    return {family: load_model(str(save_tiny_model(family, root / family))) for family in families}
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +91,15 @@ def sound(models: dict[str, LoadedModel]) -> dict[str, Any]:
     return out
 
 
-@pytest.mark.parametrize("family", ["llama-bias", "gemma3"])
-@pytest.mark.parametrize("breakage", ["nothing frozen", "softmax left live", "norm scale left live"])
+@pytest.mark.parametrize(
+    ("family", "breakage"),
+    [
+        *[(f, b) for f in ("llama-bias", "gemma3") for b in ("nothing frozen", "softmax left live", "norm scale left live")],
+        ("gpt2", "norm scale left live"),  # LayerNorm's 1/std
+        ("gpt2", "activation left live"),  # a non-gated MLP's s(h)
+        ("mixtral", "router left live"),  # a mixture of experts' routing weights
+    ],
+)
 def test_a_twin_that_is_not_linear_is_caught(models: dict[str, LoadedModel], family: str, breakage: str) -> None:
     model = models[family]
     broken = broken_explanation(model, breakage)
@@ -155,3 +168,25 @@ def test_the_reference_is_the_frozen_system_itself(models: dict[str, LoadedModel
     lhs = reference.frozen(a + b) - c
     rhs = (reference.frozen(a) - c) + (reference.frozen(b) - c)
     assert float((lhs - rhs).norm() / y.norm()) < 1e-14
+
+
+def test_a_dropped_outside_constant_is_caught(models: dict[str, LoadedModel], sound: dict[str, Any]) -> None:
+    """GPT-2's position embeddings and final-norm bias reach the logit outside every block: the matrix's constant."""
+    explanation = sound["gpt2"]
+    matrix = explanation.layer_attributions
+    assert matrix is not None and abs(matrix.constant) > 1e-3
+    dropped = dataclasses.replace(explanation, layer_attributions=dataclasses.replace(matrix, constant=0.0))
+    with pytest.raises(AssertionError, match="its constant differs from the frozen system at zero"):
+        checks.check_layer_matrix(checks.Reference.of(models["gpt2"], dropped), dropped, 3 * EXACT)
+
+
+def test_a_layer_norm_read_without_its_mean_subtraction_is_caught(
+    models: dict[str, LoadedModel], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The layer analysis must push terms through LayerNorm's mean subtraction, not only its scale."""
+    model = models["gpt2"]
+    reference = checks.Reference(model, sample_ids())  # built before the breakage: the checks' own norm is sound
+    monkeypatch.setattr(LinearizedLayerNorm, "centred", False)  # read by the layer analysis's frozen final norm
+    explanation = model.explainer.explain(sample_ids(), OPTIONS)
+    with pytest.raises(AssertionError, match="layers x tokens matrix"):
+        checks.check_layer_matrix(reference, explanation, 3 * EXACT)
