@@ -78,17 +78,25 @@ def _attribute(attribute: str) -> Callable[[Any], float]:
 
 _LLAMA = Family("llama")
 _MISTRAL = Family("mistral")
-_POST_NORMS = {"attention_term": "post_attention_layernorm", "mlp_term": "post_feedforward_layernorm"}
+#: Where the terms pass a norm of their own before joining the residual stream (sandwich norms, post-norms).
+_POST_ATTENTION, _POST_MLP = "post_attention_layernorm", "post_feedforward_layernorm"
 
 #: transformers architecture class name -> family.
 SUPPORTED_ARCHITECTURES: dict[str, Family] = {
     "LlamaForCausalLM": _LLAMA,
-    "Gemma3ForCausalLM": Family("gemma3", norm_weight_offset=1.0, notes="sandwich norms, (1 + w) RMSNorm", **_POST_NORMS),
+    "Gemma3ForCausalLM": Family(
+        "gemma3",
+        norm_weight_offset=1.0,
+        notes="sandwich norms, (1 + w) RMSNorm",
+        attention_term=_POST_ATTENTION,
+        mlp_term=_POST_MLP,
+    ),
     "Gemma2ForCausalLM": Family(
         "gemma2",
         norm_weight_offset=1.0,
         notes="attention and final logit soft-capping, sandwich norms",
-        **_POST_NORMS,
+        attention_term=_POST_ATTENTION,
+        mlp_term=_POST_MLP,
     ),
     "Qwen3ForCausalLM": Family("qwen3", notes="QK-norms"),
     "Qwen2ForCausalLM": Family("qwen2", notes="q, k, v biases: affine, c reported"),
@@ -96,7 +104,7 @@ SUPPORTED_ARCHITECTURES: dict[str, Family] = {
     "MistralForCausalLM": _MISTRAL,
     "MinistralForCausalLM": _MISTRAL,
     "Ministral3ForCausalLM": _MISTRAL,
-    "Olmo2ForCausalLM": Family("olmo2", notes="post-norms", **_POST_NORMS),
+    "Olmo2ForCausalLM": Family("olmo2", notes="post-norms", attention_term=_POST_ATTENTION, mlp_term=_POST_MLP),
     "SmolLM3ForCausalLM": Family("smollm3", notes="layers without rotary embeddings (NoPE)"),
     "GraniteForCausalLM": Family(
         "granite",

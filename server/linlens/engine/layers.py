@@ -45,8 +45,8 @@ from linlens.engine.explanation import (
     relative,
     singular_components,
 )
-from linlens.engine.forward import ExplanationPass
 from linlens.engine.final_norm import FrozenFinalNorm
+from linlens.engine.forward import ExplanationPass
 from linlens.engine.matrix_free import BlockMaps, Cancelled, top_singular_triplets
 from linlens.engine.products import GraphProducts
 from linlens.engine.spectra import Spectrum, decompose

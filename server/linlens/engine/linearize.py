@@ -154,7 +154,9 @@ def _linearized_norm(module: nn.Module, family: Family, detach: bool) -> nn.Modu
     return None
 
 
-def _probe_equal(original: nn.Module, replacement: nn.Module, shape: tuple[int, ...], dtype: torch.dtype, device: Any) -> None:
+def _probe_equal(
+    original: nn.Module, replacement: nn.Module, shape: tuple[int, ...], dtype: torch.dtype, device: Any
+) -> None:
     """Refuse a replacement whose forward value differs from the module it replaces."""
     generator = torch.Generator(device="cpu").manual_seed(0)
     probe = torch.randn(1, 3, *shape, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
@@ -215,7 +217,9 @@ def _check_affine(twin: PreTrainedModel, dtype: torch.dtype) -> None:
     modules the engine replaced) breaks it by far more than rounding.
     """
     embeddings = twin.get_input_embeddings()
-    ids = torch.arange(3, 8, device=embeddings.weight.device).clamp_max(embeddings.weight.shape[0] - 1)
+    weight = embeddings.weight
+    assert isinstance(weight, torch.Tensor)
+    ids = torch.arange(3, 8, device=weight.device).clamp_max(weight.shape[0] - 1)
     with torch.no_grad():
         x = embeddings(ids)[None]
         tape = CoefficientTape()
