@@ -97,10 +97,9 @@ def logit_head(model: LoadedModel, ids: Sequence[int]) -> torch.Tensor:
     good to ~1e-7: one that is 1 to that precision is 1; any other is measured again on a float64 copy."""
     head = model.model.get_output_embeddings().weight.detach().double()
     multiplier = _logit_multiplier(model.model, ids)
-    if abs(multiplier - 1.0) > 1e-5:
-        multiplier = _logit_multiplier(copy.deepcopy(model.model).double(), ids)
-    else:
-        multiplier = 1.0
+    if abs(multiplier - 1.0) <= 1e-5:
+        return head
+    return head * _logit_multiplier(copy.deepcopy(model.model).double(), ids)
     return head * multiplier
 
 
@@ -231,10 +230,14 @@ def check_layer_matrix(reference: Reference, exp: Explanation, limit: float) -> 
     linear = float((reference.frozen(reference.x).double() - at_zero) @ w)
     split = float(np.sum(matrix.direct, dtype=np.float64) + np.sum(matrix.attention) + np.sum(matrix.mlp))
     error_l = abs(split - linear) / max(abs(linear), scale)
-    assert error_l <= limit, f"the layers x tokens matrix: its direct path and rows miss the logit's linear part by {error_l:.2e}"
+    assert error_l <= limit, (
+        f"the layers x tokens matrix: its direct path and rows miss the logit's linear part by {error_l:.2e}"
+    )
     blocks = sum(logit_share(getattr(zero, kind)[layer][0, -1].double()) for kind in rows for layer in range(count))
     error_k = abs(matrix.constant - (float(at_zero @ w) - blocks)) / max(abs(linear), scale)
-    assert error_k <= limit, f"the layers x tokens matrix: its constant differs from the frozen system at zero by {error_k:.2e}"
+    assert error_k <= limit, (
+        f"the layers x tokens matrix: its constant differs from the frozen system at zero by {error_k:.2e}"
+    )
     return worst
 
 

@@ -94,7 +94,11 @@ def sound(models: dict[str, LoadedModel]) -> dict[str, Any]:
 @pytest.mark.parametrize(
     ("family", "breakage"),
     [
-        *[(f, b) for f in ("llama-bias", "gemma3") for b in ("nothing frozen", "softmax left live", "norm scale left live")],
+        *[
+            (f, b)
+            for f in ("llama-bias", "gemma3")
+            for b in ("nothing frozen", "softmax left live", "norm scale left live")
+        ],
         ("gpt2", "norm scale left live"),  # LayerNorm's 1/std
         ("gpt2", "activation left live"),  # a non-gated MLP's s(h)
         ("mixtral", "router left live"),  # a mixture of experts' routing weights
