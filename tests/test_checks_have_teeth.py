@@ -9,6 +9,7 @@ checks is what tests/test_engine_families.py and tests/test_engine_layers.py sho
 from __future__ import annotations
 
 import dataclasses
+import types
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,9 @@ from tiny_models import sample_ids, save_tiny_model
 from linlens.contract import AttributionTarget, ExplainOptions, GateMode, LayerAnalysisOptions, Precision
 from linlens.engine.context import DTYPES, ModelContext
 from linlens.engine.explanation import explain_output
+from linlens.engine.families import SUPPORTED_ARCHITECTURES, UnsupportedArchitectureError
 from linlens.engine.forward import ExplanationPass
+from linlens.engine.freeze import frozen
 from linlens.engine.layers import analyze_layers
 from linlens.engine.linear_modules import LinearizedLayerNorm, LinearizedMLP, LinearizedMoE, LinearizedRMSNorm
 from linlens.engine.linearize import build_twin
@@ -57,12 +60,24 @@ class BrokenContext(ModelContext):
                 module.detach = False
             if self.breakage == "router left live" and isinstance(module, LinearizedMoE):
                 module.detach = False
+            if self.breakage == "layer norm mean frozen" and isinstance(module, LinearizedLayerNorm):
+                module.forward = types.MethodType(_layer_norm_with_its_mean_frozen, module)
         return twin
 
 
-def broken_explanation(model: LoadedModel, breakage: str) -> Any:
-    """What an engine broken this way returns for the sample input, layer analysis included."""
-    explanation_pass = ExplanationPass(BrokenContext(model, breakage), sample_ids(), OPTIONS)
+def _layer_norm_with_its_mean_frozen(self: LinearizedLayerNorm, hidden_states: torch.Tensor) -> torch.Tensor:
+    """LayerNorm with its mean taken as a coefficient too: the same value and still affine, but a different map (the
+    mean subtraction is linear and must stay on the linear path)."""
+    h = hidden_states
+    mean = frozen(self, lambda: h.mean(-1, keepdim=True))
+    out = (h - mean) * frozen(self, lambda: self.coefficient(h)) * self.gain(h.dtype)
+    bias = self.bias_term(h.dtype)
+    return out + bias if bias is not None else out
+
+
+def broken_explanation(model: LoadedModel, breakage: str, context: ModelContext | None = None) -> Any:
+    """What an engine broken this way (or with this context) returns for the sample input, layer analysis included."""
+    explanation_pass = ExplanationPass(context or BrokenContext(model, breakage), sample_ids(), OPTIONS)
     explanation = explain_output(explanation_pass)
     assert OPTIONS.layers is not None
     events = list(analyze_layers(explanation_pass, OPTIONS.layers))
@@ -72,7 +87,7 @@ def broken_explanation(model: LoadedModel, breakage: str) -> Any:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, LoadedModel]:
     root: Path = tmp_path_factory.mktemp("teeth")
-    families = ("llama-bias", "gemma3", "gpt2", "mixtral")
+    families = ("llama-bias", "gemma3", "gpt2", "mixtral", "granite")
     return {family: load_model(str(save_tiny_model(family, root / family))) for family in families}
 
 
@@ -194,3 +209,55 @@ def test_a_layer_norm_read_without_its_mean_subtraction_is_caught(
     explanation = model.explainer.explain(sample_ids(), OPTIONS)
     with pytest.raises(AssertionError, match="layers x tokens matrix"):
         checks.check_layer_matrix(reference, explanation, 3 * EXACT)
+
+
+def test_a_layer_norm_with_its_mean_frozen_is_caught(models: dict[str, LoadedModel]) -> None:
+    """Freezing LayerNorm's mean as well keeps y and keeps the system affine (y = J x + c still holds, c absorbing
+    the frozen mean), so the reconstruction cannot see it; c at zero and the attributions against the sound frozen
+    system do."""
+    model = models["gpt2"]
+    broken = broken_explanation(model, "layer norm mean frozen")
+    reference = checks.Reference.of(model, broken)
+    checks.check_exactness(reference, broken, EXACT)  # passes: the broken map is affine and exact about itself
+    with pytest.raises(AssertionError, match="differs from the frozen system at zero"):
+        checks.check_constant(reference, broken, EXACT)
+    with pytest.raises(AssertionError, match="central differences"):
+        checks.check_attributions(reference, broken, 5 * EXACT)
+
+
+def test_a_dropped_logit_multiplier_is_caught(models: dict[str, LoadedModel], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Granite divides its logits by logits_scaling. An engine that forgets it is refused when its context is built;
+    with that guard switched off too, the attributions and the layer matrix (against the logits the model itself
+    computes) catch it."""
+    model = models["granite"]
+    family = SUPPORTED_ARCHITECTURES["GraniteForCausalLM"]
+    monkeypatch.setitem(
+        SUPPORTED_ARCHITECTURES, "GraniteForCausalLM", dataclasses.replace(family, logit_multiplier=lambda _: 1.0)
+    )
+    with pytest.raises(UnsupportedArchitectureError, match="logits are not the LM head"):
+        ModelContext(model.model, model.tokenizer)
+    monkeypatch.setattr(ModelContext, "_check_logits", lambda self: None)
+    broken = broken_explanation(model, "logit multiplier dropped", ModelContext(model.model, model.tokenizer))
+    monkeypatch.undo()  # the checks' reference is the sound engine
+    reference = checks.Reference.of(model, broken)
+    with pytest.raises(AssertionError, match="central differences"):
+        checks.check_attributions(reference, broken, 5 * EXACT)
+    with pytest.raises(AssertionError, match="layers x tokens matrix"):
+        checks.check_layer_matrix(reference, broken, 3 * EXACT)
+
+
+def test_a_dropped_residual_multiplier_is_caught(
+    models: dict[str, LoadedModel], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Granite scales each block's output by residual_multiplier before it joins the residual stream. Block terms
+    read without it no longer add up to the logit's linear part (the checks' own capture is broken the same way:
+    the sum against the frozen system at x and at zero is what catches it)."""
+    model = models["granite"]
+    family = SUPPORTED_ARCHITECTURES["GraniteForCausalLM"]
+    monkeypatch.setitem(
+        SUPPORTED_ARCHITECTURES, "GraniteForCausalLM", dataclasses.replace(family, residual_multiplier=None)
+    )
+    context = ModelContext(model.model, model.tokenizer)
+    broken = broken_explanation(model, "residual multiplier dropped", context)
+    with pytest.raises(AssertionError, match="layers x tokens matrix"):
+        checks.check_layer_matrix(checks.Reference.of(model, broken), broken, 3 * EXACT)
