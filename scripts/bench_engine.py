@@ -19,6 +19,7 @@ Speed goals are ratios measured in the same run (machines are noisy); no absolut
 
     python scripts/bench_engine.py --model smollm2-135m --repeats 3 [--markdown docs/benchmarks.md]
     python scripts/bench_engine.py --part d --model smollm2-135m --tokens 7,128,1024 [--layers-all] [--wide]
+    (add --threads 1 for the one-thread numbers of docs/engine.md)
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import gc
 import os
 import platform
 import statistics
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -198,7 +200,7 @@ def matrix_free_costs(loaded: Any, lengths: list[int], repeats: int, layers_all:
     explainer = loaded.explainer
     rows = [
         f"(d) {label} (d={loaded.hidden_size}, {loaded.num_layers} layers), the default request (top_k 3, last "
-        f"position), float32, median of {repeats}:",
+        f"position), float32, {torch.get_num_threads()} torch thread(s), median of {repeats}:",
         "",
         "| tokens | full: s | matrix-free: s | speed-up | full: peak MiB | matrix-free: peak MiB | memory ratio "
         "| products full / matrix-free | largest value difference | same top-8 tokens |",
@@ -212,7 +214,8 @@ def matrix_free_costs(loaded: Any, lengths: list[int], repeats: int, layers_all:
         results: dict[Any, list[tuple[float, float, Any]]] = {m: [] for m in options}
         for opts in options.values():  # warm each path once: twins, allocator
             explainer.explain(ids[:16], opts)
-        for _ in range(repeats):
+        for repeat in range(repeats):
+            print(f"bench: {len(ids)} tokens, run {repeat + 1} of {repeats}", file=sys.stderr, flush=True)
             for method, opts in options.items():
                 results[method].append(measure(lambda opts=opts, ids=ids: explainer.explain(ids, opts)))
         full_s = statistics.median(r[0] for r in results[ExplainMethod.FULL])
@@ -221,6 +224,7 @@ def matrix_free_costs(loaded: Any, lengths: list[int], repeats: int, layers_all:
         free_m = statistics.median(r[1] for r in results[ExplainMethod.MATRIX_FREE])
         full, free = results[ExplainMethod.FULL][-1][2], results[ExplainMethod.MATRIX_FREE][-1][2]
         difference, same = _agreement(full, free)
+        print(f"bench: {len(ids)} tokens: full {full_s:.2f} s, matrix-free {free_s:.2f} s", file=sys.stderr, flush=True)
         rows.append(
             f"| {len(ids)} | {full_s:.2f} | {free_s:.2f} | {full_s / free_s:.1f}x | {full_m:.0f} | {free_m:.0f} "
             f"| {full_m / max(free_m, 1e-9):.1f}x | {full.vjp_count + full.jvp_count} / "
@@ -232,6 +236,7 @@ def matrix_free_costs(loaded: Any, lengths: list[int], repeats: int, layers_all:
         for method in (ExplainMethod.FULL, ExplainMethod.MATRIX_FREE):
             opts = ExplainOptions(top_k=0, method=method, layers=LayerAnalysisOptions(top_k=1))
             seconds, mib, result = measure(lambda opts=opts: explainer.explain(ids, opts))
+            print(f"bench: --layers all, {method.value}: {seconds:.1f} s", file=sys.stderr, flush=True)
             products = sum(r.vjp_count for r in result.layers)
             timed[method] = (seconds, mib, products, result)
         (fs, fm, fp, fr), (ms, mm, mp, mr) = timed[ExplainMethod.FULL], timed[ExplainMethod.MATRIX_FREE]
@@ -264,7 +269,11 @@ def main() -> None:
     parser.add_argument("--tokens", default="7,128,1024", help="(d) prompt lengths")
     parser.add_argument("--layers-all", action="store_true", help="(d) also --layers all both ways")
     parser.add_argument("--wide", action="store_true", help="(d) a random Llama with hidden size 4096, 2 layers")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"bench: torch threads {torch.get_num_threads()}", file=sys.stderr, flush=True)
     if args.part == "d":
         lengths = [int(t) for t in args.tokens.split(",")]
         if args.wide:

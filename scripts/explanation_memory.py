@@ -20,13 +20,18 @@ from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1] / p) for p in ("client", "server")]
 
-from linlens.contract import ExplainOptions, LayerAnalysisOptions, PositionSelection  # noqa: E402
+from linlens.contract import ExplainMethod, ExplainOptions, LayerAnalysisOptions, PositionSelection  # noqa: E402
 from linlens.models import load_model  # noqa: E402
 
 KINDS = {
     "attr": ExplainOptions(top_k=0),
-    "full": ExplainOptions(top_k=3),
-    "chunk576": ExplainOptions(top_k=3, vjp_chunk_size=576),
+    "auto": ExplainOptions(top_k=3),
+    "full": ExplainOptions(top_k=3, method=ExplainMethod.FULL),
+    "free": ExplainOptions(top_k=3, method=ExplainMethod.MATRIX_FREE),
+    # the long-prompt request of docs/engine.md: attributions, reconstruction, top 3 at the last position and of the
+    # whole prompt, matrix-free
+    "long": ExplainOptions(top_k=3, method=ExplainMethod.MATRIX_FREE, prompt_spectrum=True),
+    "chunk576": ExplainOptions(top_k=3, method=ExplainMethod.FULL, vjp_chunk_size=576),
     "all": ExplainOptions(top_k=3, positions=PositionSelection.ALL),
     "jac": ExplainOptions(top_k=3, include_jacobians=True),
     "ord": ExplainOptions(top_k=3, ordinary_contrast=True),

@@ -140,7 +140,7 @@ def test_a_model_without_a_chat_template_and_a_prompt_that_fills_the_context(tin
             assert_invalid(call, "this model has no chat template; send input.text or input.token_ids instead")
         full = pb.GenerateRequest(input=pb.Input(token_ids=pb.TokenIds(ids=[5] * 64)))
         for _, call in calls(tiny, full):
-            assert_invalid(call, "the input has 64 tokens, which fills the model's context of 64; shorten it")
+            assert_invalid(call, "the input has 64 tokens, which fills the model's context of 64")
         fits = pb.GenerateRequest(input=pb.Input(token_ids=pb.TokenIds(ids=[5] * 63)), explain=pb.ExplainOptions())
         response = tiny.Generate(fits, timeout=60)
         assert len(response.tokens) == 1 and response.finish_reason == pb.FINISH_REASON_CONTEXT_LENGTH

@@ -63,6 +63,7 @@ from linlens.client import (
 from linlens.client.health import decode_health_response, encode_health_request
 from linlens.contract import TensorDecodeError, array_from_tensor, tensor_from_array
 from linlens.contract.requests import build_input, build_sampling
+from linlens.contract.retry_hint import NO_RETRY_KEY, NO_RETRY_VALUE
 from linlens.contract.wire import (
     explain_options_from_proto,
     explain_options_to_proto,
@@ -642,6 +643,10 @@ class ScriptedService(pb_grpc.LinlensServiceServicer):
             if self._count(key) <= int(failures):
                 context.abort(grpc.StatusCode[code], f"attempt {self.attempts[key]} fails")
             return pb.GetModelResponse(model=pb.ModelInfo(name=key, loaded=True))
+        if kind == "too-big":  # "too-big:KEY": RESOURCE_EXHAUSTED about the request itself, marked final
+            self._count(rest)
+            context.set_trailing_metadata(((NO_RETRY_KEY, NO_RETRY_VALUE),))
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "the request is above a limit")
         if kind == "sleep":
             time.sleep(float(rest))
         if kind == "echo-metadata":
@@ -699,6 +704,12 @@ class ScriptedService(pb_grpc.LinlensServiceServicer):
         if not request.input.WhichOneof("kind"):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "input is required")
         return pb.ExplainResponse(model="smollm2-135m", explanation=sample_explanation(), prompt_text="x")
+
+    def ExplainStream(
+        self, request: pb.ExplainStreamRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.ExplainStreamResponse]:
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
+        yield pb.ExplainStreamResponse()  # unreachable: makes this a generator, as the servicer's streams are
 
     def GenerateStream(
         self, request: pb.GenerateStreamRequest, context: grpc.ServicerContext
@@ -824,6 +835,21 @@ def test_resource_exhausted_is_retried_too(scripted: tuple[str, ScriptedService]
     with Client(target, retry=FAST_RETRY, timeout=10) as client:
         assert client.get_model("flaky:queue-full:1:RESOURCE_EXHAUSTED").name == "queue-full"
     assert service.attempts["queue-full"] == 2
+
+
+def test_a_failure_marked_final_is_not_retried(scripted: tuple[str, ScriptedService]) -> None:
+    target, service = scripted
+    with Client(target, retry=FAST_RETRY, timeout=10) as client, pytest.raises(ResourceExhaustedError):
+        client.get_model("too-big:sync-final")
+    assert service.attempts["sync-final"] == 1
+
+    async def run() -> None:
+        async with AsyncClient(target, retry=FAST_RETRY, timeout=10) as client:
+            await client.get_model("too-big:async-final")
+
+    with pytest.raises(ResourceExhaustedError):
+        asyncio.run(run())
+    assert service.attempts["async-final"] == 1
 
 
 def test_other_codes_are_not_retried(scripted: tuple[str, ScriptedService]) -> None:

@@ -5,7 +5,6 @@ a configured model that fails to load next to one that loads, and a full disk wh
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -20,6 +19,7 @@ from typing import Any
 import grpc
 import pytest
 from conftest import free_port
+from disks import small_disk
 
 from linlens.client import (
     NO_RETRY,
@@ -209,20 +209,6 @@ def test_a_secondary_model_that_fails_to_load_leaves_the_default_serving(
         with pytest.raises(FailedPreconditionError, match="'broken-model' failed to load"):
             client.generate(PROMPT, model="broken-model", max_new_tokens=1)
         assert client.generate(PROMPT, max_new_tokens=1).text == " only"
-
-
-@contextlib.contextmanager
-def small_disk(path: Path, megabytes: int) -> Iterator[Path]:
-    path.mkdir(parents=True)
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={megabytes}m", "tmpfs", str(path)], capture_output=True, check=False
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", str(path)], check=False)
 
 
 def test_a_full_disk_while_caching_is_the_models_failed_state_with_a_clear_detail(

@@ -23,6 +23,8 @@ from linlens.client import (
     InvalidArgumentError,
     ResourceExhaustedError,
 )
+from linlens.contract.retry_hint import is_final
+from linlens.contract.wire import explain_options_to_proto
 from linlens.v1 import linlens_pb2 as pb
 from linlens.v1 import linlens_pb2_grpc as pb_grpc
 
@@ -61,6 +63,7 @@ def test_request_bytes_are_limited_by_the_server_then_by_grpc(make_server: Calla
             generate("a " * 1500)  # 3000 bytes: between the setting and gRPC's own bound (twice the setting)
         assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "above this server's limit of 2000 (max_request_bytes)" in (caught.value.details() or "")
+        assert is_final(caught.value.trailing_metadata())  # the same bytes fail the same way: not retried
         with pytest.raises(grpc.RpcError) as caught:
             generate("a " * 5000)  # beyond twice the setting gRPC refuses it before reading it all
         assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -100,6 +103,13 @@ def test_explanation_memory_is_estimated_before_any_work(make_server: Callable[.
             client.explain(PROMPT, options=ExplainOptions(top_k=1, method=full_method, vjp_chunk_size=576))
         assert "options.vjp_chunk_size" in caught.value.details  # the way out is named
         assert "options.method MATRIX_FREE" in caught.value.details
+        # the server marks it final (the same request can never fit), so the SDK does not retry it
+        too_big = ExplainOptions(top_k=1, method=full_method, vjp_chunk_size=576)
+        request = pb.ExplainRequest(input=pb.Input(text=PROMPT), options=explain_options_to_proto(too_big))
+        with grpc.insecure_channel(server.target) as channel, pytest.raises(grpc.RpcError) as raw:
+            pb_grpc.LinlensServiceStub(channel).Explain(request, timeout=60)
+        assert raw.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert is_final(raw.value.trailing_metadata())
         with pytest.raises(ResourceExhaustedError, match="include_jacobians"):
             client.explain(PROMPT, options=ExplainOptions(top_k=1, include_jacobians=True))
         # under AUTO a full request that does not fit runs matrix-free: the same prediction and top triplet

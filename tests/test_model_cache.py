@@ -10,10 +10,10 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from disks import small_disk
 
 from linlens.models import REGISTRY, LoadProgress, ModelCacheError, load_model
 from linlens.models.gguf_cache import MANIFEST, cache_folder, converted, problem_with
@@ -83,20 +83,6 @@ def test_a_conversion_killed_mid_way_is_never_trusted_and_is_redone(cache: Path)
     loaded = load_model(str(GGUF))
     assert loaded.source == str(folder) and weights.stat().st_size == size and problem_with(folder) is None
     assert (folder / MANIFEST).is_file()
-
-
-@contextlib.contextmanager
-def small_disk(path: Path, megabytes: int) -> Iterator[Path]:
-    path.mkdir(parents=True)
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={megabytes}m", "tmpfs", str(path)], capture_output=True, check=False
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", str(path)], check=False)
 
 
 def test_a_full_disk_is_said_plainly_and_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,6 +9,7 @@ tests/test_report_browser.py.
 from __future__ import annotations
 
 import dataclasses
+import html
 import html.parser
 import math
 import pickle
@@ -22,7 +23,7 @@ import numpy as np
 import pytest
 from conftest import REPORT_LAYERS, REPORT_PROMPT
 
-from linlens.client import Client, ExplainOptions, ExplainResult, Generation
+from linlens.client import Client, ExplainMethod, ExplainOptions, ExplainResult, Generation
 from linlens.report import VIZ_INSTALL, MissingExtraError
 from linlens.report.content import build
 
@@ -167,6 +168,23 @@ def test_the_html_report_is_self_contained_and_carries_the_results_numbers(
             )
 
 
+def test_the_report_says_how_the_spectra_were_found(report_result: ExplainResult) -> None:
+    """The default request runs matrix-free: the page names the method, shows each triplet's certificate and marks
+    what is estimated or missing (the stable rank, the singular values past the top k)."""
+    exp = report_result.explanation
+    assert exp.method is ExplainMethod.MATRIX_FREE
+    document = html.unescape(report_result.to_html())
+    assert "spectra matrix-free" in document
+    assert f"{exp.vjp_count} vector-Jacobian and {exp.jvp_count} Jacobian-vector products" in document
+    spectrum = exp.spectra[-1]
+    assert not spectrum.singular_values_complete and len(spectrum.singular_values) == 3
+    assert "the top 3 singular values (matrix-free: the rest were not computed)" in document
+    assert f"≈ {spectrum.stable_rank:.2f} ± {spectrum.stable_rank_error:.2f} (estimated)" in document
+    for component in spectrum.components:
+        assert 0 < component.residual_left < 1e-3 and 0 < component.residual_right < 1e-3
+        assert f"residuals {component.residual_left:.1e} / {component.residual_right:.1e}" in document
+
+
 def test_panels_without_their_data_are_absent(lean: tuple[ExplainResult, Generation], tmp_path: Path) -> None:
     plain, generation = lean
     assert not plain.explanation.spectra and plain.explanation.layer_attributions is None
@@ -174,7 +192,10 @@ def test_panels_without_their_data_are_absent(lean: tuple[ExplainResult, Generat
     page = Elements(document)
     assert not page.having(data_chart="spectrum") and not page.having(data_chart="emergence")
     assert not page.having(**{"class": "layers-panel"}) and 'class="heatmap"' not in document
-    assert "not computed (top_k 0" in document
+    # every explanation reports its reconstruction (one JVP), attributions-only ones too
+    reconstruction = plain.explanation.reconstruction
+    assert reconstruction is not None
+    assert f"relative error {reconstruction.relative_error_vs_model:.2e} vs the model" in document
     assert [r["data-kind"] for r in page.having(**{"class": "attribution"})] == ["explained"]
 
     # a generation: its text, then one section per explained step, in order

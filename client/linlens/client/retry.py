@@ -1,7 +1,9 @@
 """Retry policy for transient failures.
 
 Only UNAVAILABLE (server unreachable, restarting, draining) and RESOURCE_EXHAUSTED (queue full) are retried by
-default: they mean "the request was not worked on", so repeating it is safe and cannot double any work. Backoff is
+default: they mean "the request was not worked on", so repeating it is safe and cannot double any work. A failure the
+server marks as final (a request over one of its size limits, :mod:`linlens.contract.retry_hint`) is not retried:
+the same request would fail the same way. Backoff is
 exponential with jitter so that many clients rejected together do not come back together.
 """
 
@@ -10,10 +12,12 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
 from linlens.client.errors import DeadlineExceededError, from_rpc_error, status_code_of
+from linlens.contract.retry_hint import is_final
 
 _DEFAULT_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
@@ -86,12 +90,18 @@ class Attempts:
 
     def backoff_after(self, error: grpc.RpcError) -> float:
         """Seconds to wait before retrying after ``error``; raises its LinlensError when it is not to be retried."""
-        if not self.policy.should_retry(status_code_of(error), self.attempt):
+        if not self.policy.should_retry(status_code_of(error), self.attempt) or _marked_final(error):
             raise from_rpc_error(error) from error
         wait = self.policy.backoff(self.attempt)
         if self.deadline is not None and time.monotonic() + wait >= self.deadline:
             raise from_rpc_error(error) from error
         return wait
+
+
+def _marked_final(error: grpc.RpcError) -> bool:
+    """Whether the server said that repeating this request cannot succeed."""
+    trailing: Any = getattr(error, "trailing_metadata", None)
+    return callable(trailing) and is_final(trailing())
 
 
 #: The policy clients use unless told otherwise.

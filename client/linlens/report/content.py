@@ -32,7 +32,9 @@ from linlens.contract.results import (
     LayerAttributions,
     LayerResult,
     LinearMapSpectrum,
+    PositionSpectrum,
     PredictedToken,
+    SingularComponent,
 )
 
 #: What a report can be made of.
@@ -177,6 +179,29 @@ def emergence(attributions: LayerAttributions | None, layers: Sequence[LayerResu
     )
 
 
+def stable_rank_text(spectrum: PositionSpectrum | LinearMapSpectrum) -> str:
+    """The stable rank as a report shows it: exact (full method), or estimated with one standard error (matrix-free:
+    ||J||_F^2 is then a Hutchinson estimate)."""
+    if spectrum.singular_values_complete or not spectrum.stable_rank_error:
+        return f"{spectrum.stable_rank:.2f}"
+    return f"≈ {spectrum.stable_rank:.2f} ± {spectrum.stable_rank_error:.2f} (estimated)"
+
+
+def spectrum_extent(spectrum: PositionSpectrum | LinearMapSpectrum) -> str:
+    """Which singular values a spectrum chart holds: all of them, or the top k a matrix-free solve found."""
+    count = len(spectrum.singular_values)
+    if spectrum.singular_values_complete:
+        return f"all {count} singular values"
+    return f"the top {count} singular values (matrix-free: the rest were not computed)"
+
+
+def certificate_text(component: SingularComponent) -> str:
+    """A triplet's certificate: ||A v - s u|| / s and ||A^T u - s v|| / s from fresh products (0: a full SVD)."""
+    if not component.residual_left and not component.residual_right:
+        return "exact SVD"
+    return f"residuals {component.residual_left:.1e} / {component.residual_right:.1e}"
+
+
 def explanation_facts(exp: Explanation) -> tuple[tuple[str, str], ...]:
     """The header of one explanation: prediction, exactness, method and cost."""
     facts: list[tuple[str, str]] = [("predicted", _predicted(exp.predicted))]
@@ -193,7 +218,7 @@ def explanation_facts(exp: Explanation) -> tuple[tuple[str, str], ...]:
             )
         )
     else:
-        facts.append(("reconstruction", "not computed (top_k 0: attributions only, no full Jacobian)"))
+        facts.append(("reconstruction", "not reported (a server older than 0.2.0 without a full Jacobian)"))
     if exp.ordinary is not None:
         facts.append(
             (
@@ -209,15 +234,16 @@ def explanation_facts(exp: Explanation) -> tuple[tuple[str, str], ...]:
         (
             "method",
             f"detached Jacobian (arXiv 2505.24293), {exp.precision.value}, gate mode {exp.gate_mode.value}"
-            + (", with bias constants" if exp.has_bias else ""),
+            + (", with bias constants" if exp.has_bias else "")
+            + (f"; spectra {exp.method.value.replace('_', '-')}" if exp.method is not None else ""),
         )
     )
     phases = ", ".join(f"{name} {ms:.0f}" for name, ms in exp.timings.phases_ms().items())
     facts.append(
         (
             "cost",
-            f"{exp.vjp_count} vector-Jacobian products; {exp.timings.total_ms:.0f} ms"
-            + (f" ({phases})" if phases else ""),
+            f"{exp.vjp_count} vector-Jacobian and {exp.jvp_count} Jacobian-vector products; "
+            f"{exp.timings.total_ms:.0f} ms" + (f" ({phases})" if phases else ""),
         )
     )
     return tuple(facts)

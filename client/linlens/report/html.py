@@ -23,7 +23,10 @@ from linlens.report.content import (
     Report,
     Reportable,
     build,
+    certificate_text,
     explained_rank,
+    spectrum_extent,
+    stable_rank_text,
     token_label,
 )
 
@@ -152,19 +155,19 @@ def _chips(scores: Sequence[TokenScore], what: str, highlight: int | None = None
 def _spectrum(spectrum: PositionSpectrum) -> str:
     shares = ", ".join(f"{s:.3f}" for s in spectrum.captured_share)
     caption = (
-        f"J_{spectrum.position} of {token_label(spectrum.token_text)} (position {spectrum.position}): stable rank "
-        f"{spectrum.stable_rank:.2f}; share of its term J_i x_i kept at rank 1..{len(spectrum.captured_share)}: "
-        f"{shares}; ‖J_i x_i‖ = {spectrum.term_norm:.3g}"
+        f"J_{spectrum.position} of {token_label(spectrum.token_text)} (position {spectrum.position}), "
+        f"{spectrum_extent(spectrum)}: stable rank {stable_rank_text(spectrum)}; share of its term J_i x_i kept at "
+        f"rank 1..{len(spectrum.captured_share)}: {shares}; ‖J_i x_i‖ = {spectrum.term_norm:.3g}"
     )
     chart = svg.spectrum_chart(spectrum.singular_values, len(spectrum.components), caption)
     rows = "".join(
         f"<tr><td>#{c.rank}</td><td>{c.value:.4g}</td><td>{_chips(c.left_tokens, 'logit')}</td>"
-        f"<td>{_chips(c.right_tokens, 'cosine')}</td></tr>"
+        f"<td>{_chips(c.right_tokens, 'cosine')}</td><td>{_e(certificate_text(c))}</td></tr>"
         for c in spectrum.components
     )
     table = (
         '<table class="vectors"><thead><tr><th>rank</th><th>σ</th><th>left: output side (through the LM head)</th>'
-        f"<th>right: input side (nearest embeddings)</th></tr></thead><tbody>{rows}</tbody></table>"
+        f"<th>right: input side (nearest embeddings)</th><th>certificate</th></tr></thead><tbody>{rows}</tbody></table>"
         if spectrum.components
         else ""
     )

@@ -44,8 +44,10 @@ from linlens.report.content import (
     Report,
     Reportable,
     build,
+    certificate_text,
     emergence,
     explained_rank,
+    stable_rank_text,
     token_label,
 )
 from linlens.report.extra import require_viz
@@ -246,6 +248,8 @@ def _scores(scores: Sequence[TokenScore], chars: int) -> str:
 
 
 def _spectrum_axes(ax: Axes, singular_values: np.ndarray, marked: int, title: str) -> None:
+    from matplotlib.ticker import MaxNLocator
+
     values = np.asarray(singular_values, dtype=np.float64)
     index = np.arange(1, len(values) + 1)
     keep = np.isfinite(values) & (values > 0)
@@ -253,6 +257,7 @@ def _spectrum_axes(ax: Axes, singular_values: np.ndarray, marked: int, title: st
     top = values[:marked]
     ax.semilogy(index[:marked][top > 0], top[top > 0], "o", color=unit(ACCENT_RGB), markersize=4)
     ax.set_xlabel("index (1 = largest)", fontsize=8)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # a matrix-free spectrum has a few values only
     ax.set_ylabel("singular value", fontsize=8)
     ax.tick_params(labelsize=7)
     ax.set_title(title, fontsize=8.5, parse_math=False)
@@ -271,7 +276,7 @@ def spectrum_block(spectrum: PositionSpectrum) -> Block:
             ax,
             spectrum.singular_values,
             len(spectrum.components),
-            f"J_{spectrum.position} of {token_label(spectrum.token_text)}: stable rank {spectrum.stable_rank:.2f}",
+            f"J_{spectrum.position} of {token_label(spectrum.token_text)}: stable rank {stable_rank_text(spectrum)}",
         )
         text_left = LEFT_IN + chart_w + 0.35
         text_w = WIDTH_IN - text_left - RIGHT_IN
@@ -281,7 +286,14 @@ def spectrum_block(spectrum: PositionSpectrum) -> Block:
         canvas.text(0, 0.3, f"share of its term kept at rank 1..k: {shares}", fontsize=8.5, va="top", parse_math=False)
         y = 0.55
         for component in spectrum.components:
-            canvas.text(0, y, f"#{component.rank}  σ = {component.value:.4g}", fontsize=8.5, weight="bold", va="top")
+            canvas.text(
+                0,
+                y,
+                f"#{component.rank}  σ = {component.value:.4g}  ({certificate_text(component)})",
+                fontsize=8.5,
+                weight="bold",
+                va="top",
+            )
             canvas.text(
                 0.1,
                 y + 0.175,
@@ -530,7 +542,9 @@ def spectra_figure(exp: Explanation, title: str) -> Figure:
                 values[keep],
                 color=colour,
                 linewidth=1.2,
-                label=f"{spectrum.position} {token_label(spectrum.token_text)}: stable rank {spectrum.stable_rank:.2f}",
+                label=(
+                    f"{spectrum.position} {token_label(spectrum.token_text)}: stable rank {stable_rank_text(spectrum)}"
+                ),
             )
         ax.set_xlabel("index (1 = largest)", fontsize=9)
         ax.set_ylabel("singular value of J_i", fontsize=9)

@@ -150,15 +150,18 @@ class ModelContext:
 
     def vjp_chunk(self, n_tokens: int, dtype: torch.dtype) -> int:
         """VJPs per batched backward that keep one batch within the memory budget."""
-        return jac.vjp_chunk_size(
-            n_tokens=n_tokens,
-            hidden=self.hidden_size,
-            intermediate=self._intermediate,
-            layers=self.num_layers,
-            heads=self._heads,
-            itemsize=torch.empty((), dtype=dtype).element_size(),
-            budget=self.vjp_memory_bytes,
-        )
+        return jac.vjp_chunk_size(**self._geometry(n_tokens, dtype), budget=self.vjp_memory_bytes)
+
+    def _geometry(self, n_tokens: int, dtype: torch.dtype) -> dict[str, int]:
+        """What the memory arithmetic of jacobian.py needs to know of this model and input."""
+        return {
+            "n_tokens": n_tokens,
+            "hidden": self.hidden_size,
+            "intermediate": self._intermediate,
+            "layers": self.num_layers,
+            "heads": self._heads,
+            "itemsize": torch.empty((), dtype=dtype).element_size(),
+        }
 
     def memory_estimate(
         self,
@@ -175,7 +178,8 @@ class ModelContext:
         analyze_layers hold them."""
         dtype = DTYPES[options.precision]
         chunk = options.vjp_chunk_size or self.vjp_chunk(n_tokens, dtype)
-        graphs, jacobians = 1, 0
+        # The forward graph and the double-backward graph of the reconstruction's JVP (kept by a matrix-free solve).
+        graphs, jacobians = 2, 0
         batch = 1 + len(options.targets)  # the attributions: one cotangent per target
         if method is ExplainMethod.FULL:
             batch = max(batch, chunk)
@@ -185,7 +189,6 @@ class ModelContext:
             if options.include_jacobians:
                 jacobians += 2  # the returned array and its wire encoding
         elif method is ExplainMethod.MATRIX_FREE:
-            graphs += 1  # the double-backward graph of the JVPs
             batch = max(batch, min(chunk, krylov_batch))
         if options.ordinary_contrast:
             graphs += 1
@@ -200,12 +203,7 @@ class ModelContext:
                 graphs += 1  # a layer map's double-backward graph
                 batch = max(batch, min(chunk, krylov_batch))
         return jac.explanation_memory(
-            n_tokens=n_tokens,
-            hidden=self.hidden_size,
-            intermediate=self._intermediate,
-            layers=self.num_layers,
-            heads=self._heads,
-            itemsize=torch.empty((), dtype=dtype).element_size(),
+            **self._geometry(n_tokens, dtype),
             graphs=graphs,
             batch_vjps=batch,
             jacobians=jacobians,

@@ -22,6 +22,7 @@ start block (Hutchinson: E ||A w||^2 = ||A||_F^2 for a standard Gaussian w) with
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -168,17 +169,18 @@ def top_singular_triplets(
         full = all(sum(q.shape[1] for q in bases[p]) >= min(n_in, n_out) for p in range(P))
         previous = values
         if settled or full or iterations >= max_iterations:
-            frobenius, frobenius_error = _frobenius(bases, rows, apply, generator, block, maps)
-            triplets = _certify(ritz, k, apply, apply_transposed, frobenius, frobenius_error)
+            triplets = _certify(ritz, k, apply, apply_transposed)
             worst = max(float(t.residual_left.max()) for t in triplets)
             if worst <= target or full or iterations >= max_iterations:
+                # ||A||_F only for the answer returned: b more JVPs, not spent on checks that fail
+                triplets = _with_frobenius(triplets, *_frobenius(bases, rows, apply, generator, block, maps))
                 break
         iterations += 1
         grown = apply(transposed)  # (P, width, out): A (A^T Q_j)
         newest = [_orthonormal(grown[p, : bases[p][-1].shape[1]].T, bases[p], tiny) for p in range(P)]
         if all(q.shape[1] == 0 for q in newest):  # an invariant subspace: the answer is exact already
-            frobenius, frobenius_error = _frobenius(bases, rows, apply, generator, block, maps)
-            triplets = _certify(ritz, k, apply, apply_transposed, frobenius, frobenius_error)
+            triplets = _certify(ritz, k, apply, apply_transposed)
+            triplets = _with_frobenius(triplets, *_frobenius(bases, rows, apply, generator, block, maps))
             break
     return triplets, Report(iterations=iterations, jvps=jvps, vjps=vjps)
 
@@ -247,8 +249,6 @@ def _certify(
     k: int,
     apply: Products,
     apply_transposed: Products,
-    frobenius: torch.Tensor,
-    frobenius_error: torch.Tensor,
 ) -> list[Triplets]:
     """Residual certificates from fresh products: k JVPs and k VJPs per map."""
     left = torch.stack([r[0] for r in ritz])  # (P, out, k)
@@ -266,10 +266,17 @@ def _certify(
             right=right[p],
             residual_left=residual_left[p],
             residual_right=residual_right[p],
-            frobenius_sq=float(frobenius[p]),
-            frobenius_sq_error=float(frobenius_error[p]),
+            frobenius_sq=math.nan,  # set by _with_frobenius for the answer returned
+            frobenius_sq_error=math.nan,
         )
         for p in range(len(ritz))
+    ]
+
+
+def _with_frobenius(triplets: list[Triplets], estimate: torch.Tensor, error: torch.Tensor) -> list[Triplets]:
+    return [
+        dataclasses.replace(t, frobenius_sq=float(estimate[p]), frobenius_sq_error=float(error[p]))
+        for p, t in enumerate(triplets)
     ]
 
 

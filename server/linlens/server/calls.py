@@ -28,6 +28,7 @@ from typing import Any
 
 import grpc
 
+from linlens.contract.retry_hint import NO_RETRY_KEY, NO_RETRY_VALUE
 from linlens.server.logs import log_request
 from linlens.server.metrics import Metrics
 from linlens.server.status import SHUTTING_DOWN, RpcFailure, failure_for, invalid
@@ -151,6 +152,7 @@ def guarded_deserializer(deserialize: Callable[[bytes], Any], max_bytes: int) ->
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     f"the request is {len(data)} bytes, above this server's limit of {max_bytes} "
                     "(max_request_bytes); send a shorter input",
+                    final=True,
                 )
             )
         try:
@@ -161,6 +163,13 @@ def guarded_deserializer(deserialize: Callable[[bytes], Any], max_bytes: int) ->
             )
 
     return guarded
+
+
+def _abort(context: grpc.ServicerContext, failure: RpcFailure) -> None:
+    """End the call with ``failure``'s status; a final one says in trailing metadata that retrying cannot help."""
+    if failure.final:
+        context.set_trailing_metadata(((NO_RETRY_KEY, NO_RETRY_VALUE),))
+    context.abort(failure.code, failure.message)
 
 
 class CallInterceptor(grpc.ServerInterceptor):
@@ -216,7 +225,7 @@ class CallInterceptor(grpc.ServerInterceptor):
             finally:
                 _CURRENT.reset(current)
                 self._finish(record, failure)
-            context.abort(failure.code, failure.message)
+            _abort(context, failure)
 
         return handle
 
@@ -252,7 +261,7 @@ class CallInterceptor(grpc.ServerInterceptor):
                     responses.close()  # lets the servicer withdraw its job
                 self._finish(record, failure)
             if failure is not None:
-                context.abort(failure.code, failure.message)
+                _abort(context, failure)
 
         return handle
 

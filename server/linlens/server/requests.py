@@ -229,6 +229,7 @@ def _fit_memory(
         f"this server's limit of {config.max_explanation_memory_mb} MiB (max_explanation_memory_mb); use a "
         f"shorter input, {field}.method MATRIX_FREE, {field}.top_k 0 (attributions only), positions LAST, no "
         f"include_jacobians{chunk}",
+        final=True,
     )
 
 

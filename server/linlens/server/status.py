@@ -23,10 +23,13 @@ _log = logging.getLogger(__name__)
 class RpcFailure(Exception):
     """A request fails with this gRPC status and message (always phrased so that the caller knows what to do)."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, *, final: bool = False) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        #: Repeating the same request cannot succeed on this server (a RESOURCE_EXHAUSTED about the request itself,
+        #: not about the moment): sent as trailing metadata (linlens.contract.retry_hint) so clients do not retry.
+        self.final = final
 
 
 def invalid(message: str) -> RpcFailure:
