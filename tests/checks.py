@@ -10,8 +10,10 @@ here recomputes its number from something the engine did not use to produce it:
 - attributions: against w . J_i x_i from the returned Jacobians, and against a central difference of the frozen
   system along x_i, a forward-only computation (exact for an affine map, so the tolerance is rounding);
 - the layers x tokens matrix: each block's row from central differences of that block's residual term, captured in
-  forward passes of the frozen system, pushed through y / h_L (the final norm's frozen scale, read off as a ratio);
-  each block's constant from the frozen system at zero.
+  forward passes of the frozen system, pushed through the final norm module itself (replayed with its frozen
+  coefficient: the scale, and LayerNorm's mean subtraction); each block's constant from the frozen system at zero;
+- logits as the model's own forward pass makes them: the LM head times the scalar it multiplies logits by, measured
+  from the model's logits (:func:`logit_head`).
 
 Every check raises AssertionError with what differed; ``tests/test_checks_have_teeth.py`` breaks the engine on purpose
 and asserts that each check notices.
@@ -19,8 +21,10 @@ and asserts that each check notices.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,6 +33,7 @@ from linlens.contract import ExplainOptions, Explanation, GateMode, Precision
 from linlens.engine.capture import Capture
 from linlens.engine.context import DTYPES, ModelContext
 from linlens.engine.forward import ExplanationPass
+from linlens.engine.freeze import replaying
 from linlens.models import LoadedModel
 
 
@@ -70,6 +75,32 @@ class Reference:
         """J_i x_i by a central difference of the frozen (affine) system: F(x + d) - F(x - d) = 2 J d."""
         d = self.direction(position)
         return (self.frozen(self.x + d) - self.frozen(self.x - d)) / 2
+
+
+def _logit_multiplier(model: Any, ids: Sequence[int]) -> float:
+    """logits / (W y) of ``model``'s own forward pass (soft-capping undone), by least squares over the vocabulary."""
+    head = model.get_output_embeddings().weight.detach()
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([list(ids)]), use_cache=False).logits[0, -1].double()
+        y = model.base_model(input_ids=torch.tensor([list(ids)]), use_cache=False).last_hidden_state[0, -1]
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.atanh(logits / cap) * cap
+    plain = (head @ y).double()
+    return float(logits @ plain / (plain @ plain))
+
+
+def logit_head(model: LoadedModel, ids: Sequence[int]) -> torch.Tensor:
+    """The map from y to logits as the model's own forward pass applies it, float64: the LM head times the scalar
+    the model multiplies its logits by (Granite's 1 / logits_scaling, Cohere's logit_scale), measured from the
+    model's logits (soft-capping undone) rather than read from the engine's family table. A float32 measurement is
+    good to ~1e-7: one that is 1 to that precision is 1; any other is measured again on a float64 copy."""
+    head = model.model.get_output_embeddings().weight.detach().double()
+    multiplier = _logit_multiplier(model.model, ids)
+    if abs(multiplier - 1.0) <= 1e-5:
+        return head
+    return head * _logit_multiplier(copy.deepcopy(model.model).double(), ids)
+    return head * multiplier
 
 
 def model_output(model: LoadedModel, ids: Sequence[int]) -> np.ndarray:
@@ -118,7 +149,7 @@ def check_constant(reference: Reference, exp: Explanation, limit: float) -> floa
 def check_attributions(reference: Reference, exp: Explanation, limit: float) -> float:
     """Every attribution's per-token values against w . J_i x_i by central differences (and against the returned
     Jacobians when there are some). Returns the largest error relative to the largest |a_i|."""
-    head = reference.model.model.get_output_embeddings().weight.detach().double()
+    head = logit_head(reference.model, reference.ids)
     terms = torch.stack([reference.term(i).double() for i in range(len(exp.input_ids))])  # (n, d)
     worst = 0.0
     for attribution in exp.attributions:
@@ -146,14 +177,24 @@ def check_layer_matrix(reference: Reference, exp: Explanation, limit: float) -> 
     of the frozen system. Returns the largest error relative to the largest entry."""
     matrix = exp.layer_attributions
     assert matrix is not None, "ask for a layer analysis to check the matrix"
-    head = reference.model.model.get_output_embeddings().weight.detach().double()
-    w = head[matrix.explained.token_id]
+    w = logit_head(reference.model, reference.ids)[matrix.explained.token_id]
     base = Capture()
-    y = reference.frozen(reference.x, base).double()
+    reference.frozen(reference.x, base)
     count = len(base.layer_outputs)
-    g = y / base.layer_outputs[count - 1][0, -1].double()  # y = g * h_L: the final norm's frozen scale
-    seed = g * w
     n = len(exp.input_ids)
+
+    def logit_share(term: torch.Tensor) -> float:
+        """w . L(term), L the linear part of the frozen final norm at the last position: the norm module of the
+        reference's twin replayed with the coefficient its pass froze, at the term and at zero."""
+        norm = getattr(reference.pass_.twin.base_model, reference.context.family.final_norm)
+        placed = torch.zeros((1, n, term.shape[-1]), dtype=reference.dtype)
+        placed[0, -1] = term.to(reference.dtype)
+        outputs = []
+        for value in (placed, torch.zeros_like(placed)):
+            with replaying(reference.pass_.tape), torch.no_grad():
+                outputs.append(norm(value)[0, -1].double())
+        return float((outputs[0] - outputs[1]) @ w)
+
     rows = {"attention": np.zeros((count, n)), "mlp": np.zeros((count, n))}
     for i in range(n):
         plus, minus = Capture(), Capture()
@@ -163,9 +204,9 @@ def check_layer_matrix(reference: Reference, exp: Explanation, limit: float) -> 
         for kind, table in rows.items():
             for layer in range(count):
                 term = (getattr(plus, kind)[layer][0, -1] - getattr(minus, kind)[layer][0, -1]).double() / 2
-                table[layer, i] = float(term @ seed)
+                table[layer, i] = logit_share(term)
     zero = Capture()
-    reference.frozen(torch.zeros_like(reference.x), zero)
+    at_zero = reference.frozen(torch.zeros_like(reference.x), zero).double()
     scale = max(float(np.abs(rows["attention"]).max()), float(np.abs(rows["mlp"]).max()), 1e-300)
     worst = 0.0
     for kind, expected in rows.items():
@@ -177,12 +218,26 @@ def check_layer_matrix(reference: Reference, exp: Explanation, limit: float) -> 
         worst = max(worst, error)
         for result in exp.layers:
             block = getattr(result, kind)
-            constant = float(getattr(zero, kind)[result.layer][0, -1].double() @ seed)
+            constant = logit_share(getattr(zero, kind)[result.layer][0, -1].double())
             error_c = abs(block.constant - constant) / max(abs(block.logit), scale)
             assert error_c <= limit, f"layer {result.layer} {kind} constant differs from the frozen system at zero"
             total = float(np.asarray(block.per_token, np.float64).sum()) + constant
             error_t = abs(block.logit - total) / max(abs(block.logit), scale)
             assert error_t <= limit, f"layer {result.layer} {kind}: its logit is not its tokens plus its constant"
+    # The direct path and the constant outside the blocks, against the frozen system: the logit's linear part
+    # w . (F(x) - F(0)) is the direct path plus every row; its constant w . F(0) is every block's constant plus the
+    # matrix's own (positions on the direct path, the final norm's bias).
+    linear = float((reference.frozen(reference.x).double() - at_zero) @ w)
+    split = float(np.sum(matrix.direct, dtype=np.float64) + np.sum(matrix.attention) + np.sum(matrix.mlp))
+    error_l = abs(split - linear) / max(abs(linear), scale)
+    assert error_l <= limit, (
+        f"the layers x tokens matrix: its direct path and rows miss the logit's linear part by {error_l:.2e}"
+    )
+    blocks = sum(logit_share(getattr(zero, kind)[layer][0, -1].double()) for kind in rows for layer in range(count))
+    error_k = abs(matrix.constant - (float(at_zero @ w) - blocks)) / max(abs(linear), scale)
+    assert error_k <= limit, (
+        f"the layers x tokens matrix: its constant differs from the frozen system at zero by {error_k:.2e}"
+    )
     return worst
 
 

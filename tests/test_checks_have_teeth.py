@@ -9,6 +9,7 @@ checks is what tests/test_engine_families.py and tests/test_engine_layers.py sho
 from __future__ import annotations
 
 import dataclasses
+import types
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +22,12 @@ from tiny_models import sample_ids, save_tiny_model
 from linlens.contract import AttributionTarget, ExplainOptions, GateMode, LayerAnalysisOptions, Precision
 from linlens.engine.context import DTYPES, ModelContext
 from linlens.engine.explanation import explain_output
+from linlens.engine.families import SUPPORTED_ARCHITECTURES, UnsupportedArchitectureError
 from linlens.engine.forward import ExplanationPass
+from linlens.engine.freeze import frozen
 from linlens.engine.layers import analyze_layers
-from linlens.engine.linearize import LinearizedRMSNorm, build_twin
+from linlens.engine.linear_modules import LinearizedLayerNorm, LinearizedMLP, LinearizedMoE, LinearizedRMSNorm
+from linlens.engine.linearize import build_twin
 from linlens.models import LoadedModel, load_model
 
 EXACT = 1e-14
@@ -50,14 +54,30 @@ class BrokenContext(ModelContext):
         for module in twin.modules():
             if self.breakage == "softmax left live" and hasattr(module, "linlens_detach"):
                 module.linlens_detach = False
-            if self.breakage == "norm scale left live" and isinstance(module, LinearizedRMSNorm):
+            if self.breakage == "norm scale left live" and isinstance(module, (LinearizedRMSNorm, LinearizedLayerNorm)):
                 module.detach = False
+            if self.breakage == "activation left live" and isinstance(module, LinearizedMLP):
+                module.detach = False
+            if self.breakage == "router left live" and isinstance(module, LinearizedMoE):
+                module.detach = False
+            if self.breakage == "layer norm mean frozen" and isinstance(module, LinearizedLayerNorm):
+                module.forward = types.MethodType(_layer_norm_with_its_mean_frozen, module)
         return twin
 
 
-def broken_explanation(model: LoadedModel, breakage: str) -> Any:
-    """What an engine broken this way returns for the sample input, layer analysis included."""
-    explanation_pass = ExplanationPass(BrokenContext(model, breakage), sample_ids(), OPTIONS)
+def _layer_norm_with_its_mean_frozen(self: LinearizedLayerNorm, hidden_states: torch.Tensor) -> torch.Tensor:
+    """LayerNorm with its mean taken as a coefficient too: the same value and still affine, but a different map (the
+    mean subtraction is linear and must stay on the linear path)."""
+    h = hidden_states
+    mean = frozen(self, lambda: h.mean(-1, keepdim=True))
+    out = (h - mean) * frozen(self, lambda: self.coefficient(h)) * self.gain(h.dtype)
+    bias = self.bias_term(h.dtype)
+    return out + bias if bias is not None else out
+
+
+def broken_explanation(model: LoadedModel, breakage: str, context: ModelContext | None = None) -> Any:
+    """What an engine broken this way (or with this context) returns for the sample input, layer analysis included."""
+    explanation_pass = ExplanationPass(context or BrokenContext(model, breakage), sample_ids(), OPTIONS)
     explanation = explain_output(explanation_pass)
     assert OPTIONS.layers is not None
     events = list(analyze_layers(explanation_pass, OPTIONS.layers))
@@ -67,7 +87,8 @@ def broken_explanation(model: LoadedModel, breakage: str) -> Any:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, LoadedModel]:
     root: Path = tmp_path_factory.mktemp("teeth")
-    return {family: load_model(str(save_tiny_model(family, root / family))) for family in ("llama-bias", "gemma3")}
+    families = ("llama-bias", "gemma3", "gpt2", "mixtral", "granite")
+    return {family: load_model(str(save_tiny_model(family, root / family))) for family in families}
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +106,19 @@ def sound(models: dict[str, LoadedModel]) -> dict[str, Any]:
     return out
 
 
-@pytest.mark.parametrize("family", ["llama-bias", "gemma3"])
-@pytest.mark.parametrize("breakage", ["nothing frozen", "softmax left live", "norm scale left live"])
+@pytest.mark.parametrize(
+    ("family", "breakage"),
+    [
+        *[
+            (f, b)
+            for f in ("llama-bias", "gemma3")
+            for b in ("nothing frozen", "softmax left live", "norm scale left live")
+        ],
+        ("gpt2", "norm scale left live"),  # LayerNorm's 1/std
+        ("gpt2", "activation left live"),  # a non-gated MLP's s(h)
+        ("mixtral", "router left live"),  # a mixture of experts' routing weights
+    ],
+)
 def test_a_twin_that_is_not_linear_is_caught(models: dict[str, LoadedModel], family: str, breakage: str) -> None:
     model = models[family]
     broken = broken_explanation(model, breakage)
@@ -155,3 +187,77 @@ def test_the_reference_is_the_frozen_system_itself(models: dict[str, LoadedModel
     lhs = reference.frozen(a + b) - c
     rhs = (reference.frozen(a) - c) + (reference.frozen(b) - c)
     assert float((lhs - rhs).norm() / y.norm()) < 1e-14
+
+
+def test_a_dropped_outside_constant_is_caught(models: dict[str, LoadedModel], sound: dict[str, Any]) -> None:
+    """GPT-2's position embeddings and final-norm bias reach the logit outside every block: the matrix's constant."""
+    explanation = sound["gpt2"]
+    matrix = explanation.layer_attributions
+    assert matrix is not None and abs(matrix.constant) > 1e-3
+    dropped = dataclasses.replace(explanation, layer_attributions=dataclasses.replace(matrix, constant=0.0))
+    with pytest.raises(AssertionError, match="its constant differs from the frozen system at zero"):
+        checks.check_layer_matrix(checks.Reference.of(models["gpt2"], dropped), dropped, 3 * EXACT)
+
+
+def test_a_layer_norm_read_without_its_mean_subtraction_is_caught(
+    models: dict[str, LoadedModel], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The layer analysis must push terms through LayerNorm's mean subtraction, not only its scale."""
+    model = models["gpt2"]
+    reference = checks.Reference(model, sample_ids())  # built before the breakage: the checks' own norm is sound
+    monkeypatch.setattr(LinearizedLayerNorm, "centred", False)  # read by the layer analysis's frozen final norm
+    explanation = model.explainer.explain(sample_ids(), OPTIONS)
+    with pytest.raises(AssertionError, match="layers x tokens matrix"):
+        checks.check_layer_matrix(reference, explanation, 3 * EXACT)
+
+
+def test_a_layer_norm_with_its_mean_frozen_is_caught(models: dict[str, LoadedModel]) -> None:
+    """Freezing LayerNorm's mean as well keeps y and keeps the system affine (y = J x + c still holds, c absorbing
+    the frozen mean), so the reconstruction cannot see it; c at zero and the attributions against the sound frozen
+    system do."""
+    model = models["gpt2"]
+    broken = broken_explanation(model, "layer norm mean frozen")
+    reference = checks.Reference.of(model, broken)
+    checks.check_exactness(reference, broken, EXACT)  # passes: the broken map is affine and exact about itself
+    with pytest.raises(AssertionError, match="differs from the frozen system at zero"):
+        checks.check_constant(reference, broken, EXACT)
+    with pytest.raises(AssertionError, match="central differences"):
+        checks.check_attributions(reference, broken, 5 * EXACT)
+
+
+def test_a_dropped_logit_multiplier_is_caught(models: dict[str, LoadedModel], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Granite divides its logits by logits_scaling. An engine that forgets it is refused when its context is built;
+    with that guard switched off too, the attributions and the layer matrix (against the logits the model itself
+    computes) catch it."""
+    model = models["granite"]
+    family = SUPPORTED_ARCHITECTURES["GraniteForCausalLM"]
+    monkeypatch.setitem(
+        SUPPORTED_ARCHITECTURES, "GraniteForCausalLM", dataclasses.replace(family, logit_multiplier=lambda _: 1.0)
+    )
+    with pytest.raises(UnsupportedArchitectureError, match="logits are not the LM head"):
+        ModelContext(model.model, model.tokenizer)
+    monkeypatch.setattr(ModelContext, "_check_logits", lambda self: None)
+    broken = broken_explanation(model, "logit multiplier dropped", ModelContext(model.model, model.tokenizer))
+    monkeypatch.undo()  # the checks' reference is the sound engine
+    reference = checks.Reference.of(model, broken)
+    with pytest.raises(AssertionError, match="central differences"):
+        checks.check_attributions(reference, broken, 5 * EXACT)
+    with pytest.raises(AssertionError, match="layers x tokens matrix"):
+        checks.check_layer_matrix(reference, broken, 3 * EXACT)
+
+
+def test_a_dropped_residual_multiplier_is_caught(
+    models: dict[str, LoadedModel], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Granite scales each block's output by residual_multiplier before it joins the residual stream. Block terms
+    read without it no longer add up to the logit's linear part (the checks' own capture is broken the same way:
+    the sum against the frozen system at x and at zero is what catches it)."""
+    model = models["granite"]
+    family = SUPPORTED_ARCHITECTURES["GraniteForCausalLM"]
+    monkeypatch.setitem(
+        SUPPORTED_ARCHITECTURES, "GraniteForCausalLM", dataclasses.replace(family, residual_multiplier=None)
+    )
+    context = ModelContext(model.model, model.tokenizer)
+    broken = broken_explanation(model, "residual multiplier dropped", context)
+    with pytest.raises(AssertionError, match="layers x tokens matrix"):
+        checks.check_layer_matrix(checks.Reference.of(model, broken), broken, 3 * EXACT)

@@ -250,7 +250,8 @@ class LayerAttributions:
     """The layers x tokens attribution matrix of the explained logit, for explained step ``step``.
 
     ``per_layer[l, i]`` (= ``attention[l, i] + mlp[l, i]``) is the exact contribution of input token i through layer
-    l to the logit; ``per_layer.sum() + direct.sum()`` plus any bias constants equals ``logit``.
+    l to the logit; ``per_layer.sum() + direct.sum()`` plus the bias constants (each block's ``constant`` and this
+    ``constant``) equals ``logit``.
     """
 
     explained: PredictedToken
@@ -267,9 +268,14 @@ class LayerAttributions:
     logit: float
     #: |direct.sum() + attention_logits.sum() + mlp_logits.sum() - w . y| / |w . y|, y from the detached pass.
     completeness_error: float
-    #: ||g * (x_last + sum of all block terms) - y|| / ||y||: the residual decomposition of y is exact.
+    #: ||final norm(h_0 + sum of all block terms) - y|| / ||y|| (h_0 what enters the first layer, the final norm
+    #: frozen): the residual decomposition of y is exact.
     decomposition_error: float
     step: int = 0
+    #: The part of the logit outside every block that is constant: learned position embeddings on the direct path
+    #: and the final norm's bias (GPT-2, GPT-NeoX); 0 for the other families. direct.sum() + constant +
+    #: attention_logits.sum() + mlp_logits.sum() is the logit.
+    constant: float = 0.0
 
 
 @dataclass(frozen=True, eq=False)

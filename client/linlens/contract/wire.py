@@ -547,6 +547,7 @@ def layer_attributions_to_proto(a: LayerAttributions) -> pb.LayerAttributions:
         logit=a.logit,
         completeness_error=a.completeness_error,
         decomposition_error=a.decomposition_error,
+        constant=a.constant,
     )
 
 
@@ -564,6 +565,7 @@ def layer_attributions_from_proto(message: pb.LayerAttributions) -> LayerAttribu
         logit=message.logit,
         completeness_error=message.completeness_error,
         decomposition_error=message.decomposition_error,
+        constant=message.constant,
     )
 
 

@@ -1508,14 +1508,23 @@ class LayerAttributions(_message.Message):
     LOGIT_FIELD_NUMBER: _builtins.int
     COMPLETENESS_ERROR_FIELD_NUMBER: _builtins.int
     DECOMPOSITION_ERROR_FIELD_NUMBER: _builtins.int
+    CONSTANT_FIELD_NUMBER: _builtins.int
     step: _builtins.int
     """The explained step this belongs to (0 = first generated token; always 0 for Explain)."""
     logit: _builtins.float
     """The explained logit w . y from the model's own forward pass."""
     completeness_error: _builtins.float
-    """|direct + attention_logits + mlp_logits summed - w . y| / |w . y|, y from the detached pass."""
+    """|direct + constant + attention_logits + mlp_logits summed - w . y| / |w . y|, y from the detached pass."""
     decomposition_error: _builtins.float
-    """||g * (x_last + sum of all block terms) - y|| / ||y||: the residual stream's decomposition of y is exact."""
+    """||g * (x_last + sum of all block terms) - y|| / ||y||: the residual stream's decomposition of y is exact. (With
+    LayerNorm, g * (.) is the final norm's frozen affine map, and x_last includes what the model adds to it before
+    the first layer.)
+    """
+    constant: _builtins.float
+    """The part of the logit outside every block that is a constant: learned position embeddings on the direct path
+    and the final norm's bias (GPT-2, GPT-NeoX); 0 for families without them. direct, constant and the blocks' logits
+    sum to the logit.
+    """
     @_builtins.property
     def explained(self) -> Global___PredictedToken:
         """The token whose logit is split."""
@@ -1563,10 +1572,11 @@ class LayerAttributions(_message.Message):
         logit: _builtins.float = ...,
         completeness_error: _builtins.float = ...,
         decomposition_error: _builtins.float = ...,
+        constant: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["attention", b"attention", "attention_logits", b"attention_logits", "direct", b"direct", "explained", b"explained", "mlp", b"mlp", "mlp_logits", b"mlp_logits", "per_layer", b"per_layer"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attention", b"attention", "attention_logits", b"attention_logits", "completeness_error", b"completeness_error", "decomposition_error", b"decomposition_error", "direct", b"direct", "explained", b"explained", "input_tokens", b"input_tokens", "logit", b"logit", "mlp", b"mlp", "mlp_logits", b"mlp_logits", "per_layer", b"per_layer", "step", b"step"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attention", b"attention", "attention_logits", b"attention_logits", "completeness_error", b"completeness_error", "constant", b"constant", "decomposition_error", b"decomposition_error", "direct", b"direct", "explained", b"explained", "input_tokens", b"input_tokens", "logit", b"logit", "mlp", b"mlp", "mlp_logits", b"mlp_logits", "per_layer", b"per_layer", "step", b"step"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -48,33 +48,52 @@ def _tensor(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    layers = getattr(getattr(model, "base_model", model), "layers", None)
+def decoder_layers(model: nn.Module, family: Family) -> nn.ModuleList:
+    """The decoder layers of ``model`` (``base_model.layers``; GPT-2's ``base_model.h``)."""
+    layers = getattr(getattr(model, "base_model", model), family.layers, None)
     if not isinstance(layers, nn.ModuleList):
-        raise ValueError(f"{type(model).__name__} has no decoder layer list (base_model.layers)")
+        raise ValueError(f"{type(model).__name__} has no decoder layer list (base_model.{family.layers})")
     return layers
 
 
+def final_norm(model: nn.Module, family: Family) -> nn.Module:
+    """The norm between the last layer and the LM head (``base_model.norm``; GPT-2's ``ln_f``)."""
+    norm = getattr(getattr(model, "base_model", model), family.final_norm, None)
+    if not isinstance(norm, nn.Module):
+        raise ValueError(f"{type(model).__name__} has no final norm (base_model.{family.final_norm})")
+    return norm
+
+
 def install_capture_hooks(twin: nn.Module, family: Family) -> None:
-    """Hook every decoder layer of ``twin`` so that :func:`capturing` blocks can read its residual stream."""
-    for index, layer in enumerate(decoder_layers(twin)):
+    """Hook every decoder layer of ``twin`` so that :func:`capturing` blocks can read its residual stream.
+
+    Each block's term is what it adds to the residual stream: the output of ``family.attention_term`` /
+    ``family.mlp_term`` (times Granite's residual multiplier). Sequential and parallel blocks alike write
+    h_out = h_in + attention term + MLP term.
+    """
+    multiplier = 1.0
+    if family.residual_multiplier is not None:
+        multiplier = float(getattr(twin.config, family.residual_multiplier))
+    for index, layer in enumerate(decoder_layers(twin, family)):
 
         def on_input(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], index: int = index) -> None:
             capture = _ACTIVE.get()
             if capture is not None:
                 capture.layer_inputs[index] = args[0] if args else kwargs["hidden_states"]
 
-        def on_output(slot: str, index: int = index) -> Any:
+        def on_output(slot: str, scale: float = 1.0, index: int = index) -> Any:
             def hook(_: nn.Module, __: Any, output: Any) -> None:
                 capture = _ACTIVE.get()
                 if capture is not None:
-                    getattr(capture, slot)[index] = _tensor(output)
+                    tensor = _tensor(output)
+                    getattr(capture, slot)[index] = tensor * scale if scale != 1.0 else tensor
 
             return hook
 
         layer.register_forward_pre_hook(on_input, with_kwargs=True)
         layer.register_forward_hook(on_output("layer_outputs"))
-        attention_term = getattr(layer, "post_attention_layernorm" if family.post_norm_terms else "self_attn")
-        mlp_term = getattr(layer, "post_feedforward_layernorm" if family.post_norm_terms else "mlp")
-        attention_term.register_forward_hook(on_output("attention"))
-        mlp_term.register_forward_hook(on_output("mlp"))
+        for slot, name in (("attention", family.attention_term), ("mlp", family.mlp_term)):
+            term = getattr(layer, name, None)
+            if not isinstance(term, nn.Module):
+                raise ValueError(f"{type(layer).__name__} has no {name} module (the {slot} block's term)")
+            term.register_forward_hook(on_output(slot, multiplier))

@@ -21,7 +21,7 @@ from transformers import PreTrainedModel
 from linlens.contract import ExplainMethod, ExplainOptions, GateMode, PositionSelection, Precision, PredictedToken
 from linlens.engine import jacobian as jac
 from linlens.engine.decode import TokenDecoder
-from linlens.engine.families import Family, family_of
+from linlens.engine.families import Family, UnsupportedArchitectureError, family_of
 from linlens.engine.linearize import build_twin
 
 DTYPES = {Precision.FLOAT32: torch.float32, Precision.FLOAT64: torch.float64, Precision.BFLOAT16: torch.bfloat16}
@@ -55,16 +55,45 @@ class ModelContext:
         self._intermediate: int = getattr(config, "intermediate_size", 4 * self.hidden_size)
         self._heads: int = config.num_attention_heads
         self.softcap: float | None = getattr(config, "final_logit_softcapping", None)
-        self.has_bias = any(isinstance(m, nn.Linear) and m.bias is not None for m in model.base_model.modules())
+        #: logits = (W y) * logit_multiplier (Granite's 1 / logits_scaling, Cohere's logit_scale; else 1).
+        self.logit_multiplier = float(self.family.logit_multiplier(config))
+        #: Whether y = J x + c has a constant at all: bias terms anywhere, or learned position embeddings.
+        self.has_bias = self.family.learned_positions or any(
+            isinstance(getattr(m, "bias", None), nn.Parameter) for m in model.base_model.modules()
+        )
         output_embeddings = model.get_output_embeddings()
         if output_embeddings is None or getattr(output_embeddings, "bias", None) is not None:
             raise ValueError("the engine needs a bias-free LM head to map y to logits")
         input_embeddings = model.get_input_embeddings().weight
         assert isinstance(input_embeddings, torch.Tensor)
-        self.decoder = TokenDecoder(tokenizer, output_embeddings.weight, input_embeddings)
+        self.decoder = TokenDecoder(tokenizer, self.logit_head(output_embeddings.weight), input_embeddings)
+        self._check_logits()
         self._lock = threading.Lock()
         self._bases: dict[torch.dtype, PreTrainedModel] = {}
         self._twins: dict[tuple[torch.dtype, GateMode | None], PreTrainedModel] = {}
+
+    def logit_head(self, weight: torch.Tensor) -> torch.Tensor:
+        """The LM head as it maps y to logits: its weight times the family's logit multiplier (no copy when 1)."""
+        weight = weight.detach()
+        return weight * self.logit_multiplier if self.logit_multiplier != 1.0 else weight
+
+    def _check_logits(self) -> None:
+        """Refuse a model whose logits are not (W y) * multiplier (soft-capped where the config says so): the
+        explanation splits that logit, so an unknown scaling would make every attribution wrong."""
+        ids = torch.arange(1, 4, device=self.device).clamp_max(self.vocab_size - 1)
+        with torch.no_grad():
+            expected = self.model(input_ids=ids[None], use_cache=False).logits[0, -1].double()
+            y = self.model.base_model(input_ids=ids[None], use_cache=False).last_hidden_state[0, -1]
+            ours = (self.decoder.lm_head @ y).double()
+            if self.softcap is not None:
+                ours = torch.tanh(ours / self.softcap) * self.softcap
+        error = float((expected - ours).norm() / expected.norm().clamp_min(1e-30))
+        half = next(self.model.parameters()).dtype in (torch.float16, torch.bfloat16)
+        if not error <= (3e-2 if half else 1e-3):
+            raise UnsupportedArchitectureError(
+                f"{type(self.model).__name__}: its logits are not the LM head applied to the final hidden state "
+                f"(relative difference {error:.1e}); refusing to explain it"
+            )
 
     @property
     def device(self) -> torch.device:

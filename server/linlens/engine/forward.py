@@ -49,8 +49,11 @@ class ExplanationPass:
         self.twin = context.twin(options.precision, options.gate_mode)
         base = context.base(self.dtype)
         #: The LM head in the explanation's precision.
-        self.head: torch.Tensor = base.get_output_embeddings().weight.detach()
-        #: The input embeddings x (n, d), the leaf every Jacobian is taken with respect to.
+        self.head: torch.Tensor = context.logit_head(base.get_output_embeddings().weight)
+        #: The input embeddings x (n, d), the leaf every Jacobian is taken with respect to: the token embeddings as
+        #: the embedding module returns them (Gemma's sqrt(d) scaling included). What the model adds to them before
+        #: the first layer (GPT-2's learned position embeddings, Granite's embedding multiplier) is part of the
+        #: frozen system: position embeddings are a constant and join c.
         self.x: torch.Tensor = base.get_input_embeddings()(self.ids).detach().requires_grad_(True)
         #: Whether a layer analysis follows the whole-output explanation on the same graph.
         self.analyses_layers = options.layers is not None
@@ -65,7 +68,8 @@ class ExplanationPass:
                 0, -1
             ]
         #: c in y = sum_i J_i x_i + c (zeros for bias-free models) and, with a layer analysis, the constant of every
-        #: layer output and block term at the last position, keyed ("layer" | "attention" | "mlp", layer).
+        #: layer input, layer output and block term at the last position, keyed
+        #: ("input" | "layer" | "attention" | "mlp", layer).
         self.constant = torch.zeros_like(self.y.detach())
         self.block_constants: dict[tuple[str, int], torch.Tensor] = {}
         if context.has_bias:
@@ -108,7 +112,12 @@ class ExplanationPass:
         capture = Capture() if self.analyses_layers else None
         self.constant = self.frozen_output(torch.zeros_like(self.x), capture)
         if capture is not None:
-            recorded = (("layer", capture.layer_outputs), ("attention", capture.attention), ("mlp", capture.mlp))
+            recorded = (
+                ("input", capture.layer_inputs),
+                ("layer", capture.layer_outputs),
+                ("attention", capture.attention),
+                ("mlp", capture.mlp),
+            )
             for kind, tensors in recorded:
                 for layer, output in tensors.items():
                     self.block_constants[(kind, layer)] = output[0, -1].detach()

@@ -2,9 +2,12 @@
 
 Once every nonlinearity is frozen, each layer is an exact linear map too, and the residual stream decomposes exactly:
 
-    h_L = x_last + sum_l (attn_l + mlp_l)          y = g * h_L,   g = the final norm's frozen scale (1/rms * weight)
+    h_L = h_0 + sum_l (attn_l + mlp_l)          y = g * (C h_L) + b
 
-so each block's term, pushed through g and the LM-head row w of the explained token, is an exact share of the logit,
+(h_0 what enters the first layer at the last position: x_last, plus GPT-2's position embedding, times Granite's
+embedding multiplier; g the final norm's frozen scale, C its mean subtraction for LayerNorm, b its bias:
+:mod:`linlens.engine.final_norm`), for sequential and parallel blocks alike, so each block's term, pushed through the
+final norm's linear part and the LM-head row w of the explained token, is an exact share of the logit,
 and since each term is itself a linear function of the input embeddings, one more VJP splits it over input tokens.
 That is direct-logit attribution made exact and token-resolved: the whole layers x tokens matrix costs one batched
 VJP with one seed per block (2L seeds), never a Jacobian per layer.
@@ -42,8 +45,8 @@ from linlens.engine.explanation import (
     relative,
     singular_components,
 )
+from linlens.engine.final_norm import FrozenFinalNorm
 from linlens.engine.forward import ExplanationPass
-from linlens.engine.linearize import LinearizedRMSNorm
 from linlens.engine.matrix_free import BlockMaps, Cancelled, top_singular_triplets
 from linlens.engine.products import GraphProducts
 from linlens.engine.spectra import Spectrum, decompose
@@ -70,13 +73,9 @@ def analyze_layers(
     capture, x = p.capture, p.x
     if not capture.layer_outputs:
         raise ValueError("the explanation pass recorded no residual stream; build it with ExplainOptions.layers")
-    final_norm = p.twin.base_model.norm
-    if not isinstance(final_norm, LinearizedRMSNorm):
-        raise ValueError(f"{type(final_norm).__name__}: the final norm was not linearised")
-    h_final = capture.layer_outputs[count - 1][0, -1].detach()
-    scale = torch.rsqrt(h_final.pow(2).mean() + final_norm.eps) * (final_norm.offset + final_norm.weight.to(p.dtype))
+    norm = FrozenFinalNorm.of(p, capture.layer_outputs[count - 1][0, -1])
     w = p.head[p.prediction.explained.token_id]
-    seed = scale * w  # cotangent that turns a residual-stream term into its logit contribution
+    seed = norm.seed(w)  # cotangent that turns a residual-stream term into its logit contribution
 
     # The layers x tokens matrix: one batched VJP, one seed per attention / MLP block.
     terms = [capture.attention[layer][0, -1] for layer in range(count)] + [
@@ -89,18 +88,23 @@ def analyze_layers(
         (grads,) = torch.autograd.grad(stacked, x, grad_outputs=cotangents, is_grads_batched=True, retain_graph=True)
     per_token = (grads * x.detach()[None]).sum(dim=-1)  # (2L, n)
     block_logits = stacked.detach() @ seed  # exact shares of the logit, bias constants included
+    # The direct path: what enters the first layer at the last position (x_last; GPT-2 adds its position
+    # embedding, a constant; Granite multiplies by its embedding multiplier), then the final norm's bias.
+    entering = capture.layer_inputs[0][0, -1].detach()
+    entering_constant = p.block_constants.get(("input", 0), torch.zeros_like(entering))
     direct = torch.zeros(p.n, dtype=p.dtype, device=x.device)
-    direct[-1] = x.detach()[-1] @ seed
+    direct[-1] = (entering - entering_constant) @ seed
+    outside_constant = float(entering_constant @ seed + norm.bias @ w)
     y_detached = p.y.detach()
-    rebuilt = scale * (x.detach()[-1] + stacked.detach().sum(dim=0))
+    rebuilt = norm.apply(entering + stacked.detach().sum(dim=0))
     detached_logit = float(y_detached @ w)
-    total = float(direct.sum() + block_logits.sum())
+    total = float(direct.sum() + block_logits.sum()) + outside_constant
     y_energy = float(y_detached.double() @ y_detached.double())
 
     def contribution(
         index: int, layer: int, component: Literal["attention", "mlp"], spectrum: LinearMapSpectrum | None
     ) -> ComponentContribution:
-        written = scale * stacked[index].detach()
+        written = norm.linear(stacked[index].detach())
         return ComponentContribution(
             layer=layer,
             component=component,
@@ -124,6 +128,7 @@ def analyze_layers(
         logit=p.prediction.explained.logit,
         completeness_error=abs(total - detached_logit) / max(abs(detached_logit), 1e-30),
         decomposition_error=relative(rebuilt - y_detached, y_detached),
+        constant=outside_constant,
     )
 
     d = context.hidden_size
@@ -168,11 +173,11 @@ def analyze_layers(
                 shifted = out.detach() - offsets[("layer", layer)] if offsets else out.detach()
                 assert images is not None
                 up_to = _free_spectrum(
-                    p, out, x, images.layer_outputs[layer][0, -1], shifted, scale, options, k, "embeddings", counter
+                    p, out, x, images.layer_outputs[layer][0, -1], shifted, norm, options, k, "embeddings", counter
                 )
             if options.layer_alone:
                 target = out.detach()
-                alone = _free_spectrum(p, out, layer_input, None, target, scale, options, k, "logit-lens", counter)
+                alone = _free_spectrum(p, out, layer_input, None, target, norm, options, k, "logit-lens", counter)
                 if context.has_bias:  # the layer's own affine constant is not computed: no reconstruction claim
                     alone = dataclasses.replace(alone, reconstruction_error=float("nan"))
             if options.component_spectra:
@@ -181,7 +186,7 @@ def analyze_layers(
                     image = getattr(images, kind)[layer][0, -1]
                     linear_part = term.detach() - offsets[(kind, layer)] if offsets else term.detach()
                     spectra[slot] = _free_spectrum(
-                        p, term, x, image, linear_part, scale, options, k, "embeddings", counter
+                        p, term, x, image, linear_part, norm, options, k, "embeddings", counter
                     )
             done += counter.count
             products = counter.count
@@ -202,10 +207,10 @@ def analyze_layers(
                 target = out.detach()
                 if options.up_to_layer:
                     shifted = target - offsets[("layer", layer)] if offsets else target
-                    up_to = _full_spectrum(p, to_inputs, x.detach(), shifted, scale, options, "embeddings")
+                    up_to = _full_spectrum(p, to_inputs, x.detach(), shifted, norm, options, "embeddings")
                 if options.layer_alone:
                     z = layer_input.detach()[0]
-                    alone = _full_spectrum(p, to_layer_input[:, 0], z, target, scale, options, "logit-lens")
+                    alone = _full_spectrum(p, to_layer_input[:, 0], z, target, norm, options, "logit-lens")
                     if context.has_bias:  # the layer's own affine constant is not computed: no reconstruction claim
                         alone = dataclasses.replace(alone, reconstruction_error=float("nan"))
                 del to_inputs, to_layer_input
@@ -218,7 +223,7 @@ def analyze_layers(
                     done += d
                     products += d
                     linear_part = term.detach() - offsets[(kind, layer)] if offsets else term.detach()
-                    spectra[slot] = _full_spectrum(p, full, x.detach(), linear_part, scale, options, "embeddings")
+                    spectra[slot] = _full_spectrum(p, full, x.detach(), linear_part, norm, options, "embeddings")
                     del full
         seconds = time.perf_counter() - started
         yield LayerResult(
@@ -262,23 +267,23 @@ class _Counter:
 def _decode(
     p: ExplanationPass,
     spectrum: Spectrum,
-    scale: torch.Tensor,
+    norm: FrozenFinalNorm,
     options: LayerAnalysisOptions,
     right_reading: str,
     residuals: tuple[torch.Tensor, torch.Tensor],
 ) -> tuple[SingularComponent, ...]:
     """The top components decoded logit-lens style: left (and "logit-lens" right) vectors through the final norm's
-    frozen scale and the LM head; "embeddings" right vectors to the nearest input embeddings."""
+    frozen linear part and the LM head; "embeddings" right vectors to the nearest input embeddings."""
     decoder = p.context.decoder
     k = options.top_k
     if k == 0:
         return ()
-    left_tokens = decoder.output_tokens(scale[:, None] * spectrum.left[:, :k], options.tokens_per_vector)
+    left_tokens = decoder.output_tokens(norm.columns(spectrum.left[:, :k]), options.tokens_per_vector)
     right = spectrum.right[:, :k]
     if right_reading == "embeddings":
         right_tokens = decoder.input_tokens(right, options.tokens_per_vector)
     else:
-        right_tokens = decoder.output_tokens(scale[:, None] * right, options.tokens_per_vector)
+        right_tokens = decoder.output_tokens(norm.columns(right), options.tokens_per_vector)
     return singular_components(spectrum, k, left_tokens, right_tokens, residuals)
 
 
@@ -288,7 +293,7 @@ def _free_spectrum(
     inp: torch.Tensor,
     image: torch.Tensor | None,
     linear_part: torch.Tensor,
-    scale: torch.Tensor,
+    norm: FrozenFinalNorm,
     options: LayerAnalysisOptions,
     k: int,
     right_reading: str,
@@ -328,7 +333,7 @@ def _free_spectrum(
     spectrum = from_triplets(found, term[None], linear_part, k)
     error = found.frobenius_sq_error / max(float(found.values[0]) ** 2, 1e-300)
     return LinearMapSpectrum(
-        components=_decode(p, spectrum, scale, options, right_reading, (found.residual_left, found.residual_right)),
+        components=_decode(p, spectrum, norm, options, right_reading, (found.residual_left, found.residual_right)),
         singular_values=numpy(spectrum.values),
         captured_share=tuple(float(v) for v in spectrum.captured_share[: max(options.top_k, 1)]),
         stable_rank=spectrum.stable_rank,
@@ -344,7 +349,7 @@ def _full_spectrum(
     jacobian: torch.Tensor,
     inputs: torch.Tensor,
     out: torch.Tensor,
-    scale: torch.Tensor,
+    norm: FrozenFinalNorm,
     options: LayerAnalysisOptions,
     right_reading: str,
 ) -> LinearMapSpectrum:
@@ -355,7 +360,7 @@ def _full_spectrum(
     (spectrum,) = decompose(block[None], inputs[-1:], out, max(options.top_k, 1))
     k = spectrum.left.shape[-1]
     return LinearMapSpectrum(
-        components=_decode(p, spectrum, scale, options, right_reading, exact_residuals(block, spectrum, k)),
+        components=_decode(p, spectrum, norm, options, right_reading, exact_residuals(block, spectrum, k)),
         singular_values=numpy(spectrum.values),
         captured_share=tuple(float(v) for v in spectrum.captured_share[: max(options.top_k, 1)]),
         stable_rank=spectrum.stable_rank,

@@ -1,9 +1,10 @@
 """Build the detached ("locally linear") twin of a loaded causal LM.
 
 The method (arXiv 2505.24293): every nonlinearity in these decoders is a product of a linear path and an
-input-dependent coefficient — RMSNorm's 1/rms, a gated MLP's activated gate, attention's softmax weights. Detaching
-each coefficient from the gradient path changes no forward value, yet makes the Jacobian of the output embedding with
-respect to the input embeddings an exact linear system: y = sum_i J_i x_i (+ c when the model has bias terms).
+input-dependent coefficient — a norm's 1/rms or 1/std, an MLP's activated gate or s(h) in act(h) = h * s(h), a
+router's weights, attention's softmax weights. Detaching each coefficient from the gradient path changes no forward
+value, yet makes the Jacobian of the output embedding with respect to the input embeddings an exact linear system:
+y = sum_i J_i x_i (+ c when the model has bias terms or learned positions).
 
 How it is done here, without touching the served model or any library file:
 
@@ -11,19 +12,25 @@ How it is done here, without touching the served model or any library file:
   (its own config, its own submodule objects) that shares the served model's weights. The twin is built once per
   (precision, mode) and used only by explanation passes, so generation on the served model — in other threads, at the
   same time — never sees a modified module.
-* In the twin, each RMSNorm and each gated MLP is swapped for a module that computes the same value with the
-  coefficient detached, and attention is routed (through ``set_attn_implementation``, transformers' public API) to an
-  eager softmax attention registered under its own name, which detaches queries and keys. Registering a *new* name
-  in transformers' attention registries changes nothing for any model that does not select it.
-* Every swapped module is checked against the module it replaces on a probe input when the twin is built, and any
-  normalisation layer the engine does not recognise is refused: an unknown variant fails loudly instead of producing
-  a "linear explanation" that is not one.
+* In the twin, each norm, MLP and mixture of experts is swapped for a module of :mod:`linlens.engine.linear_modules`
+  that computes the same value with the coefficient frozen, and attention is routed (through
+  ``set_attn_implementation``, transformers' public API) to an eager softmax attention registered under its own name,
+  whose softmax weights are frozen. Queries and keys only feed those weights (rotary or partial rotary embeddings,
+  QK-norms, soft-capping, Granite's attention multiplier act on them alone), so every attention variant keeps its
+  values' linear path. Registering a *new* name in transformers' attention registries changes nothing for any model
+  that does not select it.
+* Every swapped module is checked against the module it replaces on a probe input when the twin is built, any
+  normalisation layer the engine does not recognise is refused, and the finished twin must be affine once its
+  coefficients are frozen (F(2x) - 2 F(x) + F(0) = 0 on a probe prompt): an unknown variant, or a module that computes
+  its own softmax instead of calling the attention interface, fails loudly instead of producing a "linear
+  explanation" that is not one.
 """
 
 from __future__ import annotations
 
 import copy
 import itertools
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -33,21 +40,22 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask
 from transformers.modeling_utils import AttentionInterface
 
 from linlens.contract import GateMode
-from linlens.engine.activations import coefficient_for
 from linlens.engine.capture import install_capture_hooks
 from linlens.engine.families import Family, UnsupportedArchitectureError, family_of
-from linlens.engine.freeze import frozen
+from linlens.engine.freeze import CoefficientTape, frozen, recording, replaying
+from linlens.engine.linear_modules import (
+    LinearizedGatedMLP,
+    LinearizedLayerNorm,
+    LinearizedMLP,
+    LinearizedMoE,
+    LinearizedRMSNorm,
+    compute_dtype,
+    is_moe_block,
+    non_gated_layout,
+)
 
 #: The attention implementation name under which the twin's attention is registered.
 ATTENTION_IMPLEMENTATION = "linlens_linear"
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Norms and softmax run in float32 for half types (as transformers does) and in the input type otherwise.
-
-    Unlike transformers' own norms, this never *lowers* precision: a float64 explanation stays float64 throughout.
-    """
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def _repeat_kv(states: torch.Tensor, groups: int) -> torch.Tensor:
@@ -74,13 +82,14 @@ def linear_attention(
     Queries and keys only feed the softmax weights (rotary embeddings, QK-norms and soft-capping act on them alone),
     so freezing the weights (:func:`~linlens.engine.freeze.frozen`: detached, and recorded or replayed on a
     coefficient tape) leaves the values their linear path. Forward-mode AD also works here, unlike CPU
-    scaled_dot_product_attention.
+    scaled_dot_product_attention. Modules without grouped-query attention (GPT-2, GPT-NeoX) have one group.
     """
     detach = bool(getattr(module, "linlens_detach", True))
-    v = _repeat_kv(value, module.num_key_value_groups)  # type: ignore[arg-type]
+    groups = int(getattr(module, "num_key_value_groups", 1))
+    v = _repeat_kv(value, groups)
 
     def softmax_weights() -> torch.Tensor:
-        k = _repeat_kv(key, module.num_key_value_groups)  # type: ignore[arg-type]
+        k = _repeat_kv(key, groups)
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         scores = torch.matmul(query, k.transpose(2, 3)) * scale
         if softcap is not None:
@@ -99,69 +108,8 @@ AttentionInterface.register(ATTENTION_IMPLEMENTATION, linear_attention)
 AttentionMaskInterface.register(ATTENTION_IMPLEMENTATION, eager_mask)
 
 
-class LinearizedRMSNorm(nn.Module):
-    """RMSNorm with its 1/rms scale frozen: y = x * stop_grad(1/rms(x)) * (offset + weight)."""
-
-    def __init__(self, weight: nn.Parameter, eps: float, offset: float, detach: bool) -> None:
-        super().__init__()
-        self.weight = weight
-        self.eps = eps
-        self.offset = offset
-        self.detach = detach
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        dtype = compute_dtype(hidden_states.dtype)
-        h = hidden_states.to(dtype)
-
-        def inverse_rms_of() -> torch.Tensor:
-            return torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-
-        inverse_rms = frozen(self, inverse_rms_of) if self.detach else inverse_rms_of()
-        scale = self.weight.to(dtype)
-        if self.offset:
-            scale = self.offset + scale
-        return (h * inverse_rms * scale).to(hidden_states.dtype)
-
-
-class LinearizedGatedMLP(nn.Module):
-    """down(act(gate(x)) * up(x)) with one factor frozen (see GateMode), or nothing frozen for the ordinary twin."""
-
-    def __init__(self, original: nn.Module, family: Family, activation: str, mode: GateMode | None) -> None:
-        super().__init__()
-        self.fused = family.fused_gate_up
-        if self.fused:
-            self.gate_up_proj = _submodule(original, "gate_up_proj")
-        else:
-            self.gate_proj = _submodule(original, "gate_proj")
-            self.up_proj = _submodule(original, "up_proj")
-        self.down_proj = _submodule(original, "down_proj")
-        self.act_fn = _submodule(original, "activation_fn" if self.fused else "act_fn")
-        self.mode = mode
-        self.coefficient = coefficient_for(activation)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused:
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        if self.mode is GateMode.FREEZE_GATE:
-            hidden = frozen(self, lambda: self.act_fn(gate)) * up
-        elif self.mode is GateMode.FREEZE_UP:
-            hidden = gate * frozen(self, lambda: self.coefficient(gate)) * frozen(self, lambda: up)
-        else:
-            hidden = self.act_fn(gate) * up
-        return self.down_proj(hidden)
-
-
-def _submodule(module: nn.Module, name: str) -> nn.Module:
-    child = getattr(module, name)
-    if not isinstance(child, nn.Module):
-        raise UnsupportedArchitectureError(f"{type(module).__name__}.{name} is not a module")
-    return child
-
-
 def _activation_name(config: Any) -> str:
-    for attribute in ("hidden_activation", "hidden_act"):
+    for attribute in ("hidden_activation", "hidden_act", "activation_function"):
         name = getattr(config, attribute, None)
         if isinstance(name, str):
             return name
@@ -169,23 +117,124 @@ def _activation_name(config: Any) -> str:
 
 
 def _is_gated_mlp(module: nn.Module) -> bool:
-    has_split = all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj"))
-    has_fused = hasattr(module, "gate_up_proj") and hasattr(module, "down_proj")
-    return has_split or has_fused
+    def has(name: str) -> bool:
+        return isinstance(getattr(module, name, None), nn.Module)
+
+    return has("down_proj") and (has("gate_up_proj") or (has("gate_proj") and has("up_proj")))
 
 
-def _probe_equal(original: nn.Module, replacement: nn.Module, width: int, dtype: torch.dtype, device: Any) -> None:
+def _norm_epsilon(module: nn.Module) -> float:
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    if not isinstance(eps, (int, float)):
+        raise UnsupportedArchitectureError(f"{type(module).__name__} has no epsilon the engine recognises")
+    return float(eps)
+
+
+def _linearized_norm(module: nn.Module, family: Family, detach: bool) -> nn.Module | None:
+    """The frozen-coefficient replacement of a normalisation layer, None for a module that is not one, or
+    UnsupportedArchitectureError for a normalisation the engine does not know."""
+    kind = type(module).__name__
+    if kind.endswith("RMSNorm"):
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, nn.Parameter):
+            raise UnsupportedArchitectureError(f"{kind} has no weight parameter")
+        return LinearizedRMSNorm(weight, _norm_epsilon(module), family.norm_weight_offset, detach)
+    if isinstance(module, nn.LayerNorm) or kind.endswith("LayerNorm"):
+        shape = getattr(module, "normalized_shape", None)
+        if isinstance(module, nn.LayerNorm) and shape is not None and len(shape) != 1:
+            raise UnsupportedArchitectureError(f"{kind} normalises over {len(shape)} dimensions, not the last one")
+        weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+        if weight is not None and not isinstance(weight, torch.Tensor):
+            raise UnsupportedArchitectureError(f"{kind} has a weight the engine does not recognise")
+        if bias is not None and not isinstance(bias, torch.Tensor):
+            raise UnsupportedArchitectureError(f"{kind} has a bias the engine does not recognise")
+        return LinearizedLayerNorm(weight, bias, _norm_epsilon(module), detach)
+    if "Norm" in kind:
+        raise UnsupportedArchitectureError(f"normalisation layer {kind} is not one the engine can linearise")
+    return None
+
+
+def _probe_equal(
+    original: nn.Module, replacement: nn.Module, shape: tuple[int, ...], dtype: torch.dtype, device: Any
+) -> None:
     """Refuse a replacement whose forward value differs from the module it replaces."""
     generator = torch.Generator(device="cpu").manual_seed(0)
-    probe = torch.randn(1, 3, width, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
+    probe = torch.randn(1, 3, *shape, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
     with torch.no_grad():
         expected = original(probe)
         actual = replacement(probe)
     tolerance = 1e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-5
     if not torch.allclose(expected.float(), actual.float(), rtol=tolerance, atol=tolerance):
         raise UnsupportedArchitectureError(
-            f"{type(original).__name__} computes something other than the RMSNorm / gated MLP the engine knows; "
-            "refusing to linearise it"
+            f"{type(original).__name__} computes something other than the norm / MLP / mixture of experts the engine "
+            "knows; refusing to linearise it"
+        )
+
+
+def _replacements(
+    twin: PreTrainedModel, family: Family, mode: GateMode | None, dtype: torch.dtype, device: Any
+) -> Iterator[tuple[nn.Module, str, nn.Module]]:
+    """(parent, name, replacement) for every module of the twin that must be swapped, each checked on a probe.
+
+    Attention modules are marked instead (``linlens_detach``, read by :func:`linear_attention`); a replaced module's
+    own children are not visited (the experts inside a mixture of experts belong to its replacement).
+    """
+    detach = mode is not None
+    activation = _activation_name(twin.config)
+    hidden = int(twin.config.hidden_size)
+
+    def visit(parent: nn.Module) -> Iterator[tuple[nn.Module, str, nn.Module]]:
+        for child_name, child in parent.named_children():
+            new = _linearized_norm(child, family, detach)
+            if new is not None:
+                weight = getattr(child, "weight", None)
+                shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else (hidden,)
+                _probe_equal(child, new, shape, dtype, device)
+            elif is_moe_block(child):
+                new = LinearizedMoE(child, activation, mode)
+                _probe_equal(child, new, (hidden,), dtype, device)
+            elif _is_gated_mlp(child):
+                new = LinearizedGatedMLP(child, family, activation, mode)
+                _probe_equal(child, new, (hidden,), dtype, device)
+            elif (layout := non_gated_layout(child)) is not None:
+                new = LinearizedMLP(child, layout, activation, detach)
+                _probe_equal(child, new, (hidden,), dtype, device)
+            else:
+                if type(child).__name__.endswith("Attention"):
+                    setattr(child, "linlens_detach", detach)  # noqa: B010 (read by linear_attention)
+                yield from visit(child)
+                continue
+            yield parent, child_name, new
+
+    yield from visit(twin)
+
+
+def _check_affine(twin: PreTrainedModel, dtype: torch.dtype) -> None:
+    """Refuse a twin that is not affine in its input embeddings once its coefficients are frozen.
+
+    On a probe prompt, the frozen system F must satisfy F(2x) - 2 F(x) + F(0) = 0 (to rounding): a nonlinearity the
+    twin failed to freeze (an attention module that computes its own softmax, an activation applied outside the
+    modules the engine replaced) breaks it by far more than rounding.
+    """
+    embeddings = twin.get_input_embeddings()
+    weight = embeddings.weight
+    assert isinstance(weight, torch.Tensor)
+    ids = torch.arange(3, 8, device=weight.device).clamp_max(weight.shape[0] - 1)
+    with torch.no_grad():
+        x = embeddings(ids)[None]
+        tape = CoefficientTape()
+        with recording(tape):
+            once = twin.base_model(inputs_embeds=x, use_cache=False).last_hidden_state
+        with replaying(tape):
+            twice = twin.base_model(inputs_embeds=2 * x, use_cache=False).last_hidden_state
+        with replaying(tape):
+            zero = twin.base_model(inputs_embeds=torch.zeros_like(x), use_cache=False).last_hidden_state
+    error = float((twice - 2 * once + zero).double().norm() / (once.double().norm() + zero.double().norm()))
+    tolerance = {torch.float64: 1e-9, torch.float32: 1e-4}.get(dtype, 5e-2)
+    if not error <= tolerance:
+        raise UnsupportedArchitectureError(
+            f"{type(twin).__name__}: the frozen system is not affine in the input embeddings (second difference "
+            f"{error:.1e} on a probe prompt): some nonlinearity was not frozen; refusing to explain it"
         )
 
 
@@ -198,40 +247,24 @@ def build_twin(model: PreTrainedModel, mode: GateMode | None) -> PreTrainedModel
     family = family_of(type(model).__name__)
     shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
     twin = copy.deepcopy(model, shared)
-    detach = mode is not None
-    activation = _activation_name(twin.config)
     param = next(twin.parameters())
     dtype, device = param.dtype, param.device
+    if any(is_moe_block(m) for m in twin.modules()):
+        # The original experts are only run to check their replacements against; transformers' default grouped
+        # matmul has no float64 kernel. The twin has its own config, so the served model keeps its choice.
+        twin.set_experts_implementation("eager")
 
-    replacements: list[tuple[nn.Module, str, nn.Module]] = []
-    for parent in twin.modules():
-        for child_name, child in parent.named_children():
-            kind = type(child).__name__
-            if kind.endswith("RMSNorm"):
-                eps = getattr(child, "variance_epsilon", getattr(child, "eps", None))
-                if eps is None:
-                    raise UnsupportedArchitectureError(f"{kind} has no epsilon the engine recognises")
-                weight = child.weight
-                if not isinstance(weight, nn.Parameter):
-                    raise UnsupportedArchitectureError(f"{kind} has no weight parameter")
-                new: nn.Module = LinearizedRMSNorm(weight, float(eps), family.norm_weight_offset, detach)
-                _probe_equal(child, new, int(weight.shape[-1]), dtype, device)
-            elif "Norm" in kind:
-                raise UnsupportedArchitectureError(f"normalisation layer {kind} is not one the engine can linearise")
-            elif _is_gated_mlp(child):
-                new = LinearizedGatedMLP(child, family, activation, mode)
-                _probe_equal(child, new, twin.config.hidden_size, dtype, device)
-            else:
-                if hasattr(child, "num_key_value_groups"):
-                    setattr(child, "linlens_detach", detach)  # noqa: B010 (read by linear_attention)
-                continue
-            replacements.append((parent, child_name, new))
-    for parent, child_name, new in replacements:
+    for parent, child_name, new in list(_replacements(twin, family, mode, dtype, device)):
         setattr(parent, child_name, new)
 
     twin.set_attn_implementation(ATTENTION_IMPLEMENTATION)
     if twin.config._attn_implementation != ATTENTION_IMPLEMENTATION:
         raise UnsupportedArchitectureError(f"{type(model).__name__} does not accept a custom attention function")
-    install_capture_hooks(twin, family)
     twin.eval()
+    if mode is not None:
+        _check_affine(twin, dtype)
+    install_capture_hooks(twin, family)
     return twin
+
+
+__all__ = ["ATTENTION_IMPLEMENTATION", "LinearizedRMSNorm", "build_twin", "compute_dtype", "linear_attention"]
