@@ -51,6 +51,7 @@ from linlens.contract import (
 from linlens.engine import jacobian as jac
 from linlens.engine.capture import decoder_layers
 from linlens.engine.explainer import Explainer
+from linlens.engine.families import family_of
 
 #: Tokens a concept vector is decoded to when the request leaves it unset (ExplainOptions' own default).
 DEFAULT_CONCEPT_TOKENS = ExplainOptions().tokens_per_vector
@@ -187,7 +188,7 @@ def steered(
     ``layer`` is a 0-based decoder layer whose output is steered; ``prompt_length`` tells prompt positions from
     generated ones. Raises ValueError for a layer that does not exist or a vector of the wrong size or norm zero.
     """
-    layers = decoder_layers(model)
+    layers = decoder_layers(model, family_of(type(model).__name__))
     if not 0 <= layer < len(layers):
         raise ValueError(f"layer {layer} does not exist: the model has layers 0..{len(layers) - 1}")
     if isinstance(vector, torch.Tensor):
