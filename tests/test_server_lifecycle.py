@@ -293,7 +293,9 @@ def test_unavailable_while_loading_and_for_a_model_that_failed(tmp_path: Path) -
             phases: list[ModelInfo] = []
             info = client.wait_until_ready(240, on_wait=phases.append)
             assert info.name == "smollm2-135m" and info.state is ModelState.READY
-            assert phases and all(p.state is ModelState.LOADING and p.state_detail for p in phases)
+            assert phases and all(p.state is ModelState.LOADING and p.state_detail for p in phases), [
+                (p.state, p.state_detail) for p in phases
+            ]
             assert client.generate(PROMPT, max_new_tokens=1).text == " only"
             assert client.health("smollm2-135m") is HealthStatus.SERVING
             # Waiting for the broken model ends as soon as its load fails (or at once if it did already).

@@ -166,6 +166,7 @@ class ReadinessWait:
         ready = (info.state is ModelState.READY or (info.state is ModelState.UNSPECIFIED and info.loaded)) and serving
         if (
             not ready
+            and info.state is not ModelState.READY  # loaded, its health an instant behind: not a loading phase
             and self.on_wait is not None
             and (self._last is None or (info.state, info.state_detail) != (self._last.state, self._last.state_detail))
         ):

@@ -118,8 +118,9 @@ class ModelHost:
             self._set(slot, ModelState.READY, loaded=loaded)
 
     def _loading(self, slot: ModelSlot, detail: str) -> None:
+        """The loader's new phase; between two phases (detail empty) the last one stays what clients are told."""
         with self._lock:
-            if slot.state is ModelState.LOADING:
+            if slot.state is ModelState.LOADING and detail:
                 slot.detail = detail
 
     # -- requests ----------------------------------------------------------------------------------------------
