@@ -91,7 +91,7 @@ def measure(function: Callable[[], Any], *, memory: bool = True) -> tuple[float,
 def layer_costs(explainer: Any, ids: list[int], repeats: int) -> str:
     """(c) What the layer analysis costs: the layers x tokens matrix from one batched VJP with 2L seeds, against 2L
     separate VJPs (one per block), and one layer's up-to-layer Jacobian (d VJPs) against the full final Jacobian."""
-    from linlens.engine import LayerAnalysisOptions
+    from linlens.engine import ExplainMethod, LayerAnalysisOptions
 
     options = ExplainOptions(top_k=0)
     count = explainer.num_layers
@@ -101,10 +101,10 @@ def layer_costs(explainer: Any, ids: list[int], repeats: int) -> str:
 
     def one_layer() -> Any:
         one = LayerAnalysisOptions(layers=(count - 1,), top_k=3)
-        return explainer.explain(ids, ExplainOptions(top_k=0, layers=one))
+        return explainer.explain(ids, ExplainOptions(top_k=0, method=ExplainMethod.FULL, layers=one))
 
     def final_jacobian() -> Any:
-        return explainer.explain(ids, ExplainOptions(top_k=3))
+        return explainer.explain(ids, ExplainOptions(top_k=3, method=ExplainMethod.FULL))
 
     twin = explainer.twin(options.precision, options.gate_mode)
     x0 = explainer.model.get_input_embeddings()(torch.tensor(ids)).detach()
@@ -129,7 +129,7 @@ def layer_costs(explainer: Any, ids: list[int], repeats: int) -> str:
         ("layers x tokens matrix, one batched VJP with 2L seeds", matrix, f"1 (batch of {2 * count})"),
         ("the same matrix as 2L separate VJPs", separate_vjps, f"{2 * count}"),
         ("one layer's up-to-layer Jacobian + spectra (matrix included)", one_layer, f"{explainer.hidden_size} + 1"),
-        ("the final Jacobian + spectra (Explain top_k=3)", final_jacobian, f"{explainer.hidden_size} + 1"),
+        ("the final Jacobian + spectra (Explain top_k=3, method full)", final_jacobian, f"{explainer.hidden_size} + 1"),
     ]
     for _, function, _ in jobs:
         function()
