@@ -120,27 +120,25 @@ def top_singular_triplets(
     tolerance = tolerance if tolerance is not None else (1e-12 if dtype == torch.float64 else 1e-6)
     target = target if target is not None else (1e-10 if dtype == torch.float64 else 1e-5)
     tiny = 100 * eps
-    jvps = vjps = 0
+    done = {"jvps": 0, "vjps": 0}
 
-    def apply(vectors: torch.Tensor) -> torch.Tensor:  # (P, b, in) -> (P, b, out)
-        nonlocal jvps
-        if should_stop is not None and should_stop():
-            raise Cancelled("stopped between two blocks of products")
-        out = maps.apply(vectors)
-        jvps += vectors.shape[0] * vectors.shape[1]
-        if on_products is not None:
-            on_products(vectors.shape[0] * vectors.shape[1])
-        return out
+    def counted(product: Products, kind: str) -> Products:
+        """``product`` with the stop check before it and the count (and progress) after it."""
 
-    def apply_transposed(vectors: torch.Tensor) -> torch.Tensor:  # (P, b, out) -> (P, b, in)
-        nonlocal vjps
-        if should_stop is not None and should_stop():
-            raise Cancelled("stopped between two blocks of products")
-        out = maps.apply_transposed(vectors)
-        vjps += vectors.shape[0] * vectors.shape[1]
-        if on_products is not None:
-            on_products(vectors.shape[0] * vectors.shape[1])
-        return out
+        def run(vectors: torch.Tensor) -> torch.Tensor:  # (P, b, in) -> (P, b, out), or transposed
+            if should_stop is not None and should_stop():
+                raise Cancelled("stopped between two blocks of products")
+            out = product(vectors)
+            count = vectors.shape[0] * vectors.shape[1]
+            done[kind] += count
+            if on_products is not None:
+                on_products(count)
+            return out
+
+        return run
+
+    apply = counted(maps.apply, "jvps")
+    apply_transposed = counted(maps.apply_transposed, "vjps")
 
     generator = torch.Generator(device="cpu").manual_seed(seed)
     omega = torch.randn((P, block, n_in), generator=generator, dtype=torch.float64).to(maps.device, dtype)
@@ -182,7 +180,7 @@ def top_singular_triplets(
             triplets = _certify(ritz, k, apply, apply_transposed)
             triplets = _with_frobenius(triplets, *_frobenius(bases, rows, apply, generator, block, maps))
             break
-    return triplets, Report(iterations=iterations, jvps=jvps, vjps=vjps)
+    return triplets, Report(iterations=iterations, jvps=done["jvps"], vjps=done["vjps"])
 
 
 def _ritz(
