@@ -20,9 +20,11 @@ from transformers import PreTrainedModel
 
 from linlens.contract import ExplainMethod, ExplainOptions, GateMode, PositionSelection, Precision, PredictedToken
 from linlens.engine import jacobian as jac
+from linlens.engine.capture import decoder_layers
 from linlens.engine.decode import TokenDecoder
 from linlens.engine.families import Family, UnsupportedArchitectureError, family_of
 from linlens.engine.linearize import build_twin
+from linlens.engine.plan import ExplanationPlan, ModelShape
 
 DTYPES = {Precision.FLOAT32: torch.float32, Precision.FLOAT64: torch.float64, Precision.BFLOAT16: torch.bfloat16}
 
@@ -69,6 +71,7 @@ class ModelContext:
         self.decoder = TokenDecoder(tokenizer, self.logit_head(output_embeddings.weight), input_embeddings)
         self._check_logits()
         self._lock = threading.Lock()
+        self._layer_weights: int | None = None
         self._bases: dict[torch.dtype, PreTrainedModel] = {}
         self._twins: dict[tuple[torch.dtype, GateMode | None], PreTrainedModel] = {}
 
@@ -163,25 +166,31 @@ class ModelContext:
             "itemsize": torch.empty((), dtype=dtype).element_size(),
         }
 
-    def memory_estimate(
-        self,
-        n_tokens: int,
-        options: ExplainOptions,
-        method: ExplainMethod | None,
-        layer_method: ExplainMethod,
-        krylov_batch: int,
-    ) -> jac.MemoryEstimate:
+    def shape(self, dtype: torch.dtype) -> ModelShape:
+        """What an explanation plan needs to know of this model, for explanations in ``dtype``."""
+        if self._layer_weights is None:
+            layers = decoder_layers(self.model, self.family)
+            self._layer_weights = sum(p.numel() for p in layers.parameters())
+        return ModelShape(
+            hidden=self.hidden_size, layer_weights=self._layer_weights, chain_chunk=self.vjp_chunk(1, dtype)
+        )
+
+    def memory_estimate(self, n_tokens: int, options: ExplainOptions, plan: ExplanationPlan) -> jac.MemoryEstimate:
         """What an explanation of ``n_tokens`` tokens with ``options`` needs at most (jacobian.explanation_memory):
         which graphs, batches and Jacobians these options keep alive with the methods that will run (``method`` for
-        the spectra, ``layer_method`` for the layer maps; a matrix-free solve keeps a second, double-backward graph
-        and batches of ``krylov_batch`` products instead of Jacobians), in the order explain_output and
+        the spectra, ``layer_method`` for the layer maps, from the ``plan``; a matrix-free solve keeps a second,
+        double-backward graph and batches of Krylov products instead of Jacobians; on the last position's own graph
+        a Jacobian is d x d and a batch's activations one position's), in the order explain_output and
         analyze_layers hold them."""
+        method, layer_method, krylov_batch = plan.method, plan.layer_method, plan.krylov_block
         dtype = DTYPES[options.precision]
         chunk = options.vjp_chunk_size or self.vjp_chunk(n_tokens, dtype)
         # The forward graph and the double-backward graph of the reconstruction's JVP (kept by a matrix-free solve).
         graphs, jacobians = 2, 0
         batch = 1 + len(options.targets)  # the attributions: one cotangent per target
-        if method is ExplainMethod.FULL:
+        if plan.on_position_graph:
+            pass  # one position: its graph, batches and d x d Jacobian are a sliver of the whole prompt's
+        elif method is ExplainMethod.FULL:
             batch = max(batch, chunk)
             jacobians = 2  # J as computed and its per-position copy
             if options.positions is PositionSelection.ALL or options.prompt_spectrum:

@@ -18,7 +18,6 @@ from typing import Any
 from transformers import PreTrainedModel
 
 from linlens.contract import (
-    ExplainMethod,
     ExplainOptions,
     Explanation,
     LayerAttributions,
@@ -28,10 +27,11 @@ from linlens.contract import (
     Timings,
 )
 from linlens.engine import jacobian as jac
-from linlens.engine.context import ModelContext
-from linlens.engine.explanation import block_size, choose_method, explain_output
+from linlens.engine.context import DTYPES, ModelContext
+from linlens.engine.explanation import explain_output
 from linlens.engine.forward import ExplanationPass
-from linlens.engine.layers import analyze_layers, layer_method
+from linlens.engine.layers import analyze_layers
+from linlens.engine.plan import plan
 
 #: What an explanation hands to ``on_event`` as it goes: the whole-output explanation first, then (with a layer
 #: analysis) the layers x tokens matrix and each selected layer's result.
@@ -100,12 +100,8 @@ class Explainer:
         """An upper bound of the memory an explanation of ``n_tokens`` tokens with ``options`` needs beyond the
         model (forward graph, batched VJPs, Jacobians). The server refuses a request above its budget with this
         before any work starts; ``vjp_chunk_size`` counts towards it."""
-        d = self.hidden_size
-        method = choose_method(options, n_tokens, d)
-        layer_method_ = layer_method(options.method, options.layers, d) if options.layers else ExplainMethod.FULL
-        maps = max(len(options.selected_positions(n_tokens)) + int(options.prompt_spectrum), 1)
-        krylov = block_size(max(options.top_k, options.layers.top_k if options.layers else 1, 1)) * maps
-        return self.context.memory_estimate(n_tokens, options, method, layer_method_, krylov)
+        shape = self.context.shape(DTYPES[options.precision])
+        return self.context.memory_estimate(n_tokens, options, plan(options, n_tokens, shape))
 
     def explain(
         self,

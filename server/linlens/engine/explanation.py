@@ -9,7 +9,7 @@ Read off an :class:`~linlens.engine.forward.ExplanationPass`:
    measured on SmolLM2 (7 tokens, one thread) 339 ms against 1,154 ms for a forward-mode pass through the frozen
    system, with bit-identical results, and no process-wide forward-mode lock;
 3. the top-k singular triplets of the selected J_i, and optionally of the whole-prompt map [J_1 ... J_n], by one
-   of two methods (:func:`choose_method`): FULL materialises the Jacobian (hidden_size VJPs) and takes its SVD;
+   of two methods (:mod:`linlens.engine.plan`): FULL materialises the Jacobian (hidden_size VJPs) and takes its SVD;
    MATRIX_FREE runs block Krylov on products (:mod:`linlens.engine.matrix_free`), a few dozen whatever the width,
    with residual certificates, exact term shares (one JVP per position) and estimated stable ranks;
 4. optionally the ordinary (not detached) Jacobian, for contrast.
@@ -28,7 +28,6 @@ from linlens.contract import (
     Attribution,
     AttributionTarget,
     ExplainMethod,
-    ExplainOptions,
     Explanation,
     LinearMapSpectrum,
     OrdinaryContrast,
@@ -41,14 +40,11 @@ from linlens.contract import (
 )
 from linlens.engine import jacobian as jac
 from linlens.engine.forward import ExplanationPass
+from linlens.engine.last_position import chain_products, full_spectrum, matrix_free_spectrum
 from linlens.engine.matrix_free import BlockMaps, Cancelled, Triplets, top_singular_triplets
+from linlens.engine.plan import matrix_free_products
 from linlens.engine.products import GraphProducts
-from linlens.engine.spectra import Spectrum, decompose, truncated_relative_errors
-
-#: Krylov iterations assumed when the cost of the matrix-free method is estimated ahead of running it.
-ASSUMED_ITERATIONS = 6
-#: How much more a double-backward JVP costs than a VJP, for the same estimate.
-JVP_WEIGHT = 2.0
+from linlens.engine.spectra import Spectrum, decompose, exact_residuals, from_triplets, truncated_relative_errors
 
 
 def relative(error: torch.Tensor, reference: torch.Tensor) -> float:
@@ -63,35 +59,6 @@ def numpy(tensor: torch.Tensor) -> np.ndarray:
 
 def _ms(seconds: float) -> float:
     return seconds * 1000.0
-
-
-def block_size(k: int) -> int:
-    """Krylov block width for the top ``k``: k plus oversampling."""
-    return k + max(5, k)
-
-
-def matrix_free_products(k: int, maps: int = 1) -> float:
-    """The estimated cost of the matrix-free top-k of ``maps`` maps, in VJP-equivalents."""
-    b = block_size(k)
-    jvps = maps * (b * (1 + ASSUMED_ITERATIONS) + k)
-    vjps = maps * (b * (1 + ASSUMED_ITERATIONS) + k)
-    return vjps + JVP_WEIGHT * jvps
-
-
-def choose_method(options: ExplainOptions, n_tokens: int, hidden: int) -> ExplainMethod | None:
-    """FULL or MATRIX_FREE for this request (None: nothing spectral to compute). AUTO compares product counts: FULL
-    costs ``hidden`` VJPs for all maps at once, MATRIX_FREE a few dozen per map; the raw Jacobians need FULL."""
-    maps = len(options.selected_positions(n_tokens)) + (1 if options.prompt_spectrum else 0)
-    if options.include_jacobians:
-        return ExplainMethod.FULL
-    if maps == 0:
-        return None
-    if options.method is not ExplainMethod.AUTO:
-        return options.method
-    if options.top_k == 0:  # the prompt spectrum alone, with its top_k of 0: nothing to decompose
-        return None
-    free = matrix_free_products(options.top_k, maps) + JVP_WEIGHT * n_tokens
-    return ExplainMethod.MATRIX_FREE if free < hidden else ExplainMethod.FULL
 
 
 def singular_components(
@@ -114,37 +81,6 @@ def singular_components(
             residual_right=float(residuals[1][i]) if residuals is not None else 0.0,
         )
         for i in range(k)
-    )
-
-
-def exact_residuals(matrix: torch.Tensor, spectrum: Spectrum, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """||M v - s u|| / s and ||M^T u - s v|| / s for the top ``k`` of a materialised ``matrix`` (d_out, d_in)."""
-    s = spectrum.values[:k].clamp_min(1e-300)
-    u, v = spectrum.left[:, :k], spectrum.right[:, :k]
-    left = (matrix @ v - u * s).norm(dim=0) / s
-    right = (matrix.T @ u - v * s).norm(dim=0) / s
-    return left, right
-
-
-def from_triplets(triplets: Triplets, terms: torch.Tensor, y: torch.Tensor, k: int) -> Spectrum:
-    """A Spectrum (signs along y, captured shares of each exact term) from matrix-free triplets.
-
-    ``terms`` (m, d_out) are the images whose shares are measured (J_i x_i, or J x for a whole map)."""
-    signs = torch.where(triplets.left.T @ y < 0, -1.0, 1.0).to(triplets.left.dtype)
-    left, right = triplets.left * signs, triplets.right * signs
-    term = terms.sum(dim=0)
-    energy = (term * term).sum()
-    projections = left.T @ term
-    captured = torch.cumsum(projections * projections, dim=0) / energy.clamp_min(torch.finfo(term.dtype).tiny)
-    values = triplets.values
-    stable = triplets.frobenius_sq / max(float(values[0]) ** 2, 1e-300)
-    return Spectrum(
-        values=values,
-        left=left,
-        right=right,
-        captured_share=captured,
-        stable_rank=stable,
-        term_norm=float(energy.sqrt()),
     )
 
 
@@ -173,7 +109,7 @@ def explain_output(
     d = context.hidden_size
     y = p.y.detach()
     tally = _Tally(timings={"forward_ms": _ms(p.seconds)})
-    method = choose_method(options, p.n, d)
+    method = p.plan.method
 
     # 1. Exact attributions: one batched VJP with a cotangent per target (logit rows, or differences of rows).
     tick = time.perf_counter()
@@ -215,12 +151,15 @@ def explain_output(
     )
     tally.timed("reconstruction", tick)
 
-    # 3. The spectra, by the chosen method.
+    # 3. The spectra, by the chosen method: the last position alone on its own graph, else on the whole graph.
     spectra: tuple[PositionSpectrum, ...] = ()
     truncated: tuple[float, ...] = ()
     jacobians_out: np.ndarray | None = None
     prompt: LinearMapSpectrum | None = None
-    if method is ExplainMethod.FULL:
+    if method is not None and p.plan.on_position_graph:
+        graph.release()
+        spectra = _last_position(p, method, tally, should_stop, on_progress)
+    elif method is ExplainMethod.FULL:
         spectra, truncated, jacobians_out, prompt = _full(
             p, tally, should_stop, on_progress, reconstruction.relative_error_vs_detached
         )
@@ -268,6 +207,44 @@ def explain_output(
         method=method,
         jvp_count=tally.jvps,
         prompt_spectrum=prompt,
+    )
+
+
+# -- the last position on its own graph ------------------------------------------------------------------------------
+
+
+def _last_position(
+    p: ExplanationPass,
+    method: ExplainMethod,
+    tally: _Tally,
+    should_stop: jac.ShouldStop | None,
+    on_progress: jac.OnPhaseProgress | None,
+) -> tuple[PositionSpectrum, ...]:
+    """J_n's spectrum through the last position's own graph (:mod:`linlens.engine.last_position`)."""
+    tick = time.perf_counter()
+    graph = p.position_graph()
+    tally.timed("forward", tick)
+    tick = time.perf_counter()
+    k, y, chunk = p.options.top_k, p.y.detach(), p.options.vjp_chunk_size or p.plan.chain_chunk
+    if method is ExplainMethod.FULL:
+        report = None
+        if on_progress is not None:
+            phase_progress = on_progress
+
+            def report(done: int, total: int) -> None:
+                phase_progress("jacobian", done, total)
+
+        found = full_spectrum(graph, y, k, chunk=chunk, should_stop=should_stop, on_progress=report)
+    else:
+        progress = _Progress(on_progress, "spectra", int(chain_products(k)))
+        found = matrix_free_spectrum(graph, y, k, chunk=chunk, should_stop=should_stop, on_products=progress)
+        progress.finish()
+    tally.vjps += found.vjps
+    tally.jvps += found.jvps
+    tally.timed("svd" if method is ExplainMethod.MATRIX_FREE else "jacobian", tick)
+    errors = None if found.complete else [found.stable_rank_error]
+    return _position_spectra(
+        p, [p.n - 1], [found.spectrum], [found.residuals], tally, complete=found.complete, errors=errors
     )
 
 
@@ -537,10 +514,8 @@ def _prompt_spectrum(
 
 
 __all__ = [
-    "choose_method",
     "explain_output",
     "from_triplets",
-    "matrix_free_products",
     "numpy",
     "relative",
     "singular_components",

@@ -22,11 +22,14 @@ from collections.abc import Sequence
 
 import torch
 import torch.autograd.forward_ad as forward_ad
+from transformers import DynamicCache
 
 from linlens.contract import ExplainOptions
 from linlens.engine.capture import Capture, capturing
 from linlens.engine.context import DTYPES, ModelContext
 from linlens.engine.freeze import CoefficientTape, recording, replaying
+from linlens.engine.plan import plan
+from linlens.engine.position_graph import PositionGraph, build_position_graph, detached_prefix
 
 #: PyTorch's forward-mode AD level is process-wide ("nested forward mode AD is not supported"), so passes running in
 #: several threads take turns for their forward-mode JVPs (one forward pass each).
@@ -44,6 +47,8 @@ class ExplanationPass:
         self.ids = torch.tensor(self.input_ids, dtype=torch.long, device=context.device)
         self.n = len(self.input_ids)
         self.dtype = DTYPES[options.precision]
+        #: Which graph and method serve each part (the plan admission estimated).
+        self.plan = plan(options, self.n, context.shape(self.dtype))
         #: The served model's own answer, which the explanation explains.
         self.prediction = context.predict(self.input_ids, options.explained_token_id)
         self.twin = context.twin(options.precision, options.gate_mode)
@@ -62,11 +67,15 @@ class ExplanationPass:
         #: The coefficients this pass froze, to evaluate the same frozen system at other inputs.
         self.tape = CoefficientTape()
         layers = capturing(self.capture) if self.analyses_layers else contextlib.nullcontext()
+        cache = DynamicCache()
         with recording(self.tape), layers, torch.enable_grad():
             #: y from the twin: numerically the model's y, and exactly linear (affine) in x.
-            self.y: torch.Tensor = self.twin.base_model(inputs_embeds=self.x[None], use_cache=False).last_hidden_state[
-                0, -1
-            ]
+            out = self.twin.base_model(inputs_embeds=self.x[None], use_cache=True, cache=cache)
+            self.y: torch.Tensor = out.last_hidden_state[0, -1]
+        #: The keys and values of positions 0..n-2, detached: the frozen prefix of the last position's own graph.
+        self.prefix = detached_prefix(cache, self.n - 1)
+        del cache, out
+        self._position: PositionGraph | None = None
         #: c in y = sum_i J_i x_i + c (zeros for bias-free models) and, with a layer analysis, the constant of every
         #: layer input, layer output and block term at the last position, keyed
         #: ("input" | "layer" | "attention" | "mlp", layer).
@@ -75,6 +84,16 @@ class ExplanationPass:
         if context.has_bias:
             self._affine_constants()
         self.seconds = time.perf_counter() - started
+
+    def position_graph(self) -> PositionGraph:
+        """The last position's own linear graph (:mod:`linlens.engine.position_graph`), built on first use and
+        shared by the explanation and the layer analysis; it records the residual stream when a layer analysis
+        follows."""
+        if self._position is None:
+            self._position = build_position_graph(
+                self.twin, self.x.detach()[-1], self.prefix, record_layers=self.analyses_layers
+            )
+        return self._position
 
     def vjp_chunk(self) -> int:
         """VJPs per batched backward: the options' choice, else one that bounds peak memory."""

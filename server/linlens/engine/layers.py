@@ -37,19 +37,13 @@ from linlens.contract import (
 )
 from linlens.engine import jacobian as jac
 from linlens.engine.capture import Capture
-from linlens.engine.explanation import (
-    exact_residuals,
-    from_triplets,
-    matrix_free_products,
-    numpy,
-    relative,
-    singular_components,
-)
+from linlens.engine.explanation import numpy, relative, singular_components
 from linlens.engine.final_norm import FrozenFinalNorm
 from linlens.engine.forward import ExplanationPass
 from linlens.engine.matrix_free import BlockMaps, Cancelled, top_singular_triplets
+from linlens.engine.plan import matrix_free_products
 from linlens.engine.products import GraphProducts
-from linlens.engine.spectra import Spectrum, decompose
+from linlens.engine.spectra import Spectrum, decompose, exact_residuals, from_triplets
 
 LayerEvent = LayerAttributions | LayerResult
 
@@ -134,7 +128,7 @@ def analyze_layers(
     d = context.hidden_size
     chunk = p.vjp_chunk()
     k = max(options.top_k, 1)  # top_k 0 still reports the summaries (stable rank, rank-1 share), which need s_1
-    method = layer_method(p.options.method, options, d)
+    method = p.plan.layer_method
     maps_per_layer = (1 if options.up_to_layer else 0) + (1 if options.layer_alone else 0)
     maps_per_layer += 2 if options.component_spectra else 0
     if method is ExplainMethod.FULL:
@@ -237,19 +231,6 @@ def analyze_layers(
         )
     if on_progress is not None and done and done != total_products:  # an estimate (matrix-free): say it is over
         on_progress("layers", done, done)
-
-
-def layer_method(method: ExplainMethod, options: LayerAnalysisOptions, hidden: int) -> ExplainMethod:
-    """FULL or MATRIX_FREE for the layer maps: as asked, or under AUTO the cheaper by product counts (per layer,
-    FULL costs hidden_size VJPs shared by up-to-layer and layer-alone, plus 2 hidden_size for the block spectra)."""
-    if method is not ExplainMethod.AUTO:
-        return method
-    maps = (1 if options.up_to_layer else 0) + (1 if options.layer_alone else 0)
-    maps += 2 if options.component_spectra else 0
-    if maps == 0:
-        return ExplainMethod.FULL  # nothing to decompose: the name does not matter
-    free = matrix_free_products(max(options.top_k, 1), maps)
-    return ExplainMethod.MATRIX_FREE if free < options.vjps_per_layer(hidden) else ExplainMethod.FULL
 
 
 class _Counter:

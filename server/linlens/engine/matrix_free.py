@@ -75,6 +75,8 @@ class Report:
     iterations: int
     jvps: int
     vjps: int
+    #: (P, e, out): A_p applied to the caller's ``extra`` vectors (None without them).
+    extra_images: torch.Tensor | None = None
 
 
 def _orthonormal(block: torch.Tensor, basis: list[torch.Tensor], tiny: float) -> torch.Tensor:
@@ -101,6 +103,7 @@ def top_singular_triplets(
     max_iterations: int = 16,
     target: float | None = None,
     seed: int = 0,
+    extra: torch.Tensor | None = None,
     should_stop: Callable[[], bool] | None = None,
     on_products: Callable[[int], None] | None = None,
 ) -> tuple[list[Triplets], Report]:
@@ -110,6 +113,8 @@ def top_singular_triplets(
     1e-6 otherwise) and every certificate's left residual is below ``target`` (default 1e-10 in float64, 1e-5
     otherwise: near what rounding allows), or after ``max_iterations``; the certificates returned are those of the
     answer returned. The same ``seed`` gives the same answer. ``on_products`` receives the size of each batch done.
+    ``extra`` (P, e, in_dim) are more vectors to apply each map to in the start pass (``Report.extra_images``): an
+    image the caller needs anyway (J x for captured shares) costs no pass of its own.
     """
     if k < 1:
         raise ValueError("k must be at least 1")
@@ -142,7 +147,13 @@ def top_singular_triplets(
 
     generator = torch.Generator(device="cpu").manual_seed(seed)
     omega = torch.randn((P, block, n_in), generator=generator, dtype=torch.float64).to(maps.device, dtype)
-    start = apply(omega)  # (P, b, out)
+    # The Frobenius probes and the caller's extra vectors ride in the start pass: a pass costs about the same for a
+    # few more vectors, and the probes are independent of the Krylov space that the start block seeds.
+    probes = torch.randn((P, block, n_in), generator=generator, dtype=torch.float64).to(maps.device, dtype)
+    riders = [omega, probes] if extra is None else [omega, probes, extra.to(maps.device, dtype)]
+    started = apply(torch.cat(riders, dim=1))
+    start, probe_images = started[:, :block], started[:, block : 2 * block]
+    extra_images = started[:, 2 * block :] if extra is not None else None
 
     bases: list[list[torch.Tensor]] = [[] for _ in range(P)]  # per map: orthonormal blocks Q_j (out, b_j)
     rows: list[list[torch.Tensor]] = [[] for _ in range(P)]  # per map: Z_j^T = Q_j^T A, (b_j, in)
@@ -171,16 +182,16 @@ def top_singular_triplets(
             worst = max(float(t.residual_left.max()) for t in triplets)
             if worst <= target or full or iterations >= max_iterations:
                 # ||A||_F only for the answer returned: b more JVPs, not spent on checks that fail
-                triplets = _with_frobenius(triplets, *_frobenius(bases, rows, apply, generator, block, maps))
+                triplets = _with_frobenius(triplets, *_frobenius(bases, rows, probe_images, maps))
                 break
         iterations += 1
         grown = apply(transposed)  # (P, width, out): A (A^T Q_j)
         newest = [_orthonormal(grown[p, : bases[p][-1].shape[1]].T, bases[p], tiny) for p in range(P)]
         if all(q.shape[1] == 0 for q in newest):  # an invariant subspace: the answer is exact already
             triplets = _certify(ritz, k, apply, apply_transposed)
-            triplets = _with_frobenius(triplets, *_frobenius(bases, rows, apply, generator, block, maps))
+            triplets = _with_frobenius(triplets, *_frobenius(bases, rows, probe_images, maps))
             break
-    return triplets, Report(iterations=iterations, jvps=done["jvps"], vjps=done["vjps"])
+    return triplets, Report(iterations=iterations, jvps=done["jvps"], vjps=done["vjps"], extra_images=extra_images)
 
 
 def _ritz(
@@ -214,18 +225,16 @@ def _complete(columns: torch.Tensor, missing: int) -> torch.Tensor:
 def _frobenius(
     bases: list[list[torch.Tensor]],
     rows: list[list[torch.Tensor]],
-    apply: Products,
-    generator: torch.Generator,
-    block: int,
+    images: torch.Tensor,
     maps: BlockMaps,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """||A||_F^2 = ||Q^T A||_F^2 (exact: the Krylov rows) + ||(I - Q Q^T) A||_F^2 (Hutchinson with fresh probes).
+    """||A||_F^2 = ||Q^T A||_F^2 (exact: the Krylov rows) + ||(I - Q Q^T) A||_F^2 (Hutchinson, from the ``images``
+    (P, b, out) of b Gaussian probes drawn apart from the start block).
 
     The top of the spectrum, which dominates the variance of a plain Hutchinson estimate, lies in Q already, so the
     estimated remainder is the flat tail: a small error bar for b more JVPs. Returns (estimate, standard error)."""
     exact = torch.tensor([sum(float((r.double() ** 2).sum()) for r in rows[p]) for p in range(maps.count)])
-    probes = torch.randn((maps.count, block, maps.in_dim), generator=generator, dtype=torch.float64)
-    images = apply(probes.to(maps.device, maps.dtype))  # (P, b, out)
+    block = images.shape[1]
     tails = []
     for p in range(maps.count):
         q = torch.cat(bases[p], dim=1)

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from linlens.engine.matrix_free import Triplets
+
 
 @dataclass(frozen=True)
 class Spectrum:
@@ -76,3 +78,34 @@ def truncated_relative_errors(
         )
         errors.append(float((truncated + constant - y).norm() / y.norm()))
     return errors
+
+
+def exact_residuals(matrix: torch.Tensor, spectrum: Spectrum, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """||M v - s u|| / s and ||M^T u - s v|| / s for the top ``k`` of a materialised ``matrix`` (d_out, d_in)."""
+    s = spectrum.values[:k].clamp_min(1e-300)
+    u, v = spectrum.left[:, :k], spectrum.right[:, :k]
+    left = (matrix @ v - u * s).norm(dim=0) / s
+    right = (matrix.T @ u - v * s).norm(dim=0) / s
+    return left, right
+
+
+def from_triplets(triplets: Triplets, terms: torch.Tensor, y: torch.Tensor, k: int) -> Spectrum:
+    """A Spectrum (signs along y, captured shares of each exact term) from matrix-free triplets.
+
+    ``terms`` (m, d_out) are the images whose shares are measured (J_i x_i, or J x for a whole map)."""
+    signs = torch.where(triplets.left.T @ y < 0, -1.0, 1.0).to(triplets.left.dtype)
+    left, right = triplets.left * signs, triplets.right * signs
+    term = terms.sum(dim=0)
+    energy = (term * term).sum()
+    projections = left.T @ term
+    captured = torch.cumsum(projections * projections, dim=0) / energy.clamp_min(torch.finfo(term.dtype).tiny)
+    values = triplets.values
+    stable = triplets.frobenius_sq / max(float(values[0]) ** 2, 1e-300)
+    return Spectrum(
+        values=values,
+        left=left,
+        right=right,
+        captured_share=captured,
+        stable_rank=stable,
+        term_norm=float(energy.sqrt()),
+    )

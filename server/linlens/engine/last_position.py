@@ -1,0 +1,174 @@
+"""The last position's spectrum, from its own linear graph: cost independent of the prompt's length.
+
+Products with J_n run on :class:`~linlens.engine.position_graph.PositionGraph` (one token through the twin on the
+prefix's frozen keys and values) instead of the whole prompt's graph. Two methods, as for any map:
+
+- FULL: J_n from d VJPs in batches of ``chunk`` (one batched backward each), then its SVD;
+- MATRIX_FREE: block Krylov (:mod:`linlens.engine.matrix_free`) with a block as wide as a pass costs little more for
+  (:data:`CHAIN_BLOCK`): a pass through one position is bound by reading the weights, so 16 rows cost about what 8
+  cost, and a wider block converges in fewer passes.
+
+Which one runs under AUTO comes from :func:`chain_costs`, a model of what each costs in passes and rows.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from linlens.contract import ExplainOptions
+from linlens.engine import jacobian as jac
+from linlens.engine.matrix_free import BlockMaps, Cancelled, top_singular_triplets
+from linlens.engine.position_graph import PositionGraph
+from linlens.engine.products import GraphProducts
+from linlens.engine.spectra import Spectrum, decompose, exact_residuals, from_triplets
+
+#: Krylov block width on the position graph (k + oversampling, at least this).
+CHAIN_BLOCK = 16
+#: What one batched pass over the position graph costs beyond its rows, in rows (weight reads, Python, autograd):
+#: measured on SmolLM2 (float32, one thread) as 32 ms for 8 rows and 66 ms for 32, about 18 ms + 1.5 ms a row.
+PASS_OVERHEAD_ROWS = 12.0
+#: A double-backward JVP row against a VJP row on the same graph.
+CHAIN_JVP_WEIGHT = 2.0
+#: Krylov iterations assumed ahead of a matrix-free solve on the position graph with a block of CHAIN_BLOCK.
+CHAIN_ITERATIONS = 4
+
+
+@dataclass(frozen=True)
+class ChainCosts:
+    """Predicted costs, in VJP rows through the position graph, of the two methods for one last-position map."""
+
+    full: float
+    matrix_free: float
+
+
+def chain_block(k: int) -> int:
+    """The Krylov block width for the top ``k`` on the position graph."""
+    return max(CHAIN_BLOCK, k + max(5, k))
+
+
+def chain_costs(k: int, hidden: int, chunk: int, svd_rows: float) -> ChainCosts:
+    """The cost model that AUTO compares: FULL pays hidden rows in ceil(hidden / chunk) passes plus the SVD
+    (``svd_rows``: its time in rows, from the model's size), MATRIX_FREE pays (start, 2 per iteration, two
+    certificates, one Frobenius probe) passes of a block of :func:`chain_block` rows, JVP rows weighted."""
+    passes = math.ceil(hidden / max(chunk, 1))
+    full = hidden + passes * PASS_OVERHEAD_ROWS + svd_rows
+    b = chain_block(k)
+    jvp_passes = 1 + CHAIN_ITERATIONS + 1 + 1  # start, each iteration's A Z, the left certificate, Frobenius
+    vjp_passes = 1 + CHAIN_ITERATIONS + 1  # each Q^T A (one more than the growths), the right certificate
+    free = (jvp_passes * CHAIN_JVP_WEIGHT + vjp_passes) * (b + PASS_OVERHEAD_ROWS)
+    return ChainCosts(full=full, matrix_free=free)
+
+
+def chain_products(k: int) -> int:
+    """Products a matrix-free top ``k`` on the position graph is expected to take (for progress bars)."""
+    b = chain_block(k)
+    return b * (2 + 2 * CHAIN_ITERATIONS) + 2 * k + b
+
+
+def on_position_graph(options: ExplainOptions, n_tokens: int) -> bool:
+    """Whether the spectra asked for are the last position's alone, so that its own graph serves them: not the
+    whole-prompt map, not other positions, and no raw Jacobians (those cover every position)."""
+    return (
+        options.selected_positions(n_tokens) == (n_tokens - 1,)
+        and not options.prompt_spectrum
+        and not options.include_jacobians
+    )
+
+
+@dataclass(frozen=True)
+class LastPositionSpectrum:
+    """J_n's spectrum with its certificates and what it cost."""
+
+    spectrum: Spectrum
+    #: ||J v - s u|| / s and ||J^T u - s v|| / s per returned triplet.
+    residuals: tuple[torch.Tensor, torch.Tensor]
+    #: Whether every singular value is known (FULL), not only the top ones.
+    complete: bool
+    #: One standard error of the stable rank (matrix-free estimates ||J_n||_F); 0 when complete.
+    stable_rank_error: float
+    vjps: int
+    jvps: int
+
+
+def full_spectrum(
+    graph: PositionGraph,
+    y: torch.Tensor,
+    k: int,
+    *,
+    chunk: int,
+    should_stop: jac.ShouldStop | None = None,
+    on_progress: jac.OnProgress | None = None,
+) -> LastPositionSpectrum:
+    """J_n materialised from d VJPs on the position graph, then its SVD (signs along ``y``)."""
+    with torch.enable_grad():
+        jn = jac.full_jacobian(
+            graph.y, graph.x, chunk=chunk, should_stop=should_stop, on_progress=on_progress, retain_graph=True
+        )
+    (spectrum,) = decompose(jn[None], graph.x.detach()[None], y, k)
+    residuals = exact_residuals(jn, spectrum, spectrum.left.shape[-1])
+    d = int(graph.y.shape[0])
+    return LastPositionSpectrum(spectrum, residuals, True, 0.0, vjps=d, jvps=0)
+
+
+def matrix_free_spectrum(
+    graph: PositionGraph,
+    y: torch.Tensor,
+    k: int,
+    *,
+    chunk: int,
+    should_stop: jac.ShouldStop | None = None,
+    on_products: Callable[[int], None] | None = None,
+) -> LastPositionSpectrum:
+    """The top ``k`` of J_n by block Krylov on the position graph, certified, with the exact term J_n x_n."""
+    products = GraphProducts(graph.y, graph.x, chunk=chunk)
+    d = int(graph.x.shape[0])
+    maps = BlockMaps(
+        count=1,
+        in_dim=d,
+        out_dim=products.out_dim,
+        apply=lambda v: products.jvp(v[0])[None],
+        apply_transposed=lambda u: products.vjp(u[0])[None],
+        dtype=graph.y.dtype,
+        device=graph.y.device,
+    )
+    try:
+        (found,), report = top_singular_triplets(
+            maps,
+            k,
+            oversample=chain_block(k) - k,
+            extra=graph.x.detach()[None, None],  # J_n x_n, whose captured shares are reported, in the start pass
+            should_stop=should_stop,
+            on_products=on_products,
+        )
+    except Cancelled:
+        raise jac.ExplanationCancelled("explanation cancelled while computing the spectra") from None
+    finally:
+        products.release()
+    assert report.extra_images is not None
+    term = report.extra_images[0]  # (1, d)
+    spectrum = from_triplets(found, term, y, k)
+    error = found.frobenius_sq_error / max(float(found.values[0]) ** 2, 1e-300)
+    return LastPositionSpectrum(
+        spectrum,
+        (found.residual_left, found.residual_right),
+        False,
+        error,
+        vjps=products.vjps,
+        jvps=products.jvps,
+    )
+
+
+__all__ = [
+    "ChainCosts",
+    "LastPositionSpectrum",
+    "chain_block",
+    "chain_costs",
+    "chain_products",
+    "full_spectrum",
+    "matrix_free_spectrum",
+    "on_position_graph",
+]
