@@ -19,6 +19,7 @@ Speed goals are ratios measured in the same run (machines are noisy); no absolut
 
     python scripts/bench_engine.py --model smollm2-135m --repeats 3 [--markdown docs/benchmarks.md]
     python scripts/bench_engine.py --part d --model smollm2-135m --tokens 7,128,1024 [--layers-all] [--wide]
+    python scripts/bench_engine.py --part units --model smollm2-135m --tokens 7,128,1024 (scripts/bench_units.py)
     (add --threads 1 for the one-thread numbers of docs/engine.md)
 """
 
@@ -265,15 +266,41 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50, help="Captum integration steps")
     parser.add_argument("--prompt", default=PROMPT)
     parser.add_argument("--markdown", help="append the result table to this file")
-    parser.add_argument("--part", choices=["abc", "d"], default="abc", help="d: matrix-free against full")
+    parser.add_argument(
+        "--part",
+        choices=["abc", "d", "units"],
+        default="abc",
+        help="d: matrix-free against full; units: requests in units of the plain forward + backward",
+    )
     parser.add_argument("--tokens", default="7,128,1024", help="(d) prompt lengths")
     parser.add_argument("--layers-all", action="store_true", help="(d) also --layers all both ways")
     parser.add_argument("--wide", action="store_true", help="(d) a random Llama with hidden size 4096, 2 layers")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
+    parser.add_argument("--no-generation", action="store_true", help="(units) skip the explained generation")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"bench: torch threads {torch.get_num_threads()}", file=sys.stderr, flush=True)
+    if args.part == "units":
+        from bench_units import unit_costs
+
+        lengths = [int(t) for t in args.tokens.split(",")]
+        if args.wide:
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as folder:
+                wide = _wide_llama(folder)
+                prompts = {n: [(7 * i + 3) % 1000 for i in range(n)] for n in lengths}
+                table = unit_costs(wide, prompts, args.repeats, "random Llama, hidden 4096", False)
+        else:
+            loaded = load_model(args.model)
+            prompts = {n: _prompt_of(loaded.tokenizer, n) for n in lengths}
+            table = unit_costs(loaded, prompts, args.repeats, args.model, not args.no_generation)
+        print(table)
+        if args.markdown:
+            with open(args.markdown, "a", encoding="utf-8") as handle:
+                handle.write("\n" + table + "\n")
+        return
     if args.part == "d":
         lengths = [int(t) for t in args.tokens.split(",")]
         if args.wide:

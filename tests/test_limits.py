@@ -23,6 +23,7 @@ from linlens.client import (
     InvalidArgumentError,
     ResourceExhaustedError,
 )
+from linlens.contract import PositionSelection
 from linlens.contract.retry_hint import is_final
 from linlens.contract.wire import explain_options_to_proto
 from linlens.v1 import linlens_pb2 as pb
@@ -79,32 +80,39 @@ def test_max_new_tokens_is_named(target: str) -> None:
 def test_explanation_memory_is_estimated_before_any_work(make_server: Callable[..., Any], smollm2: Any) -> None:
     n = 7  # the prompt's tokens
     full_method = ExplainMethod.FULL
-    full = smollm2.explainer.memory_estimate(n, ExplainOptions(top_k=3, method=full_method))
-    big_batch = smollm2.explainer.memory_estimate(n, ExplainOptions(top_k=3, method=full_method, vjp_chunk_size=576))
+    # Every position's spectrum needs the whole prompt's graph (the last alone runs on its own small graph).
+    whole = {"positions": PositionSelection.ALL}
+    full = smollm2.explainer.memory_estimate(n, ExplainOptions(top_k=3, method=full_method, **whole))
+    big_batch = smollm2.explainer.memory_estimate(
+        n, ExplainOptions(top_k=3, method=full_method, vjp_chunk_size=576, **whole)
+    )
     attributions = smollm2.explainer.memory_estimate(n, ExplainOptions(top_k=0))
-    free = smollm2.explainer.memory_estimate(n, ExplainOptions(top_k=3, method=ExplainMethod.MATRIX_FREE))
-    # the parts are what the options keep alive: J (d x n x d floats) twice, the graph, the batch of VJPs
-    assert full.jacobians == 2 * 576 * n * 576 * 4 and attributions.jacobians == 0 and free.jacobians == 0
+    free = smollm2.explainer.memory_estimate(n, ExplainOptions(top_k=3, method=ExplainMethod.MATRIX_FREE, **whole))
+    last = smollm2.explainer.memory_estimate(n, ExplainOptions(top_k=3, method=full_method, vjp_chunk_size=576))
+    # the parts are what the options keep alive: J (d x n x d floats) three times (as computed, per position, the
+    # SVD's input), the graph, the batch of VJPs; the last position alone keeps no whole-prompt Jacobian
+    assert full.jacobians == 3 * 576 * n * 576 * 4 and attributions.jacobians == 0 and free.jacobians == 0
+    assert last.jacobians == 0 and last.total < big_batch.total
     assert attributions.total < full.total < big_batch.total
     assert free.total < full.total  # a second graph and a Krylov block instead of Jacobians
     assert big_batch.vjps == 576 and big_batch.batch > full.batch
     # longer inputs need more: Jacobians grow with n, attention with n squared
-    longer = smollm2.explainer.memory_estimate(4 * n, ExplainOptions(top_k=3, method=full_method))
+    longer = smollm2.explainer.memory_estimate(4 * n, ExplainOptions(top_k=3, method=full_method, **whole))
     assert longer.jacobians == 4 * full.jacobians
 
     limit_mb = full.total // 2**20 + 1  # the default batch fits; 576 VJPs in one batch do not
     server = make_server(max_explanation_memory_mb=limit_mb)
     with Client(server.target, retry=NO_RETRY, timeout=120) as client:
-        result = client.explain(PROMPT, options=ExplainOptions(top_k=1, method=full_method))
+        result = client.explain(PROMPT, options=ExplainOptions(top_k=1, method=full_method, **whole))
         assert result.explanation.reconstruction is not None and result.explanation.method is full_method
         with pytest.raises(
             ResourceExhaustedError, match=r"options: an explanation of 7 tokens .* \(max_explanation_memory_mb\)"
         ) as caught:
-            client.explain(PROMPT, options=ExplainOptions(top_k=1, method=full_method, vjp_chunk_size=576))
+            client.explain(PROMPT, options=ExplainOptions(top_k=1, method=full_method, vjp_chunk_size=576, **whole))
         assert "options.vjp_chunk_size" in caught.value.details  # the way out is named
         assert "options.method MATRIX_FREE" in caught.value.details
         # the server marks it final (the same request can never fit), so the SDK does not retry it
-        too_big = ExplainOptions(top_k=1, method=full_method, vjp_chunk_size=576)
+        too_big = ExplainOptions(top_k=1, method=full_method, vjp_chunk_size=576, **whole)
         request = pb.ExplainRequest(input=pb.Input(text=PROMPT), options=explain_options_to_proto(too_big))
         with grpc.insecure_channel(server.target) as channel, pytest.raises(grpc.RpcError) as raw:
             pb_grpc.LinlensServiceStub(channel).Explain(request, timeout=60)
@@ -113,14 +121,16 @@ def test_explanation_memory_is_estimated_before_any_work(make_server: Callable[.
         with pytest.raises(ResourceExhaustedError, match="include_jacobians"):
             client.explain(PROMPT, options=ExplainOptions(top_k=1, include_jacobians=True))
         # under AUTO a full request that does not fit runs matrix-free: the same prediction and top triplet
-        auto = client.explain(PROMPT, options=ExplainOptions(top_k=1, vjp_chunk_size=576))
+        auto = client.explain(PROMPT, options=ExplainOptions(top_k=1, vjp_chunk_size=576, **whole))
         assert auto.explanation.method is ExplainMethod.MATRIX_FREE
         assert auto.explanation.predicted.token_id == result.explanation.predicted.token_id
         top = result.explanation.spectra[-1].components[0].value
         assert abs(auto.explanation.spectra[-1].components[0].value - top) < 1e-4 * top
         # a generation's later steps are longer inputs: the longest explained step is what is estimated
         with pytest.raises(ResourceExhaustedError, match=r"explain: an explanation of 3\d tokens"):
-            client.generate(PROMPT, max_new_tokens=30, explain=ExplainOptions(top_k=1, method=full_method, steps=(29,)))
+            client.generate(
+                PROMPT, max_new_tokens=30, explain=ExplainOptions(top_k=1, method=full_method, steps=(29,), **whole)
+            )
         assert client.generate(PROMPT, max_new_tokens=2, explain=ExplainOptions(top_k=0, steps="all")).explanations
         with pytest.raises(InvalidArgumentError, match=r"vjp_chunk_size is 577, above the model's hidden size 576"):
             client.explain(PROMPT, options=ExplainOptions(top_k=1, vjp_chunk_size=577))

@@ -189,7 +189,9 @@ class ModelContext:
         graphs, jacobians = 2, 0
         batch = 1 + len(options.targets)  # the attributions: one cotangent per target
         if plan.on_position_graph:
-            pass  # one position: its graph, batches and d x d Jacobian are a sliver of the whole prompt's
+            # The last position's own graph, counted as a whole graph (it is one position's): its batches and its
+            # d x d Jacobian are a sliver of the whole prompt's.
+            graphs += 1
         elif method is ExplainMethod.FULL:
             batch = max(batch, chunk)
             jacobians = 2  # J as computed and its per-position copy

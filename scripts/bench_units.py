@@ -1,0 +1,109 @@
+"""Explanations in units of the plain model's own forward + backward on the same prompt, measured in the same run.
+
+The unit is ``model(inputs_embeds=x).logits[0, -1].max().backward()`` on the served model: what one prediction and
+its gradient cost. Each request is timed as the engine serves it (``Explainer.explain``), the median of
+``--repeats`` runs after one warm-up, and divided by the unit's median measured alongside:
+
+- ``Explain(top_k=0)``: attributions and the reconstruction;
+- the default ``Explain`` (top 3 at the last position; AUTO picks the method, reported with its product counts);
+- ``--layers all`` (every layer's up-to-layer map, layer top_k 1) at the shortest length;
+- a 12-token greedy generation with every step explained (default options, then top_k 0), against the same
+  generation unexplained (``model.generate`` with its KV cache): each step's explanation is ``explain`` of the
+  prefix, as the service runs it.
+
+    python scripts/bench_engine.py --part units --model smollm2-135m --tokens 7,128,1024 --threads 1
+    python scripts/bench_engine.py --part units --wide --tokens 7 --threads 1
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from linlens.engine import ExplainOptions, LayerAnalysisOptions
+
+GENERATED = 12
+
+
+def _median_seconds(function: Callable[[], Any], repeats: int) -> float:
+    function()  # warm-up: twins, caches, allocator
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def _unit(model: Any, ids: list[int]) -> Callable[[], None]:
+    def run() -> None:
+        x = model.get_input_embeddings()(torch.tensor([ids])).detach().requires_grad_(True)
+        model(inputs_embeds=x).logits[0, -1].max().backward()
+
+    return run
+
+
+def _generation(loaded: Any, ids: list[int], explain: ExplainOptions | None) -> Callable[[], None]:
+    """A greedy generation of GENERATED tokens, each step explained with ``explain`` (None: unexplained)."""
+    model, explainer = loaded.model, loaded.explainer
+
+    def run() -> None:
+        with torch.no_grad():
+            out = model.generate(
+                torch.tensor([ids]), max_new_tokens=GENERATED, min_new_tokens=GENERATED, do_sample=False
+            )
+        if explain is not None:
+            tokens = [int(t) for t in out[0]]
+            for step in range(GENERATED):
+                explainer.explain(tokens[: len(ids) + step], explain)
+
+    return run
+
+
+def unit_costs(loaded: Any, prompts: dict[int, list[int]], repeats: int, label: str, generation: bool) -> str:
+    """The table of docs/engine.md ("In units of the plain forward + backward")."""
+    rows = [
+        f"#### {label}: explanations in units of the plain forward + backward (threads {torch.get_num_threads()})",
+        "",
+        "| request | tokens | unit (ms) | request (ms) | units | method, products |",
+        "|---|---|---|---|---|---|",
+    ]
+    explainer = loaded.explainer
+    shortest = min(prompts)
+    for length, ids in prompts.items():
+        unit = _median_seconds(_unit(loaded.model, ids), repeats)
+        requests = [("Explain(top_k=0)", ExplainOptions(top_k=0)), ("default Explain", ExplainOptions())]
+        if length == shortest:
+            layers = LayerAnalysisOptions(top_k=1)
+            requests.append(("--layers all (layer top_k 1)", ExplainOptions(layers=layers)))
+        for name, options in requests:
+            last: list[Any] = []
+
+            def request(options: ExplainOptions = options, last: list[Any] = last, ids: list[int] = ids) -> None:
+                last[:] = [explainer.explain(ids, options)]
+
+            seconds = _median_seconds(request, repeats)
+            exp = last[0]
+            method = f"{exp.method.name.lower() if exp.method else '-'}, {exp.vjp_count} VJPs + {exp.jvp_count} JVPs"
+            rows.append(
+                f"| {name} | {length} | {unit * 1e3:.0f} | {seconds * 1e3:.0f} | {seconds / unit:.2f} | {method} |"
+            )
+            print(rows[-1], flush=True)
+    if generation:
+        ids = prompts[shortest]
+        plain = _median_seconds(_generation(loaded, ids, None), repeats)
+        for name, options in (("default options", ExplainOptions()), ("top_k 0", ExplainOptions(top_k=0))):
+            seconds = _median_seconds(_generation(loaded, ids, options), max(1, repeats // 2))
+            rows.append(
+                f"| {GENERATED}-token generation, every step explained ({name}) | {shortest} | "
+                f"unexplained {plain * 1e3:.0f} | {seconds * 1e3:.0f} | {seconds / plain:.1f}x the unexplained | |"
+            )
+            print(rows[-1], flush=True)
+    return "\n".join(rows)
+
+
+__all__ = ["unit_costs"]
