@@ -70,6 +70,8 @@ def inprocess_client(job: BatchJob) -> Any:
     package does not depend on the server's at type-check time either)."""
     config_module = importlib.import_module("linlens.server.config")
     inprocess = importlib.import_module("linlens.server.inprocess")
+    if job.torch_threads:  # as ``linlens serve`` does (InProcessClient leaves the process's threads alone)
+        importlib.import_module("torch").set_num_threads(job.torch_threads)
     overrides: dict[str, Any] = {"warmup": False, "torch_threads": job.torch_threads}
     if job.max_prompt_tokens:
         overrides["max_prompt_tokens"] = job.max_prompt_tokens
