@@ -118,20 +118,22 @@ def test_smollm2_on_ray_equals_in_process_with_an_actor_killed_mid_job(ray_addre
     killed: list[int] = []
     finished = threading.Event()
 
+    def actor_pids() -> list[int]:
+        """The pool's actor processes (Ray titles an actor's process ray::<class>[.<method>])."""
+        return [p.pid for p in psutil.process_iter(["cmdline"]) if ACTOR_CLASS in " ".join(p.info["cmdline"] or [])]
+
     def kill_one_actor() -> None:
-        """SIGKILL one pool actor once both exist (Ray titles an actor's process ray::<class>), a second later."""
+        """SIGKILL a pool actor half a second after the first one appears, while the job still runs."""
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and not finished.is_set():
-            working = [
-                p.pid for p in psutil.process_iter(["cmdline"]) if ACTOR_CLASS in " ".join(p.info["cmdline"] or [])
-            ]
-            if len(working) >= 2:
-                time.sleep(1.0)
-                if not finished.is_set():
-                    os.kill(working[0], signal.SIGKILL)
-                    killed.append(working[0])
+            if actor_pids():
+                time.sleep(0.5)
+                pids = actor_pids()
+                if pids and not finished.is_set():
+                    os.kill(pids[0], signal.SIGKILL)
+                    killed.append(pids[0])
                 return
-            time.sleep(0.2)
+            time.sleep(0.05)
 
     killer = threading.Thread(target=kill_one_actor)
     killer.start()
