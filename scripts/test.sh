@@ -8,7 +8,7 @@ ruff check .
 ruff format --check .
 echo "== mypy"
 mypy server/linlens client/linlens
-mypy --strict client/linlens/client client/linlens/contract client/linlens/report
+mypy --strict client/linlens/client client/linlens/contract client/linlens/report client/linlens/batch
 echo "== buf"
 buf lint protos
 echo "== pytest"

@@ -629,6 +629,9 @@ def build_parser() -> argparse.ArgumentParser:
     wait.add_argument("--timeout", type=float, default=600.0, help="seconds to wait, the server's start included")
     _add_security(wait)
     wait.set_defaults(handler=cmd_wait)
+    from linlens.cli.batch import add_batch_parser
+
+    add_batch_parser(commands)
     return parser
 
 
@@ -636,7 +639,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "ca_cert", None) or getattr(args, "client_cert", None):
         args.tls = True
-    if args.command in ("serve", "wait"):
+    if args.command in ("serve", "wait", "batch"):
         try:
             return int(args.handler(args))
         except (LinlensError, CommandError) as error:
