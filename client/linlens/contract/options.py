@@ -9,7 +9,7 @@ once. Rules come in three kinds, each with one home:
   reports them before sending and the server applies the very same code to what it receives;
 - rules that need the model (a layer index below ``num_layers``, a token id inside the vocabulary) live here too
   when they are pure arithmetic on a model dimension (:meth:`LayerAnalysisOptions.selected`), else in the engine;
-- a server's own limits (``max_top_k``, ...) live in ``linlens.server.requests``.
+- a server's own limits (``max_top_k``, ...) live in ``linlens.server.admission``.
 
 A broken rule raises :class:`OptionError`, whose ``field`` names the option as the protobuf does, so that the server
 can answer INVALID_ARGUMENT with the path the caller wrote (``explain.layers.every``). Nothing here imports torch.
