@@ -62,11 +62,11 @@ from linlens.client import (
     StreamEvent,
     to_jsonable,
 )
-from linlens.contract import GenerateArgs, InputArgs, StreamAssembler
+from linlens.contract import DEFAULT_MODEL, GenerateArgs, InputArgs, StreamAssembler
 from linlens.report import MissingExtraError, require_viz, save_html, save_png
 
 #: The model a command uses in-process when --model is not given (the server's default is the server's choice).
-IN_PROCESS_DEFAULT_MODEL = "smollm2-135m"
+IN_PROCESS_DEFAULT_MODEL = DEFAULT_MODEL
 #: Seconds a command waits for a server to answer at all before saying that none does.
 CONNECT_TIMEOUT = 10.0
 

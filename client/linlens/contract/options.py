@@ -26,6 +26,9 @@ from typing import Any, Literal, TypeAlias
 import numpy as np
 import numpy.typing as npt
 
+#: The model a server serves, and a command runs in-process, when none is named: its one home.
+DEFAULT_MODEL = "smollm2-135m"
+
 
 class OptionError(ValueError):
     """An option value breaks a rule. ``field`` is its dotted name below ExplainOptions, e.g. ``layers.every``."""
