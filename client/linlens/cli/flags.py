@@ -8,6 +8,8 @@ default is restated here; a flag left out leaves the option at its contract defa
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import enum
 import json
 from pathlib import Path
 from typing import Any
@@ -18,13 +20,10 @@ from linlens.client import (
     AttributionTarget,
     ConceptMap,
     ConceptSpec,
-    ExplainMethod,
     ExplainOptions,
-    GateMode,
     LayerAnalysisOptions,
     OptionError,
     PositionSelection,
-    Precision,
     SingularSide,
     Steering,
     SteeringPositions,
@@ -51,7 +50,8 @@ def input_args(args: argparse.Namespace) -> dict[str, Any]:
     return {"prompt": args.prompt}
 
 
-def explain_options(args: argparse.Namespace, steps: Any = "first") -> ExplainOptions:
+def explain_options(args: argparse.Namespace, steps: Any = None) -> ExplainOptions:
+    """The ExplainOptions of the explain flags; a flag left out leaves its option at the contract's default."""
     targets = [AttributionTarget(int(t)) for t in args.target or ()]
     for pair in args.contrast or ():
         a, _, b = pair.partition(":")
@@ -69,29 +69,20 @@ def explain_options(args: argparse.Namespace, steps: Any = "first") -> ExplainOp
             layer_fields["tokens_per_vector"] = args.layer_tokens_per_vector
         layers = LayerAnalysisOptions.parse(args.layers, **layer_fields)
     positions: dict[str, Any] = {"positions": PositionSelection.LIST, "position_indices": ()}
-    if args.positions in ("last", "all"):
+    if args.positions is None:
+        positions = {}
+    elif args.positions in ("last", "all"):
         positions = {"positions": PositionSelection(args.positions)}
     else:
         try:
             positions["position_indices"] = tuple(int(i) for i in args.positions.split(","))
         except ValueError:
             raise OptionError("positions", f"{args.positions!r}: use last, all or comma-separated positions") from None
-    fields: dict[str, Any] = {
-        "steps": steps,
-        **positions,
-        "method": ExplainMethod(args.method.replace("-", "_")),
-        "prompt_spectrum": args.prompt_spectrum,
-        "targets": tuple(targets),
-        "include_jacobians": args.include_jacobians,
-        "precision": Precision(args.precision),
-        "ordinary_contrast": args.ordinary,
-        "gate_mode": GateMode(args.gate_mode),
-        "layers": layers,
-    }
-    if args.top_k is not None:
-        fields["top_k"] = args.top_k
-    if args.tokens_per_vector is not None:
-        fields["tokens_per_vector"] = args.tokens_per_vector
+    fields: dict[str, Any] = {**contract_fields(args, ExplainOptions), **positions, "targets": tuple(targets)}
+    if layers is not None:
+        fields["layers"] = layers
+    if steps is not None:
+        fields["steps"] = steps
     return ExplainOptions(**fields)
 
 
@@ -175,27 +166,55 @@ def add_input(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chat", action="store_true", help="send the prompt as one user turn of a chat")
 
 
+def _spelled(value: enum.Enum, spell: str | None) -> str:
+    text = str(value.value)
+    return text.replace("_", "-") if spell == "dashes" else text
+
+
+def add_contract_flags(parser: argparse.ArgumentParser, options: type[Any]) -> None:
+    """A flag for each field of the ``options`` dataclass that carries help (:func:`linlens.contract.options.flag`):
+    a switch for a bool, choices for an enum, a typed value otherwise. Every flag defaults to None (not given), so
+    that the option keeps its contract default, which the help shows."""
+    for option in dataclasses.fields(options):
+        if "help" not in option.metadata:
+            continue
+        meta, default = option.metadata, option.default
+        name = meta.get("flag") or "--" + option.name.replace("_", "-")
+        if isinstance(default, bool):
+            parser.add_argument(name, dest=option.name, action="store_true", default=None, help=meta["help"])
+            continue
+        shown = _spelled(default, meta.get("spell")) if isinstance(default, enum.Enum) else default
+        kwargs: dict[str, Any] = {"dest": option.name, "default": None, "help": f"{meta['help']} (default: {shown})"}
+        if isinstance(default, enum.Enum):
+            kwargs["choices"] = [_spelled(v, meta.get("spell")) for v in type(default)]
+        else:
+            kwargs["type"] = type(default)
+        parser.add_argument(name, **kwargs)
+
+
+def contract_fields(args: argparse.Namespace, options: type[Any]) -> dict[str, Any]:
+    """The fields of ``options`` whose flags (:func:`add_contract_flags`) were given, as the dataclass takes them."""
+    given: dict[str, Any] = {}
+    for option in dataclasses.fields(options):
+        value = getattr(args, option.name, None) if "help" in option.metadata else None
+        if value is None:
+            continue
+        if isinstance(option.default, enum.Enum):
+            value = type(option.default)(value.replace("-", "_") if option.metadata.get("spell") else value)
+        given[option.name] = value
+    return given
+
+
 def add_explain(parser: argparse.ArgumentParser) -> None:
+    add_contract_flags(parser, ExplainOptions)
     parser.add_argument(
-        "--top-k", type=int, default=None, help="singular components per position (0: attributions only; default 3)"
+        "--positions",
+        default=None,
+        metavar="last|all|I,J,...",
+        help=f"positions whose J_i get a spectrum (default: {ExplainOptions.positions.value})",
     )
-    parser.add_argument("--tokens-per-vector", type=int, default=None, help="tokens each singular vector decodes to")
-    parser.add_argument(
-        "--positions", default="last", metavar="last|all|I,J,...", help="positions whose J_i get a spectrum"
-    )
-    parser.add_argument(
-        "--method",
-        choices=[m.value.replace("_", "-") for m in ExplainMethod],
-        default="auto",
-        help="how the singular triplets are computed (auto: the cheaper of full and matrix-free)",
-    )
-    parser.add_argument("--prompt-spectrum", action="store_true", help="also the whole-prompt map [J_1 ... J_n]")
     parser.add_argument("--target", action="append", metavar="TOKEN_ID", help="extra attribution target")
     parser.add_argument("--contrast", action="append", metavar="A:B", help="attribute logit(A) - logit(B)")
-    parser.add_argument("--include-jacobians", action="store_true", help="return the per-token Jacobians")
-    parser.add_argument("--precision", choices=[p.value for p in Precision], default="float32")
-    parser.add_argument("--ordinary", action="store_true", help="contrast with the ordinary (not detached) Jacobian")
-    parser.add_argument("--gate-mode", choices=[g.value for g in GateMode], default="freeze_gate")
     layers = parser.add_argument_group(
         "layer by layer",
         "--layers adds the layers x tokens attribution matrix (cheap) and, per selected layer, the up-to-layer "
@@ -221,13 +240,19 @@ def add_concept(group: Any, prefix: str = "") -> None:
         f"--{prefix}map",
         dest="map",
         choices=[m.value for m in ConceptMap],
-        default="output",
+        default=ConceptSpec.map.value,
         help="the map: the whole model's J (output) or a layer's up-to-layer map (layer)",
     )
     group.add_argument(
         f"--{prefix}map-layer", dest="map_layer", type=int, default=None, help="the layer of --map layer"
     )
-    group.add_argument(f"--{prefix}rank", dest="rank", type=int, default=1, help="which singular triplet (1 = top)")
     group.add_argument(
-        f"--{prefix}side", dest="side", choices=[s.value for s in SingularSide], default="left", help="which vector"
+        f"--{prefix}rank", dest="rank", type=int, default=ConceptSpec.rank, help="which singular triplet (1 = top)"
+    )
+    group.add_argument(
+        f"--{prefix}side",
+        dest="side",
+        choices=[s.value for s in SingularSide],
+        default=ConceptSpec.side.value,
+        help="which vector",
     )

@@ -62,6 +62,7 @@ from linlens.client import (
     ModelInfo,
     OptionError,
     ServerUnreachableError,
+    Steering,
     SteeringPositions,
     StreamEvent,
     to_jsonable,
@@ -241,7 +242,7 @@ def cmd_explain(args: argparse.Namespace, connect: Connect) -> int:
 
 def cmd_generate(args: argparse.Namespace, connect: Connect) -> int:
     steps: Any = args.explain_steps
-    if steps not in ("first", "all"):
+    if steps not in (None, "first", "all"):
         steps = tuple(int(s) for s in steps.split(","))
     # --layers implies --explain (the layer analysis belongs to the explained steps), and so do --html and --png
     # (their pictures are of explanations)
@@ -395,7 +396,11 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument(
         "--explain", action="store_true", help="explain generated steps (implied by --layers, --html and --png)"
     )
-    generate.add_argument("--explain-steps", default="first", help='"first", "all" or comma-separated step indices')
+    generate.add_argument(
+        "--explain-steps",
+        default=None,
+        help=f'"first", "all" or comma-separated step indices (default: {ExplainOptions.steps})',
+    )
     generate.add_argument("--no-stream", action="store_true", help="one response at the end instead of streaming")
     steer = generate.add_argument_group(
         "steering",
@@ -406,7 +411,10 @@ def build_parser() -> argparse.ArgumentParser:
     steer.add_argument("--steer-layer", type=int, default=None, help="the steered layer (default: floor(2L/3))")
     steer.add_argument("--steer-strength", type=float, default=None, help="lambda (default 0.5; negative steers away)")
     steer.add_argument(
-        "--steer-positions", choices=[p.value for p in SteeringPositions], default="all", help="positions steered"
+        "--steer-positions",
+        choices=[p.value for p in SteeringPositions],
+        default=Steering.positions.value,
+        help="positions steered",
     )
     add_concept(steer, prefix="steer-")
     generate.set_defaults(command_handler=cmd_generate)
