@@ -50,14 +50,13 @@ from linlens.contract.results import (
     PredictedToken,
     Reconstruction,
     SingularComponent,
-    StreamAssembler,
     StreamEvent,
     Timings,
     TokenScore,
     Usage,
-    collect_stream,
     to_jsonable,
 )
+from linlens.contract.streams import StreamAssembler, collect_stream
 from linlens.contract.tensors import TensorDecodeError, array_from_tensor, tensor_from_array
 
 __all__ = [
