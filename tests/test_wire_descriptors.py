@@ -1,8 +1,9 @@
 """Every field of every message the contract maps survives the wire, found from the proto's descriptors (issue 18).
 
-The test does not list fields by hand. For each pair ``X_to_proto`` / ``X_from_proto`` of linlens.contract.wire, it
-builds the message with *every* field set (walking the message's descriptor, nested messages included; each member
-of a oneof in turn), converts it to the contract's dataclass and back, and expects the same message. A field added to
+The test does not list fields by hand. For each pair ``X_to_proto`` / ``X_from_proto`` of the modules of
+linlens.contract.wire, it builds the message with *every* field set (walking the message's descriptor, nested
+messages included; each member of a oneof in turn), converts it to the contract's dataclass and back, and expects the
+same message. A field added to
 the proto and forgotten in the mapping comes back unset, and the test names it.
 """
 
@@ -20,6 +21,7 @@ from google.protobuf.message import Message
 
 from linlens.contract import wire
 from linlens.contract.tensors import tensor_from_array
+from linlens.contract.wire import options, responses, results  # noqa: F401 (the modules walked below)
 from linlens.v1 import linlens_pb2 as pb
 
 #: Values a rule of the contract needs besides "every field set": message name -> field -> value.
@@ -32,10 +34,15 @@ EXCLUSIVE: dict[str, tuple[str, ...]] = {"LayerAnalysisOptions": ("every", "laye
 
 
 def _pairs() -> Iterator[tuple[type[Message], Callable[[Any], Any], Callable[[Any], Any]]]:
-    for name, to_proto in inspect.getmembers(wire, inspect.isfunction):
-        if not name.endswith("_to_proto"):
+    for module in (wire.options, wire.results, wire.responses):
+        yield from _module_pairs(module)
+
+
+def _module_pairs(module: Any) -> Iterator[tuple[type[Message], Callable[[Any], Any], Callable[[Any], Any]]]:
+    for name, to_proto in inspect.getmembers(module, inspect.isfunction):
+        if not name.endswith("_to_proto") or to_proto.__module__ != module.__name__:
             continue
-        from_proto = getattr(wire, name.removesuffix("_to_proto") + "_from_proto", None)
+        from_proto = getattr(module, name.removesuffix("_to_proto") + "_from_proto", None)
         message = typing.get_type_hints(to_proto).get("return")
         if from_proto is not None and isinstance(message, type) and issubclass(message, Message):
             yield message, to_proto, from_proto
