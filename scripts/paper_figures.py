@@ -27,7 +27,8 @@ from pathlib import Path
 
 from linlens.engine import ExplainOptions, LayerAnalysisOptions, PositionSelection
 from linlens.models import load_model
-from linlens.report.png import layers_figure, save_figure, singular_vectors_figure, spectra_figure
+from linlens.report.paper import layers_figure, singular_vectors_figure, spectra_figure
+from linlens.report.png import save_figure
 
 PROMPT = "The bridge out of Marin is the"
 ROOT = Path(__file__).resolve().parents[1]

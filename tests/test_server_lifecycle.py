@@ -315,3 +315,18 @@ def test_unavailable_while_loading_and_for_a_model_that_failed(tmp_path: Path) -
             assert "no GGUF file at" in infos["missing-model"].state_detail
     finally:
         server.stop()
+
+
+def test_successful_polls_stay_out_of_the_info_access_log(target: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger=ACCESS_LOGGER)
+    with grpc.insecure_channel(target) as channel:
+        stub = pb_grpc.LinlensServiceStub(channel)
+        stub.GetModel(pb.GetModelRequest(), metadata=(("x-request-id", "poll-1"),), timeout=30)
+        stub.ListModels(pb.ListModelsRequest(), metadata=(("x-request-id", "poll-2"),), timeout=30)
+        with pytest.raises(grpc.RpcError):
+            stub.GetModel(pb.GetModelRequest(name="no-such-model"), metadata=(("x-request-id", "poll-3"),), timeout=30)
+    for request_id in ("poll-1", "poll-2", "poll-3"):
+        record_for(caplog, request_id)
+    levels = {r.fields["request_id"]: r.levelno for r in caplog.records if r.name == ACCESS_LOGGER}  # type: ignore[attr-defined]
+    # a readiness poll every second must not bury the log; a failed one is worth seeing
+    assert (levels["poll-1"], levels["poll-2"], levels["poll-3"]) == (logging.DEBUG, logging.DEBUG, logging.INFO)

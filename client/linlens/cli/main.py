@@ -24,6 +24,20 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol, Unpack
 
+from linlens.cli.flags import (
+    IN_PROCESS_DEFAULT_MODEL,
+    CommandError,
+    add_concept,
+    add_connection,
+    add_explain,
+    add_input,
+    add_reports,
+    add_security,
+    concept_spec,
+    explain_options,
+    input_args,
+    steering,
+)
 from linlens.cli.render import (
     explanation_report,
     explanations_text,
@@ -32,31 +46,22 @@ from linlens.cli.render import (
     models_text,
 )
 from linlens.client import (
-    API_KEY_ENV,
     DEFAULT_TARGET,
     SERVER_ENV,
-    AttributionTarget,
     Client,
-    ConceptMap,
     ConceptSpec,
     ConceptVector,
-    ExplainMethod,
     ExplainOptions,
     ExplainResult,
     Explanation,
     ExplanationProgress,
-    GateMode,
     GeneratedToken,
     Generation,
     GenerationDone,
-    LayerAnalysisOptions,
     LinlensError,
     ModelInfo,
     OptionError,
-    PositionSelection,
-    Precision,
     ServerUnreachableError,
-    SingularSide,
     Steering,
     SteeringPositions,
     StreamEvent,
@@ -65,8 +70,6 @@ from linlens.client import (
 from linlens.contract import GenerateArgs, InputArgs, StreamAssembler
 from linlens.report import MissingExtraError, require_viz, save_html, save_png
 
-#: The model a command uses in-process when --model is not given (the server's default is the server's choice).
-IN_PROCESS_DEFAULT_MODEL = "smollm2-135m"
 #: Seconds a command waits for a server to answer at all before saying that none does.
 CONNECT_TIMEOUT = 10.0
 
@@ -94,10 +97,6 @@ class Backend(Protocol):
     def list_models(self) -> list[ModelInfo]: ...
 
     def close(self) -> None: ...
-
-
-class CommandError(Exception):
-    """A failure the command reports on one line (exit status 1)."""
 
 
 def _say(text: str) -> None:
@@ -193,100 +192,6 @@ def _security(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-# --- options from flags ------------------------------------------------------------------------------------------
-
-
-def _input(args: argparse.Namespace) -> dict[str, Any]:
-    """The input keyword arguments: prompt text, --token-ids or --chat."""
-    if args.token_ids:
-        return {"token_ids": [int(t) for t in args.token_ids.split(",")]}
-    if args.chat:
-        return {"messages": [("user", args.prompt)]}
-    return {"prompt": args.prompt}
-
-
-def _explain_options(args: argparse.Namespace, steps: Any = "first") -> ExplainOptions:
-    targets = [AttributionTarget(int(t)) for t in args.target or ()]
-    for pair in args.contrast or ():
-        a, _, b = pair.partition(":")
-        targets.append(AttributionTarget(int(a), int(b)))
-    layers = None
-    if args.layers:
-        layer_fields: dict[str, Any] = {
-            "up_to_layer": not args.no_up_to_layer,
-            "layer_alone": args.layer_alone,
-            "component_spectra": args.component_spectra,
-        }
-        if args.layer_top_k is not None:
-            layer_fields["top_k"] = args.layer_top_k
-        if args.layer_tokens_per_vector is not None:
-            layer_fields["tokens_per_vector"] = args.layer_tokens_per_vector
-        layers = LayerAnalysisOptions.parse(args.layers, **layer_fields)
-    positions: dict[str, Any] = {"positions": PositionSelection.LIST, "position_indices": ()}
-    if args.positions in ("last", "all"):
-        positions = {"positions": PositionSelection(args.positions)}
-    else:
-        try:
-            positions["position_indices"] = tuple(int(i) for i in args.positions.split(","))
-        except ValueError:
-            raise OptionError("positions", f"{args.positions!r}: use last, all or comma-separated positions") from None
-    fields: dict[str, Any] = {
-        "steps": steps,
-        **positions,
-        "method": ExplainMethod(args.method.replace("-", "_")),
-        "prompt_spectrum": args.prompt_spectrum,
-        "targets": tuple(targets),
-        "include_jacobians": args.include_jacobians,
-        "precision": Precision(args.precision),
-        "ordinary_contrast": args.ordinary,
-        "gate_mode": GateMode(args.gate_mode),
-        "layers": layers,
-    }
-    if args.top_k is not None:
-        fields["top_k"] = args.top_k
-    if args.tokens_per_vector is not None:
-        fields["tokens_per_vector"] = args.tokens_per_vector
-    return ExplainOptions(**fields)
-
-
-def _concept_spec(args: argparse.Namespace, prompt: str) -> ConceptSpec:
-    """The ConceptSpec of ``prompt`` from --map, --map-layer / --steer-map-layer, --rank and --side flags."""
-    fields: dict[str, Any] = {"map": ConceptMap(args.map), "rank": args.rank, "side": SingularSide(args.side)}
-    if args.map_layer is not None:
-        fields["layer"] = args.map_layer
-    return ConceptSpec(prompt, **fields)
-
-
-def _steering(args: argparse.Namespace) -> Steering | None:
-    """The Steering from --steer (a concept prompt) or --steer-vector (a saved concept), None without either."""
-    if args.steer and args.steer_vector:
-        raise OptionError("steering", "--steer and --steer-vector exclude each other: give one")
-    if not (args.steer or args.steer_vector):
-        return None
-    fields: dict[str, Any] = {"positions": SteeringPositions(args.steer_positions)}
-    if args.steer_layer is not None:
-        fields["layer"] = args.steer_layer
-    if args.steer_strength is not None:
-        fields["strength"] = args.steer_strength
-    if args.steer:
-        return Steering(concept=_concept_spec(args, args.steer), **fields)
-    return Steering(vector=_load_vector(args.steer_vector), **fields)
-
-
-def _load_vector(path: str) -> list[float]:
-    """A concept vector saved by ``linlens concept --save`` (or any JSON list of floats, or {"vector": [...]})."""
-    try:
-        document = json.loads(Path(path).read_text())
-    except OSError as error:
-        raise CommandError(f"--steer-vector {path}: {error.strerror or error}") from None
-    except ValueError as error:
-        raise CommandError(f"--steer-vector {path}: not JSON ({error})") from None
-    vector = document.get("vector") if isinstance(document, dict) else document
-    if not isinstance(vector, list):
-        raise CommandError(f"--steer-vector {path}: expected a JSON list of floats or an object with a 'vector' list")
-    return [float(v) for v in vector]
-
-
 def _print_json(value: Any) -> None:
     print(json.dumps(to_jsonable(value), indent=2, ensure_ascii=False))
 
@@ -323,9 +228,9 @@ Connect = Callable[[], Backend]
 
 
 def cmd_explain(args: argparse.Namespace, connect: Connect) -> int:
-    options = _explain_options(args)
+    options = explain_options(args)
     with contextlib.closing(connect()) as backend:
-        result = backend.explain(model=args.model or None, options=options, on_progress=_bar(), **_input(args))
+        result = backend.explain(model=args.model or None, options=options, on_progress=_bar(), **input_args(args))
     if args.json:
         _print_json(result)
     else:
@@ -337,14 +242,14 @@ def cmd_explain(args: argparse.Namespace, connect: Connect) -> int:
 
 def cmd_generate(args: argparse.Namespace, connect: Connect) -> int:
     steps: Any = args.explain_steps
-    if steps not in ("first", "all"):
+    if steps not in (None, "first", "all"):
         steps = tuple(int(s) for s in steps.split(","))
     # --layers implies --explain (the layer analysis belongs to the explained steps), and so do --html and --png
     # (their pictures are of explanations)
     explained = args.explain or args.layers or args.html or args.png
-    explain = _explain_options(args, steps) if explained else None
+    explain = explain_options(args, steps) if explained else None
     request: dict[str, Any] = dict(
-        steering=_steering(args),
+        steering=steering(args),
         model=args.model or None,
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
@@ -353,7 +258,7 @@ def cmd_generate(args: argparse.Namespace, connect: Connect) -> int:
         seed=args.seed,
         stop=args.stop,
         explain=explain,
-        **_input(args),
+        **input_args(args),
     )
     with contextlib.closing(connect()) as backend:
         if args.json or args.no_stream:
@@ -385,7 +290,7 @@ def _show(event: StreamEvent) -> None:
 
 
 def cmd_concept(args: argparse.Namespace, connect: Connect) -> int:
-    spec = _concept_spec(args, args.prompt)
+    spec = concept_spec(args, args.prompt)
     with contextlib.closing(connect()) as backend:
         concept = backend.compute_concept(spec, tokens_per_vector=args.tokens_per_vector, model=args.model or None)
     if args.save:
@@ -455,106 +360,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(config)
 
 
-# --- the parser --------------------------------------------------------------------------------------------------
-
-
-def _add_connection(parser: argparse.ArgumentParser, timeout: float) -> None:
-    group = parser.add_argument_group("where it runs")
-    group.add_argument(
-        "--server",
-        default=None,
-        metavar="HOST:PORT",
-        help=f"use a running server (default: ${SERVER_ENV}); without it, the model runs in this process",
-    )
-    group.add_argument(
-        "--model", default="", help=f"model name (default: the server's default; in-process {IN_PROCESS_DEFAULT_MODEL})"
-    )
-    group.add_argument(
-        "--timeout", type=float, default=timeout, help="deadline in seconds, waiting for a model included"
-    )
-    _add_security(group)
-    group.add_argument("--header", action="append", metavar="KEY=VALUE", help="metadata sent with each call")
-    parser.add_argument("--json", action="store_true", help="print the result as JSON")
-
-
-def _add_security(group: Any) -> None:
-    group.add_argument("--tls", action="store_true", help="connect with TLS (system root certificates)")
-    group.add_argument("--ca-cert", metavar="FILE", help="PEM root certificates for TLS (implies --tls)")
-    group.add_argument("--client-cert", metavar="FILE", help="PEM client certificate for mutual TLS (implies --tls)")
-    group.add_argument("--client-key", metavar="FILE", help="PEM private key of --client-cert")
-    group.add_argument(
-        "--api-key",
-        default=None,
-        metavar="TOKEN",
-        help=f"API token sent as 'authorization: Bearer' (default: ${API_KEY_ENV}, which keeps it out of the "
-        "shell history and the process list)",
-    )
-
-
-def _add_input(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("prompt", nargs="?", default="", help="prompt text")
-    parser.add_argument("--token-ids", help="comma-separated token ids instead of a prompt")
-    parser.add_argument("--chat", action="store_true", help="send the prompt as one user turn of a chat")
-
-
-def _add_explain(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--top-k", type=int, default=None, help="singular components per position (0: attributions only; default 3)"
-    )
-    parser.add_argument("--tokens-per-vector", type=int, default=None, help="tokens each singular vector decodes to")
-    parser.add_argument(
-        "--positions", default="last", metavar="last|all|I,J,...", help="positions whose J_i get a spectrum"
-    )
-    parser.add_argument(
-        "--method",
-        choices=[m.value.replace("_", "-") for m in ExplainMethod],
-        default="auto",
-        help="how the singular triplets are computed (auto: the cheaper of full and matrix-free)",
-    )
-    parser.add_argument("--prompt-spectrum", action="store_true", help="also the whole-prompt map [J_1 ... J_n]")
-    parser.add_argument("--target", action="append", metavar="TOKEN_ID", help="extra attribution target")
-    parser.add_argument("--contrast", action="append", metavar="A:B", help="attribute logit(A) - logit(B)")
-    parser.add_argument("--include-jacobians", action="store_true", help="return the per-token Jacobians")
-    parser.add_argument("--precision", choices=[p.value for p in Precision], default="float32")
-    parser.add_argument("--ordinary", action="store_true", help="contrast with the ordinary (not detached) Jacobian")
-    parser.add_argument("--gate-mode", choices=[g.value for g in GateMode], default="freeze_gate")
-    layers = parser.add_argument_group(
-        "layer by layer",
-        "--layers adds the layers x tokens attribution matrix (cheap) and, per selected layer, the up-to-layer "
-        "Jacobian decoded logit-lens style (hidden_size VJPs per layer: seconds each on a CPU)",
-    )
-    layers.add_argument("--layers", metavar="all|every:K|I,J,...", help="layers to analyse (e.g. 29, every:5, all)")
-    layers.add_argument("--no-up-to-layer", action="store_true", help="skip the up-to-layer Jacobians")
-    layers.add_argument("--layer-alone", action="store_true", help="also each layer's own map of its input")
-    layers.add_argument("--component-spectra", action="store_true", help="also attention / MLP spectra (2d VJPs)")
-    layers.add_argument("--layer-top-k", type=int, default=None, help="singular components per layer map")
-    layers.add_argument("--layer-tokens-per-vector", type=int, default=None, help="tokens per layer singular vector")
-
-
-def _add_reports(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("pictures", "write the result's report as well (see linlens.report)")
-    group.add_argument("--html", metavar="FILE", help="one self-contained HTML file (works offline)")
-    group.add_argument("--png", metavar="FILE", help="a PNG image (needs pip install 'linlens[viz]')")
-
-
-def _add_concept(group: Any, prefix: str = "") -> None:
-    """--map, --map-layer, --rank, --side (``prefix`` steer- for generate's --steer concept prompt)."""
-    group.add_argument(
-        f"--{prefix}map",
-        dest="map",
-        choices=[m.value for m in ConceptMap],
-        default="output",
-        help="the map: the whole model's J (output) or a layer's up-to-layer map (layer)",
-    )
-    group.add_argument(
-        f"--{prefix}map-layer", dest="map_layer", type=int, default=None, help="the layer of --map layer"
-    )
-    group.add_argument(f"--{prefix}rank", dest="rank", type=int, default=1, help="which singular triplet (1 = top)")
-    group.add_argument(
-        f"--{prefix}side", dest="side", choices=[s.value for s in SingularSide], default="left", help="which vector"
-    )
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="linlens", description="Exact linear explanations of language models.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -571,17 +376,17 @@ def build_parser() -> argparse.ArgumentParser:
         serve.set_defaults(handler=cmd_serve)
 
     explain = commands.add_parser("explain", help="explain the next-token prediction for a prompt")
-    _add_input(explain)
-    _add_explain(explain)
-    _add_reports(explain)
-    _add_connection(explain, 600.0)
+    add_input(explain)
+    add_explain(explain)
+    add_reports(explain)
+    add_connection(explain, 600.0)
     explain.set_defaults(command_handler=cmd_explain)
 
     generate = commands.add_parser("generate", help="generate text, optionally explained")
-    _add_input(generate)
-    _add_explain(generate)
-    _add_reports(generate)
-    _add_connection(generate, 600.0)
+    add_input(generate)
+    add_explain(generate)
+    add_reports(generate)
+    add_connection(generate, 600.0)
     generate.add_argument("--max-new-tokens", type=int, default=None)
     generate.add_argument("--temperature", type=float, default=None, help="0 or unset: greedy")
     generate.add_argument("--top-p", type=float, default=None)
@@ -591,7 +396,11 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument(
         "--explain", action="store_true", help="explain generated steps (implied by --layers, --html and --png)"
     )
-    generate.add_argument("--explain-steps", default="first", help='"first", "all" or comma-separated step indices')
+    generate.add_argument(
+        "--explain-steps",
+        default=None,
+        help=f'"first", "all" or comma-separated step indices (default: {ExplainOptions.steps})',
+    )
     generate.add_argument("--no-stream", action="store_true", help="one response at the end instead of streaming")
     steer = generate.add_argument_group(
         "steering",
@@ -602,23 +411,26 @@ def build_parser() -> argparse.ArgumentParser:
     steer.add_argument("--steer-layer", type=int, default=None, help="the steered layer (default: floor(2L/3))")
     steer.add_argument("--steer-strength", type=float, default=None, help="lambda (default 0.5; negative steers away)")
     steer.add_argument(
-        "--steer-positions", choices=[p.value for p in SteeringPositions], default="all", help="positions steered"
+        "--steer-positions",
+        choices=[p.value for p in SteeringPositions],
+        default=Steering.positions.value,
+        help="positions steered",
     )
-    _add_concept(steer, prefix="steer-")
+    add_concept(steer, prefix="steer-")
     generate.set_defaults(command_handler=cmd_generate)
 
     concept = commands.add_parser(
         "concept", help="compute a concept vector (a decoded singular vector of a concept prompt's detached map)"
     )
     concept.add_argument("prompt", help="the concept prompt")
-    _add_concept(concept)
+    add_concept(concept)
     concept.add_argument("--tokens-per-vector", type=int, default=None, help="tokens the vector is decoded to")
     concept.add_argument("--save", metavar="FILE", help="write the concept (JSON) for generate --steer-vector")
-    _add_connection(concept, 600.0)
+    add_connection(concept, 600.0)
     concept.set_defaults(command_handler=cmd_concept)
 
     models = commands.add_parser("models", help="list the models (a server's, or the one loaded in-process)")
-    _add_connection(models, 30.0)
+    add_connection(models, 30.0)
     models.set_defaults(command_handler=cmd_models)
 
     wait = commands.add_parser(
@@ -627,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     wait.add_argument("--server", default=None, help=f"HOST:PORT (default: ${SERVER_ENV} or {DEFAULT_TARGET})")
     wait.add_argument("--model", default="", help="model name (default: the server's default model)")
     wait.add_argument("--timeout", type=float, default=600.0, help="seconds to wait, the server's start included")
-    _add_security(wait)
+    add_security(wait)
     wait.set_defaults(handler=cmd_wait)
     from linlens.cli.batch import add_batch_parser
 

@@ -10,6 +10,7 @@ The protobuf definition (``protos/linlens/v1/linlens.proto``) stays the contract
 """
 
 from linlens.contract.options import (
+    DEFAULT_MODEL,
     DEFAULT_STEERING_STRENGTH,
     AttributionTarget,
     ConceptMap,
@@ -49,17 +50,17 @@ from linlens.contract.results import (
     PredictedToken,
     Reconstruction,
     SingularComponent,
-    StreamAssembler,
     StreamEvent,
     Timings,
     TokenScore,
     Usage,
-    collect_stream,
     to_jsonable,
 )
+from linlens.contract.streams import StreamAssembler, collect_stream
 from linlens.contract.tensors import TensorDecodeError, array_from_tensor, tensor_from_array
 
 __all__ = [
+    "DEFAULT_MODEL",
     "DEFAULT_STEERING_STRENGTH",
     "EXPLANATION_PHASES",
     "Attribution",

@@ -9,7 +9,7 @@ once. Rules come in three kinds, each with one home:
   reports them before sending and the server applies the very same code to what it receives;
 - rules that need the model (a layer index below ``num_layers``, a token id inside the vocabulary) live here too
   when they are pure arithmetic on a model dimension (:meth:`LayerAnalysisOptions.selected`), else in the engine;
-- a server's own limits (``max_top_k``, ...) live in ``linlens.server.requests``.
+- a server's own limits (``max_top_k``, ...) live in ``linlens.server.admission``.
 
 A broken rule raises :class:`OptionError`, whose ``field`` names the option as the protobuf does, so that the server
 can answer INVALID_ARGUMENT with the path the caller wrote (``explain.layers.every``). Nothing here imports torch.
@@ -20,11 +20,24 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, Literal, TypeAlias
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeAlias, TypeVar
 
 import numpy as np
 import numpy.typing as npt
+
+T = TypeVar("T")
+
+
+def flag(default: T, help: str, **cli: str) -> T:
+    """A field's default and the help of its command-line flag: ``linlens.cli.flags`` builds the flag from the field
+    (``--field-name``, or ``cli["flag"]``), so the CLI restates neither. ``cli["spell"] == "dashes"`` spells an
+    enum's values with dashes on the command line (``matrix-free``)."""
+    return field(default=default, metadata={"help": help, **cli})
+
+
+#: The model a server serves, and a command runs in-process, when none is named: its one home.
+DEFAULT_MODEL = "smollm2-135m"
 
 
 class OptionError(ValueError):
@@ -209,18 +222,20 @@ class ExplainOptions:
     #: Generation steps to explain (Generate and GenerateStream; Explain always explains its one prediction).
     steps: StepSelection = "first"
     #: Singular components per selected position; 0 skips the full Jacobian (attributions only: one VJP, fast).
-    top_k: int = 3
+    top_k: int = flag(3, "singular components per position (0: attributions only)")
     #: Tokens each singular vector is decoded to.
-    tokens_per_vector: int = 8
+    tokens_per_vector: int = flag(8, "tokens each singular vector decodes to")
     positions: PositionSelection = PositionSelection.LAST
     #: Extra attribution targets besides the explained token, which is always attributed first.
     targets: Sequence[TargetLike] = ()
     #: Return the (n, d, d) Jacobians J_i themselves (large).
-    include_jacobians: bool = False
-    precision: Precision = Precision.FLOAT32
+    include_jacobians: bool = flag(False, "return the per-token Jacobians")
+    precision: Precision = flag(Precision.FLOAT32, "floating-point type the explanation pass computes in")
     #: Also compute the ordinary (not detached) Jacobian and report how badly it reconstructs y.
-    ordinary_contrast: bool = False
-    gate_mode: GateMode = GateMode.FREEZE_GATE
+    ordinary_contrast: bool = flag(False, "contrast with the ordinary (not detached) Jacobian", flag="--ordinary")
+    gate_mode: GateMode = flag(
+        GateMode.FREEZE_GATE, "which factor of a gated MLP (SwiGLU, GeGLU) carries the linear path"
+    )
     #: Explain only: the token to explain instead of the model's top prediction (None: the prediction).
     explained_token_id: int | None = None
     #: Vector-Jacobian products per batch while materialising J; None lets the engine bound peak memory.
@@ -228,11 +243,15 @@ class ExplainOptions:
     #: Layer-by-layer analysis of every explained step; None skips it.
     layers: LayerAnalysisOptions | None = None
     #: How singular triplets are computed (per-position spectra, the prompt spectrum, the layer maps).
-    method: ExplainMethod = ExplainMethod.AUTO
+    method: ExplainMethod = flag(
+        ExplainMethod.AUTO,
+        "how the singular triplets are computed (auto: the cheaper of full and matrix-free)",
+        spell="dashes",
+    )
     #: The positions to decompose with ``positions=LIST`` (0-based); normalised to a tuple.
     position_indices: Sequence[int] = ()
     #: Also the top_k triplets of the whole-prompt map [J_1 ... J_n].
-    prompt_spectrum: bool = False
+    prompt_spectrum: bool = flag(False, "also the whole-prompt map [J_1 ... J_n]")
 
     def __post_init__(self) -> None:
         if self.steps not in ("first", "all"):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias, cast
@@ -539,70 +539,6 @@ def to_jsonable(value: Any) -> Any:
     return value
 
 
-class StreamAssembler:
-    """Collects the events of a generation stream into the Generation a unary call would have returned.
-
-    The one place where a stream's layer events are put back into the explanation of their step: a stream sends
-    each explanation as soon as it is computed and its layer analysis afterwards, event by event.
-    """
-
-    def __init__(self) -> None:
-        self.tokens: list[GeneratedToken] = []
-        self._explanations: dict[int, Explanation] = {}
-        self._matrices: dict[int, LayerAttributions] = {}
-        self._layers: dict[int, list[LayerResult]] = {}
-        self.done: GenerationDone | None = None
-
-    def add(self, event: StreamEvent) -> None:
-        if isinstance(event, GeneratedToken):
-            self.tokens.append(event)
-        elif isinstance(event, Explanation):
-            self._explanations[event.step] = event
-        elif isinstance(event, LayerAttributions):
-            self._matrices[event.step] = event
-        elif isinstance(event, LayerResult):
-            self._layers.setdefault(event.step, []).append(event)
-        elif isinstance(event, GenerationDone):
-            self.done = event
-
-    @property
-    def explanations(self) -> tuple[Explanation, ...]:
-        """The explanations received so far, each with the layer analysis of its step, in step order."""
-        return tuple(
-            dataclasses.replace(
-                explanation,
-                layer_attributions=self._matrices.get(step, explanation.layer_attributions),
-                layers=tuple(self._layers.get(step, explanation.layers)),
-            )
-            for step, explanation in sorted(self._explanations.items())
-        )
-
-    def generation(self) -> Generation:
-        """The assembled Generation; ValueError when the stream ended without its GenerationDone event."""
-        if self.done is None:
-            raise ValueError("the stream ended without a GenerationDone event")
-        done = self.done
-        return Generation(
-            model=done.model,
-            text=done.text,
-            tokens=tuple(self.tokens),
-            finish_reason=done.finish_reason,
-            usage=done.usage,
-            explanations=self.explanations,
-            timings=done.timings,
-            prompt_text=done.prompt_text,
-            seed=done.seed,
-        )
-
-
-def collect_stream(events: Iterable[StreamEvent]) -> Generation:
-    """Assemble the events of ``generate_stream`` into the Generation that ``generate`` would have returned."""
-    assembler = StreamAssembler()
-    for event in events:
-        assembler.add(event)
-    return assembler.generation()
-
-
 __all__ = [
     "EXPLANATION_PHASES",
     "Attribution",
@@ -627,11 +563,9 @@ __all__ = [
     "Reconstruction",
     "ReportMixin",
     "SingularComponent",
-    "StreamAssembler",
     "StreamEvent",
     "Timings",
     "TokenScore",
     "Usage",
-    "collect_stream",
     "to_jsonable",
 ]

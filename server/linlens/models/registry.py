@@ -59,5 +59,3 @@ REGISTRY: dict[str, RegistryEntry] = {
         locate=_gemma3,
     ),
 }
-
-DEFAULT_MODEL = "smollm2-135m"

@@ -23,8 +23,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from linlens.contract.options import DEFAULT_MODEL
+
 ENV_PREFIX = "LINLENS_"
-DEFAULT_MODEL = "smollm2-135m"
 
 _LOG_FORMATS = ("text", "json")
 _LOG_LEVELS = ("debug", "info", "warning", "error")

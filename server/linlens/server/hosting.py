@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 
@@ -126,8 +127,12 @@ class ModelHost:
     # -- requests ----------------------------------------------------------------------------------------------
 
     def resolve(self, name: str) -> ModelSlot:
-        """The slot for a request's model name (empty: the default), or NOT_FOUND listing what there is."""
-        slot = self.slots.get(name or self.default_name)
+        """The slot for a request's model name (empty: the default), or NOT_FOUND listing what there is.
+
+        A request may also name a model the way it was configured: by its folder or .gguf path (as given, or any
+        path to a folder or file of the same name, since a client's path need not be the server's).
+        """
+        slot = self.slots.get(name or self.default_name) or self._by_reference(name)
         if slot is None:
             raise RpcFailure(
                 grpc.StatusCode.NOT_FOUND,
@@ -135,6 +140,17 @@ class ModelHost:
                 f"(an empty name means {self.default_name})",
             )
         return slot
+
+    def _by_reference(self, reference: str) -> ModelSlot | None:
+        if not reference:
+            return None
+        for slot in self.slots.values():
+            if reference == slot.ref or _same_path(reference, slot.ref):
+                return slot
+        path = Path(reference).expanduser()
+        if path.suffix == ".gguf" or path.is_dir() or reference.startswith((".", "/", "~")):
+            return self.slots.get(display_name(reference) if path.suffix == ".gguf" else path.name)
+        return None
 
     def ready(self, name: str) -> LoadedModel:
         """The loaded model for a request: UNAVAILABLE while it loads (retry), FAILED_PRECONDITION if it failed."""
@@ -173,6 +189,13 @@ class ModelHost:
             state=slot.state,
             state_detail=slot.detail,
         )
+
+
+def _same_path(a: str, b: str) -> bool:
+    try:
+        return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+    except (OSError, RuntimeError):
+        return False
 
 
 def warm_up(loaded: LoadedModel) -> float:

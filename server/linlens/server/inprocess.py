@@ -3,7 +3,7 @@
 ``InProcessClient`` has the methods of :class:`linlens.client.Client` (explain, generate, generate_stream,
 list_models, get_model, wait_until_ready) and returns the same types. It runs the server's own request path, minus
 the network: the same request messages (:mod:`linlens.contract.requests`), the same admission and limits
-(:mod:`linlens.server.requests`), the same model work (:mod:`linlens.server.work`), and the results go through the
+(:mod:`linlens.server.admission`), the same model work (:mod:`linlens.server.work`), and the results go through the
 same wire mapping both ways, so a result here is exactly what a server would have sent. Failures raise the SDK's
 exception classes (InvalidArgumentError, ...), as a server's status would.
 
@@ -53,9 +53,9 @@ from linlens.contract.wire import (
     stream_event_to_proto,
 )
 from linlens.models import DEFAULT_MODEL
+from linlens.server.admission import prepare_concept, prepare_explain, prepare_generation
 from linlens.server.config import ServerConfig
 from linlens.server.hosting import ModelHost
-from linlens.server.requests import prepare_concept, prepare_explain, prepare_generation
 from linlens.server.scheduler import CancelToken
 from linlens.server.status import RpcFailure, failure_for
 from linlens.server.work import OnProgress, run_concept, run_explain, run_generation

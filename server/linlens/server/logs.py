@@ -1,7 +1,9 @@
 """Process logging: human-readable text or JSON lines, and the one-line-per-request access log.
 
 Every request produces exactly one record on the ``linlens.access`` logger, written when the call ends, with the
-request id, method, model, gRPC status code and durations. Prompt text appears only when the operator turned on
+request id, method, model, gRPC status code and durations. Successful polls (GetModel, ListModels: what a client
+waiting for a model to load asks every second) are written at DEBUG, so that they do not bury the lines that matter;
+health checks never reach the access log. Prompt text appears only when the operator turned on
 ``log_prompts``: prompts can contain personal data, and logs are usually kept longer and read by more people than
 the requests themselves.
 """
@@ -102,9 +104,16 @@ def quiet_progress_bars(stream: TextIO | None = None) -> None:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
+#: Methods a client polls (readiness, listing); their successful calls are logged at DEBUG.
+POLLS = frozenset({"GetModel", "ListModels"})
+
+
 def log_request(fields: Mapping[str, Any]) -> None:
-    """Write the access-log line of one finished request."""
-    logging.getLogger(ACCESS_LOGGER).info("request", extra={"fields": dict(fields)})
+    """Write the access-log line of one finished request (a successful poll at DEBUG, see the module docstring)."""
+    poll = fields.get("method") in POLLS and fields.get("code") == "OK"
+    logging.getLogger(ACCESS_LOGGER).log(
+        logging.DEBUG if poll else logging.INFO, "request", extra={"fields": dict(fields)}
+    )
 
 
 __all__ = ["ACCESS_LOGGER", "JsonFormatter", "TextFormatter", "log_request", "quiet_progress_bars", "setup_logging"]

@@ -2,7 +2,7 @@
 
 Each RPC reads as its request path (docs/architecture.md draws it):
 
-1. admission on the gRPC thread (:mod:`linlens.server.requests`): the model (NOT_FOUND, UNAVAILABLE while it loads),
+1. admission on the gRPC thread (:mod:`linlens.server.admission`): the model (NOT_FOUND, UNAVAILABLE while it loads),
    the input and the options (INVALID_ARGUMENT), all before any work is queued;
 2. the model work (:mod:`linlens.server.work`) on the scheduler, tied to the call's deadline and cancellation
    (:mod:`linlens.server.jobs`; RESOURCE_EXHAUSTED when the queue is full);
@@ -30,18 +30,18 @@ from linlens.contract.wire import (
     stream_event_to_proto,
 )
 from linlens.models import LoadedModel
-from linlens.server.calls import CallRecord, current_call
-from linlens.server.config import ServerConfig
-from linlens.server.hosting import ModelHost
-from linlens.server.jobs import JobRunner
-from linlens.server.metrics import Metrics
-from linlens.server.requests import (
+from linlens.server.admission import (
     ExplainWork,
     GenerationWork,
     prepare_concept,
     prepare_explain,
     prepare_generation,
 )
+from linlens.server.calls import CallRecord, current_call
+from linlens.server.config import ServerConfig
+from linlens.server.hosting import ModelHost
+from linlens.server.jobs import JobRunner
+from linlens.server.metrics import Metrics
 from linlens.server.work import run_concept, run_explain, run_generation
 from linlens.v1 import linlens_pb2 as pb
 from linlens.v1 import linlens_pb2_grpc as pb_grpc

@@ -1,6 +1,6 @@
 """The model work of each request: what runs on a scheduler worker (or, in-process, on the caller's thread).
 
-Both functions take admitted work (:mod:`linlens.server.requests`) and return the contract's results, so the gRPC
+Both functions take admitted work (:mod:`linlens.server.admission`) and return the contract's results, so the gRPC
 service and :class:`~linlens.server.inprocess.InProcessClient` run exactly the same code. ``emit`` receives each
 stream event as soon as it exists: every generated token, each explanation (without its layer analysis), then that
 step's layers x tokens matrix and each layer's result. ``should_stop`` is polled between tokens, between batches of
@@ -27,9 +27,9 @@ from linlens.contract import (
 )
 from linlens.engine import ExplanationEvent
 from linlens.engine.steering import compute_concept, steered
+from linlens.server.admission import ConceptWork, ExplainWork, GenerationWork
 from linlens.server.generation import generate
 from linlens.server.metrics import Metrics
-from linlens.server.requests import ConceptWork, ExplainWork, GenerationWork
 from linlens.server.scheduler import StopReason
 
 Emit = Callable[[StreamEvent], None]
