@@ -9,8 +9,6 @@ and a softmax or norm coefficient at the last position left live (the J_n compar
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
