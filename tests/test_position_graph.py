@@ -14,7 +14,7 @@ import pytest
 import torch
 from tiny_models import FAMILIES, sample_ids, save_tiny_model
 
-from linlens.engine import ExplainMethod, ExplainOptions, PositionSelection, Precision
+from linlens.engine import ExplainMethod, ExplainOptions, LayerAnalysisOptions, PositionSelection, Precision
 from linlens.engine import jacobian as jac
 from linlens.engine.forward import ExplanationPass
 from linlens.models import LoadedModel, load_model
@@ -130,3 +130,43 @@ def test_last_position_alone_and_among_all_positions_agree(loaded: dict[str, Loa
     np.testing.assert_allclose(alone.spectra[0].singular_values, among.spectra[-1].singular_values, rtol=1e-12)
     for a, b in zip(alone.spectra[0].components, among.spectra[-1].components, strict=True):
         assert abs(float(a.left @ b.left)) > 1 - 1e-10
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_last_position_layer_maps_match_the_full_graph(loaded: dict[str, LoadedModel], family: str) -> None:
+    """Every layer's up-to-layer map and both block maps of x_n, on the position graph against the whole graph's
+    last block, float64."""
+    options = ExplainOptions(precision=Precision.FLOAT64, layers=LayerAnalysisOptions())
+    p = ExplanationPass(loaded[family].explainer.context, sample_ids(), options)
+    chain = p.position_graph()
+    d = p.context.hidden_size
+    for layer in range(p.context.num_layers):
+        for kind in ("layer_outputs", "attention", "mlp"):
+            whole = getattr(p.capture, kind)[layer][0, -1]
+            own = getattr(chain.capture, kind)[layer][0, -1]
+            full = jac.full_jacobian(whole, p.x, chunk=d, retain_graph=True)[:, -1]
+            mine = jac.full_jacobian(own, chain.x, chunk=d, retain_graph=True)
+            assert _relative(mine, full) < AGREES[Precision.FLOAT64], (layer, kind)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2"])
+def test_matrix_free_layer_spectra_match_the_full_ones(loaded: dict[str, LoadedModel], family: str) -> None:
+    """The layer analysis matrix-free (up-to-layer and block maps on the position graph) against FULL (whole
+    graph): the same top singular values, and the same reconstruction over every position."""
+    model = loaded[family]
+    layers = LayerAnalysisOptions(component_spectra=True, top_k=2)
+    runs = {
+        method: model.explainer.explain(
+            sample_ids(), ExplainOptions(precision=Precision.FLOAT64, top_k=0, method=method, layers=layers)
+        )
+        for method in (ExplainMethod.FULL, ExplainMethod.MATRIX_FREE)
+    }
+    for full, free in zip(runs[ExplainMethod.FULL].layers, runs[ExplainMethod.MATRIX_FREE].layers, strict=True):
+        pairs = [(full.up_to_layer, free.up_to_layer), (full.attention.spectrum, free.attention.spectrum)]
+        pairs.append((full.mlp.spectrum, free.mlp.spectrum))
+        for a, b in pairs:
+            assert a is not None and b is not None
+            np.testing.assert_allclose(
+                [c.value for c in b.components], [c.value for c in a.components], rtol=1e-8, atol=1e-12
+            )
+            assert b.reconstruction_error < 1e-12 and a.reconstruction_error < 1e-12

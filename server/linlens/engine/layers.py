@@ -151,6 +151,8 @@ def analyze_layers(
         # M x for every layer output and block term at once: one forward-mode JVP through the frozen system.
         images = Capture()
         p.frozen_jvp(x.detach(), images)
+    # The last position's own graph (it recorded its residual stream) serves the maps of x_n: up-to-layer and blocks.
+    chain = p.position_graph() if images is not None else None
     for layer in layers:
         if should_stop is not None and should_stop():
             raise jac.ExplanationCancelled("the layer analysis was stopped")
@@ -166,8 +168,20 @@ def analyze_layers(
             if options.up_to_layer:
                 shifted = out.detach() - offsets[("layer", layer)] if offsets else out.detach()
                 assert images is not None
+                # Products on the last position's own graph (its map of x_n); the reconstruction over every
+                # position comes from the whole graph's forward-mode image.
+                assert chain is not None
                 up_to = _free_spectrum(
-                    p, out, x, images.layer_outputs[layer][0, -1], shifted, norm, options, k, "embeddings", counter
+                    p,
+                    chain.capture.layer_outputs[layer][0, -1],
+                    chain.x,
+                    images.layer_outputs[layer][0, -1],
+                    shifted,
+                    norm,
+                    options,
+                    k,
+                    "embeddings",
+                    counter,
                 )
             if options.layer_alone:
                 target = out.detach()
@@ -176,11 +190,13 @@ def analyze_layers(
                     alone = dataclasses.replace(alone, reconstruction_error=float("nan"))
             if options.component_spectra:
                 assert images is not None
+                assert chain is not None
                 for slot, (kind, term) in enumerate(blocks):
                     image = getattr(images, kind)[layer][0, -1]
                     linear_part = term.detach() - offsets[(kind, layer)] if offsets else term.detach()
+                    chain_term = getattr(chain.capture, kind)[layer][0, -1]
                     spectra[slot] = _free_spectrum(
-                        p, term, x, image, linear_part, norm, options, k, "embeddings", counter
+                        p, chain_term, chain.x, image, linear_part, norm, options, k, "embeddings", counter
                     )
             done += counter.count
             products = counter.count
@@ -285,7 +301,8 @@ def _free_spectrum(
     ``image`` is M z over every input position (from the forward-mode JVP), or None to take it with one more JVP.
     """
     graph = GraphProducts(out, inp, chunk=p.vjp_chunk())
-    shape = inp.shape if inp.dim() == 2 else inp.shape[1:]  # (n, d): the embeddings, or a layer's input (1, n, d)
+    # (n, d): the embeddings, or a layer's input (1, n, d); x_n alone (d,) on the last position's own graph
+    shape = (1, *inp.shape) if inp.dim() == 1 else inp.shape if inp.dim() == 2 else inp.shape[1:]
     n, d_in = int(shape[0]), int(shape[1])
 
     def at_last(vectors: torch.Tensor) -> torch.Tensor:  # (b, d_in) -> (b, *inp.shape) with the rows at position n-1
