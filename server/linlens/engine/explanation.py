@@ -117,8 +117,13 @@ def explain_output(
     directions = torch.stack(
         [p.head[t.token_id] - (p.head[t.contrast_token_id] if t.contrast_token_id is not None else 0) for t in targets]
     )
+    # The explained token's row w^T J is the double-backward graph's own g(u) = J^T u at u = w (one differentiable
+    # backward serves the attribution and, next, the reconstruction's JVP); further targets take one batched VJP.
+    graph = GraphProducts(p.y, p.x, chunk=p.vjp_chunk(), seed=directions[0])
+    first = graph.transposed().detach()[None]
     with torch.enable_grad():
-        products = jac.cotangent_products(p.y, p.x, directions, retain_graph=True)
+        rest = jac.cotangent_products(p.y, p.x, directions[1:], retain_graph=True) if len(targets) > 1 else first[:0]
+    products = torch.cat([first, rest])
     per_token = (products * p.x.detach()[None]).sum(dim=-1)  # (T, n)
     attributions = []
     for target, direction, row in zip(targets, directions, per_token, strict=True):
@@ -135,7 +140,6 @@ def explain_output(
     # 2. The reconstruction y = J x + c, from one JVP along x on the retained graph (see the module docstring); a
     # matrix-free solve goes on with the same double-backward graph.
     tick = time.perf_counter()
-    graph = GraphProducts(p.y, p.x, chunk=p.vjp_chunk())
     y_linear = graph.jvp(p.x.detach()[None])[0] + p.constant
     tally.jvps += 1
     if method is not ExplainMethod.MATRIX_FREE:

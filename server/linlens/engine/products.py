@@ -24,12 +24,15 @@ ShouldStop = Callable[[], bool]
 class GraphProducts:
     """Batched products with d out / d inp on the graph that computed ``out`` from ``inp`` (kept alive)."""
 
-    def __init__(self, out: torch.Tensor, inp: torch.Tensor, *, chunk: int) -> None:
+    def __init__(self, out: torch.Tensor, inp: torch.Tensor, *, chunk: int, seed: torch.Tensor | None = None) -> None:
         if out.dim() != 1:
             raise ValueError(f"the output must be a vector, not shape {tuple(out.shape)}")
         self.out = out
         self.inp = inp
         self.chunk = max(1, chunk)
+        #: The value of the dummy cotangent u: any value serves the JVPs (g is linear in u), so a caller that also
+        #: wants u^T M for one u passes it and reads :meth:`transposed`.
+        self._seed = seed
         self._dummy: torch.Tensor | None = None
         self._transposed: torch.Tensor | None = None
         #: Products computed so far (each column of a batch counts as one).
@@ -53,15 +56,21 @@ class GraphProducts:
         self.vjps += int(cotangents.shape[0])
         return torch.cat(parts) if parts else cotangents.new_zeros((0, *self.inp.shape))
 
-    def jvp(self, tangents: torch.Tensor) -> torch.Tensor:
-        """(b, *inp.shape) -> (b, d_out): the columns M v."""
+    def transposed(self) -> torch.Tensor:
+        """g(u) = M^T u (shape of inp) as a differentiable function of the dummy u (at the ``seed``, else 0)."""
         if self._transposed is None:
-            self._dummy = torch.zeros_like(self.out.detach()).requires_grad_(True)
+            start = self._seed if self._seed is not None else torch.zeros_like(self.out.detach())
+            self._dummy = start.detach().to(self.out.dtype).clone().requires_grad_(True)
             with torch.enable_grad():
                 (self._transposed,) = torch.autograd.grad(
                     self.out, self.inp, grad_outputs=self._dummy, create_graph=True, retain_graph=True
                 )
-        assert self._dummy is not None
+        return self._transposed
+
+    def jvp(self, tangents: torch.Tensor) -> torch.Tensor:
+        """(b, *inp.shape) -> (b, d_out): the columns M v."""
+        self.transposed()
+        assert self._dummy is not None and self._transposed is not None
         parts = []
         for start in range(0, tangents.shape[0], self.chunk):
             block = tangents[start : start + self.chunk].to(self._transposed.dtype)
