@@ -23,7 +23,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import FrameType
@@ -71,6 +71,8 @@ class RunningServer:
     #: The plaintext health-only server on ``config.health_port`` (None when that is off).
     health_server: grpc.Server | None = None
     health_port: int | None = None
+    #: The generation lane (plain generations, decoded in batches); drained and cancelled with ``scheduler``.
+    generation_scheduler: Scheduler | None = None
     loaded_event: threading.Event = field(default_factory=threading.Event)
     stopped_event: threading.Event = field(default_factory=threading.Event)
     _drain_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -106,14 +108,18 @@ class RunningServer:
             self.lifecycle.start_draining()
             self.health.enter_graceful_shutdown()
             self.scheduler.close()
+            if self.generation_scheduler is not None:
+                self.generation_scheduler.close()
             finished = self.lifecycle.wait_idle(grace)
             if not finished:
                 _log.warning("grace period over with %d call(s) in flight; cancelling them", self.lifecycle.inflight)
             # Also stops jobs whose callers left already and which have not reached a check point yet, so that no
             # model work is still running when the process exits.
-            self.scheduler.cancel_all(StopReason.SHUTDOWN)
+            self.force_stop()
             self.lifecycle.wait_idle(5.0)
             self.scheduler.wait_idle(10.0)
+            if self.generation_scheduler is not None:
+                self.generation_scheduler.wait_idle(10.0)
             self.server.stop(grace=1.0).wait(5.0)
             if self.health_server is not None:
                 self.health_server.stop(grace=None)
@@ -125,6 +131,8 @@ class RunningServer:
     def force_stop(self) -> None:
         """Cancel all queued and running work now (a second signal during a drain)."""
         self.scheduler.cancel_all(StopReason.SHUTDOWN)
+        if self.generation_scheduler is not None:
+            self.generation_scheduler.cancel_all(StopReason.SHUTDOWN)
 
     def stop(self) -> None:
         """Stop at once, cancelling work in flight (tests, errors)."""
@@ -179,8 +187,21 @@ def start_server(
     metrics = metrics or Metrics()
     host = ModelHost(config)
     lifecycle = Lifecycle()
-    scheduler = Scheduler(config.max_concurrent_jobs, config.max_queue, on_queue_depth=metrics.set_queue_depth)
-    servicer = LinlensServicer(config, host, JobRunner(scheduler), metrics)
+    depths = [0, 0]  # waiting jobs of the two lanes; the queue-depth gauge shows their sum
+
+    def depth_of(lane: int) -> Callable[[int], None]:
+        def report(n: int) -> None:
+            depths[lane] = n
+            metrics.set_queue_depth(sum(depths))
+
+        return report
+
+    scheduler = Scheduler(config.max_concurrent_jobs, config.max_queue, on_queue_depth=depth_of(0))
+    # the generation lane: one worker per batch row, each waiting on its request's place in the decode batch
+    generation_scheduler = Scheduler(
+        config.max_batch_size, config.max_queue, on_queue_depth=depth_of(1), name="linlens-generation"
+    )
+    servicer = LinlensServicer(config, host, JobRunner(scheduler), metrics, JobRunner(generation_scheduler))
 
     credentials = server_credentials(config)  # before anything starts: a missing file stops start-up
     interceptors: list[grpc.ServerInterceptor] = [
@@ -243,6 +264,7 @@ def start_server(
         port=port,
         host=host,
         scheduler=scheduler,
+        generation_scheduler=generation_scheduler,
         metrics=metrics,
         health=health_servicer,
         lifecycle=lifecycle,
