@@ -41,8 +41,9 @@ from linlens.server.hosting import ModelHost, ModelSlot, model_labels
 from linlens.server.jobs import JobRunner
 from linlens.server.logs import setup_logging
 from linlens.server.metrics import Metrics
-from linlens.server.scheduler import Scheduler, StopReason
+from linlens.server.scheduler import Lanes, Scheduler, StopReason
 from linlens.server.service import LinlensServicer
+from linlens.server.tls import ReloadingCertificates
 from linlens.v1 import linlens_pb2_grpc as pb_grpc
 
 _log = logging.getLogger(__name__)
@@ -63,7 +64,8 @@ class RunningServer:
     server: grpc.Server
     port: int
     host: ModelHost
-    scheduler: Scheduler
+    #: The explanation workers and the generation lane, seen as one (running, queued, drain).
+    scheduler: Lanes
     metrics: Metrics
     health: health.HealthServicer
     lifecycle: Lifecycle
@@ -71,8 +73,6 @@ class RunningServer:
     #: The plaintext health-only server on ``config.health_port`` (None when that is off).
     health_server: grpc.Server | None = None
     health_port: int | None = None
-    #: The generation lane (plain generations, decoded in batches); drained and cancelled with ``scheduler``.
-    generation_scheduler: Scheduler | None = None
     loaded_event: threading.Event = field(default_factory=threading.Event)
     stopped_event: threading.Event = field(default_factory=threading.Event)
     _drain_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -108,18 +108,14 @@ class RunningServer:
             self.lifecycle.start_draining()
             self.health.enter_graceful_shutdown()
             self.scheduler.close()
-            if self.generation_scheduler is not None:
-                self.generation_scheduler.close()
             finished = self.lifecycle.wait_idle(grace)
             if not finished:
                 _log.warning("grace period over with %d call(s) in flight; cancelling them", self.lifecycle.inflight)
             # Also stops jobs whose callers left already and which have not reached a check point yet, so that no
             # model work is still running when the process exits.
-            self.force_stop()
+            self.scheduler.cancel_all(StopReason.SHUTDOWN)
             self.lifecycle.wait_idle(5.0)
             self.scheduler.wait_idle(10.0)
-            if self.generation_scheduler is not None:
-                self.generation_scheduler.wait_idle(10.0)
             self.server.stop(grace=1.0).wait(5.0)
             if self.health_server is not None:
                 self.health_server.stop(grace=None)
@@ -131,8 +127,6 @@ class RunningServer:
     def force_stop(self) -> None:
         """Cancel all queued and running work now (a second signal during a drain)."""
         self.scheduler.cancel_all(StopReason.SHUTDOWN)
-        if self.generation_scheduler is not None:
-            self.generation_scheduler.cancel_all(StopReason.SHUTDOWN)
 
     def stop(self) -> None:
         """Stop at once, cancelling work in flight (tests, errors)."""
@@ -149,25 +143,14 @@ def _apply_torch_threads(config: ServerConfig) -> None:
         torch.set_num_threads(config.torch_threads)
 
 
-def read_pem(setting: str, path: str) -> bytes:
-    """The bytes of a PEM file named by a setting (OSError naming the setting when it cannot be read)."""
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as exc:
-        raise OSError(f"{setting} {path}: {exc.strerror or exc}") from None
-
-
 def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
-    """TLS credentials from the configured files (None: plaintext); mutual TLS when a client CA is configured."""
+    """TLS credentials from the configured files (None: plaintext); mutual TLS when a client CA is configured. The
+    files are watched: a renewed certificate is used for new connections without a restart (linlens.server.tls)."""
     if not config.tls:
         return None
-    key = read_pem("tls_key_file", config.tls_key_file)
-    chain = read_pem("tls_cert_file", config.tls_cert_file)
-    client_ca = read_pem("tls_client_ca_file", config.tls_client_ca_file) if config.tls_client_ca_file else None
-    return grpc.ssl_server_credentials(
-        [(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None
-    )
+    return ReloadingCertificates(
+        config.tls_key_file, config.tls_cert_file, config.tls_client_ca_file or None
+    ).credentials()
 
 
 def start_server(
@@ -196,12 +179,11 @@ def start_server(
 
         return report
 
-    scheduler = Scheduler(config.max_concurrent_jobs, config.max_queue, on_queue_depth=depth_of(0))
-    # the generation lane: one worker per batch row, each waiting on its request's place in the decode batch
-    generation_scheduler = Scheduler(
-        config.max_batch_size, config.max_queue, on_queue_depth=depth_of(1), name="linlens-generation"
-    )
-    servicer = LinlensServicer(config, host, JobRunner(scheduler), metrics, JobRunner(generation_scheduler))
+    explanations = Scheduler(config.max_concurrent_jobs, config.max_queue, on_queue_depth=depth_of(0))
+    # the generation lane: plain generations, one worker per batch row, each waiting on its row of the decode batch
+    generations = Scheduler(config.max_batch_size, config.max_queue, on_queue_depth=depth_of(1), name="linlens-gen")
+    scheduler = Lanes(explanations, generations)
+    servicer = LinlensServicer(config, host, JobRunner(explanations), metrics, JobRunner(generations))
 
     credentials = server_credentials(config)  # before anything starts: a missing file stops start-up
     interceptors: list[grpc.ServerInterceptor] = [
@@ -264,7 +246,6 @@ def start_server(
         port=port,
         host=host,
         scheduler=scheduler,
-        generation_scheduler=generation_scheduler,
         metrics=metrics,
         health=health_servicer,
         lifecycle=lifecycle,
