@@ -36,6 +36,8 @@ _log = logging.getLogger(__name__)
 #: Defaults of the two settings (measured on the 2-core CPU machine; see docs/operations.md).
 DEFAULT_MAX_BATCH_SIZE = 16
 DEFAULT_MAX_BATCH_TOKENS = 16384
+#: Seconds without work after which a model's decode thread ends (a new request starts it again).
+IDLE_S = 10.0
 
 
 class BatchRow:
@@ -114,7 +116,10 @@ class DecodeBatch:
     def _loop(self) -> None:
         with torch.inference_mode():
             while True:
-                for row in self._take_pending():
+                joining = self._take_pending()
+                if joining is None:
+                    return  # idle: the thread ends, and the next request starts a new one
+                for row in joining:
                     try:
                         self._join(row)
                     except BaseException as exc:  # its prefill failed: that row fails, the batch goes on
@@ -129,10 +134,14 @@ class DecodeBatch:
                         row.finish(exc)
                     self._rows, self._cache, self._mask = [], None, None
 
-    def _take_pending(self) -> list[BatchRow]:
+    def _take_pending(self) -> list[BatchRow] | None:
+        """The rows to join now; None when nothing came for IDLE_S seconds (the thread then ends, so that a stopped
+        server's model is not held by an idle decode thread)."""
         with self._cond:
             while not self._pending and not self._rows:
-                self._cond.wait()
+                if not self._cond.wait(IDLE_S) and not self._pending:
+                    self._thread = None
+                    return None
             taken: list[BatchRow] = []
             if not self._mergeable and self._rows:
                 return taken  # one at a time for this model
