@@ -109,6 +109,26 @@ def test_tls_serves_encrypted_calls_and_refuses_plaintext_and_untrusted_clients(
         wrong.list_models()  # the server's certificate is not signed by a CA this client trusts
 
 
+def test_a_renewed_certificate_is_served_without_a_restart(make_server: Callable[..., Any], tmp_path: Path) -> None:
+    old_ca, new_ca = CertificateAuthority("old CA"), CertificateAuthority("new CA")
+    cert_file, key_file = old_ca.issue("localhost", server=True).write(tmp_path, "server")
+    server = make_server(tls_cert_file=str(cert_file), tls_key_file=str(key_file))
+    target = tls_target(server)
+    with Client(target, root_certificates=old_ca.pem, retry=NO_RETRY, timeout=60) as client:
+        assert client.list_models()
+    # renew: write the new pair beside the old one, then move it into place (what cert-manager and certbot do)
+    renewed = tmp_path / "renewed"
+    renewed.mkdir()
+    new_cert, new_key = new_ca.issue("localhost", server=True).write(renewed, "server")
+    os.replace(new_key, key_file)
+    os.replace(new_cert, cert_file)
+    with Client(target, root_certificates=new_ca.pem, retry=NO_RETRY, timeout=60) as client:
+        assert client.list_models()  # a new connection gets the renewed certificate
+    stale = Client(target, root_certificates=old_ca.pem, retry=NO_RETRY, timeout=5)
+    with stale, pytest.raises(UnavailableError):
+        stale.list_models()  # the old certificate is no longer served
+
+
 def test_mutual_tls_requires_a_client_certificate_from_the_configured_ca(
     make_server: Callable[..., Any], pki: dict[str, Any]
 ) -> None:

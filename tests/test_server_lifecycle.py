@@ -87,7 +87,7 @@ def full_explain_request() -> pb.ExplainRequest:
 
 
 def test_full_queue_is_resource_exhausted_and_clears(make_server: Callable[..., Any]) -> None:
-    server = make_server(max_concurrent_jobs=1, max_queue=0)
+    server = make_server(max_concurrent_jobs=1, max_queue=0, max_batch_size=1)  # one generation at a time
     with grpc.insecure_channel(server.target) as channel:
         stub = pb_grpc.LinlensServiceStub(channel)
         long = pb.GenerateRequest(

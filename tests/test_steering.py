@@ -185,7 +185,11 @@ def test_steering_is_scoped_to_its_request_while_others_run_at_the_same_time(mak
         for thread in threads:
             thread.join(timeout=240)
     for job, result in zip(jobs, results, strict=True):
-        assert result == alone[job], f"{job}: concurrent run differs from the sequential one"  # bit for bit
+        if job[1]:  # steered generations run apart: bit for bit
+            assert result == alone[job], f"{job}: concurrent run differs from the sequential one"
+        else:  # unsteered ones decode in a batch: the same tokens, logprobs within 1e-4 (docs/operations.md)
+            assert [t for t, _ in result] == [t for t, _ in alone[job]], f"{job}: tokens differ"
+            assert all(abs(a - b) <= 1e-4 for (_, a), (_, b) in zip(result, alone[job], strict=True)), job
 
 
 # --- bad input -----------------------------------------------------------------------------------------------------

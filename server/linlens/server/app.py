@@ -23,7 +23,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import FrameType
@@ -41,8 +41,9 @@ from linlens.server.hosting import ModelHost, ModelSlot, model_labels
 from linlens.server.jobs import JobRunner
 from linlens.server.logs import setup_logging
 from linlens.server.metrics import Metrics
-from linlens.server.scheduler import Scheduler, StopReason
+from linlens.server.scheduler import Lanes, Scheduler, StopReason
 from linlens.server.service import LinlensServicer
+from linlens.server.tls import ReloadingCertificates
 from linlens.v1 import linlens_pb2_grpc as pb_grpc
 
 _log = logging.getLogger(__name__)
@@ -63,7 +64,8 @@ class RunningServer:
     server: grpc.Server
     port: int
     host: ModelHost
-    scheduler: Scheduler
+    #: The explanation workers and the generation lane, seen as one (running, queued, drain).
+    scheduler: Lanes
     metrics: Metrics
     health: health.HealthServicer
     lifecycle: Lifecycle
@@ -141,25 +143,14 @@ def _apply_torch_threads(config: ServerConfig) -> None:
         torch.set_num_threads(config.torch_threads)
 
 
-def read_pem(setting: str, path: str) -> bytes:
-    """The bytes of a PEM file named by a setting (OSError naming the setting when it cannot be read)."""
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as exc:
-        raise OSError(f"{setting} {path}: {exc.strerror or exc}") from None
-
-
 def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
-    """TLS credentials from the configured files (None: plaintext); mutual TLS when a client CA is configured."""
+    """TLS credentials from the configured files (None: plaintext); mutual TLS when a client CA is configured. The
+    files are watched: a renewed certificate is used for new connections without a restart (linlens.server.tls)."""
     if not config.tls:
         return None
-    key = read_pem("tls_key_file", config.tls_key_file)
-    chain = read_pem("tls_cert_file", config.tls_cert_file)
-    client_ca = read_pem("tls_client_ca_file", config.tls_client_ca_file) if config.tls_client_ca_file else None
-    return grpc.ssl_server_credentials(
-        [(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None
-    )
+    return ReloadingCertificates(
+        config.tls_key_file, config.tls_cert_file, config.tls_client_ca_file or None
+    ).credentials()
 
 
 def start_server(
@@ -179,8 +170,20 @@ def start_server(
     metrics = metrics or Metrics()
     host = ModelHost(config)
     lifecycle = Lifecycle()
-    scheduler = Scheduler(config.max_concurrent_jobs, config.max_queue, on_queue_depth=metrics.set_queue_depth)
-    servicer = LinlensServicer(config, host, JobRunner(scheduler), metrics)
+    depths = [0, 0]  # waiting jobs of the two lanes; the queue-depth gauge shows their sum
+
+    def depth_of(lane: int) -> Callable[[int], None]:
+        def report(n: int) -> None:
+            depths[lane] = n
+            metrics.set_queue_depth(sum(depths))
+
+        return report
+
+    explanations = Scheduler(config.max_concurrent_jobs, config.max_queue, on_queue_depth=depth_of(0))
+    # the generation lane: plain generations, one worker per batch row, each waiting on its row of the decode batch
+    generations = Scheduler(config.max_batch_size, config.max_queue, on_queue_depth=depth_of(1), name="linlens-gen")
+    scheduler = Lanes(explanations, generations)
+    servicer = LinlensServicer(config, host, JobRunner(explanations), metrics, JobRunner(generations))
 
     credentials = server_credentials(config)  # before anything starts: a missing file stops start-up
     interceptors: list[grpc.ServerInterceptor] = [

@@ -68,6 +68,12 @@ class ServerConfig:
     #: Jobs that may wait for a free worker; one more is refused with RESOURCE_EXHAUSTED so that clients back off
     #: instead of piling up latency.
     max_queue: int = 16
+    #: Generation requests (without explanations or steering) that decode together in one batch, one forward pass
+    #: per token for all of them; more wait, counted against max_queue. 1 turns batching off.
+    max_batch_size: int = 16
+    #: Cache positions (prompt plus token budget, summed over a batch's requests) a batch may hold; a request that
+    #: would exceed it waits for rows to leave (a request alone is always admitted).
+    max_batch_tokens: int = 16384
     #: Longest accepted input, in tokens, after the chat template is applied; 0 means the model's own context
     #: (``max_position_embeddings``), which is always a limit too: an input that fills it leaves no room to predict.
     max_prompt_tokens: int = 0
@@ -153,6 +159,8 @@ class ServerConfig:
             raise ConfigError(f"dtype: {self.dtype!r} is not one of {', '.join(_DTYPES)}")
         positive = (
             "max_concurrent_jobs",
+            "max_batch_size",
+            "max_batch_tokens",
             "max_new_tokens",
             "max_request_bytes",
             "max_explanation_memory_mb",
@@ -329,6 +337,8 @@ _HELP: dict[str, str] = {
     "device": "torch device, e.g. cpu or cuda",
     "max_concurrent_jobs": "model jobs running at once",
     "max_queue": "jobs allowed to wait; more are refused with RESOURCE_EXHAUSTED",
+    "max_batch_size": "generation requests decoded together in one batch (1 = no batching)",
+    "max_batch_tokens": "cache positions (prompt + token budget) one batch may hold",
     "max_prompt_tokens": "longest accepted input in tokens (0 = the model's context)",
     "max_request_bytes": "largest accepted request message in bytes",
     "max_explanation_memory_mb": "memory one explanation may need by the engine's estimate, in MiB",

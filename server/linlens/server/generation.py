@@ -25,6 +25,7 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList,
 
 from linlens.contract import FinishReason, GeneratedToken
 from linlens.engine import check_token_id
+from linlens.server.batching import BatchRow, DecodeBatch, processors_for
 from linlens.server.scheduler import StopReason
 
 #: max_new_tokens when a request leaves it unset.
@@ -263,44 +264,13 @@ def generate(
     ``on_token`` is called on the generating thread as soon as each token exists. When ``should_stop`` turns true,
     generation ends after the current token and GenerationStopped(reason from ``stop_reason``) is raised.
     """
-    prompt = [int(i) for i in prompt_ids]
-    budget = sampling.max_new_tokens
-    capped_by_context = False
-    if max_positions:
-        room = max_positions - len(prompt)
-        if room < 1:
-            raise InputError(
-                f"the input has {len(prompt)} tokens, which fills the model's context of {max_positions}; shorten it"
-            )
-        if room < budget:
-            budget, capped_by_context = room, True
-
-    seed: int | None = None
-    generator: torch.Generator | None = None
-    if not sampling.greedy:
-        seed = sampling.seed if sampling.seed is not None else secrets.randbits(63)
-        generator = torch.Generator(device=model.device)
-        generator.manual_seed(seed)
-
+    prompt, budget, capped_by_context = _budget(prompt_ids, sampling, max_positions)
+    seed, generator = _generator(model, sampling)
     step_logits = _StepLogits(sampling, generator)
     hook = _TokenHook(tokenizer, step_logits, sampling.stop_sequences, should_stop, on_token)
     if should_stop():
         raise GenerationStopped(stop_reason() or StopReason.CANCELLED, [])
-
-    config = GenerationConfig.from_dict(model.generation_config.to_dict())
-    config.do_sample = False  # greedy argmax over what _StepLogits returns: the draw happened there when sampling
-    config.max_new_tokens = budget
-    config.min_new_tokens = None
-    config.max_length = None
-    config.num_beams = 1
-    for name in ("temperature", "top_p", "top_k", "min_p", "typical_p"):
-        setattr(config, name, None)  # never applied with do_sample=False; unset so transformers does not warn
-    eos = config.eos_token_id if config.eos_token_id is not None else tokenizer.eos_token_id
-    if config.pad_token_id is None:
-        config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else _first(eos, 0)
-    eos_ids = set(_as_list(eos))
-    if sampling.ignore_eos:
-        config.eos_token_id = []  # None would be refilled from the model's defaults inside generate
+    config, eos_ids = _generation_config(model, tokenizer, sampling, budget)
 
     input_ids = torch.tensor([prompt], dtype=torch.long, device=model.device)
     started = time.monotonic()
@@ -316,7 +286,118 @@ def generate(
 
     if hook.cancelled:
         raise GenerationStopped(stop_reason() or StopReason.CANCELLED, hook.tokens)
+    return _finished(tokenizer, prompt, hook, sampling, eos_ids, budget, capped_by_context, started, seconds, seed)
 
+
+def generate_batched(
+    batch: DecodeBatch,
+    model: Any,
+    tokenizer: Any,
+    prompt_ids: Sequence[int],
+    sampling: Sampling,
+    *,
+    max_positions: int | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+    stop_reason: Callable[[], StopReason | None] = lambda: None,
+    on_token: Callable[[GeneratedToken], None] | None = None,
+) -> GenerationRun:
+    """Like :func:`generate`, but decoded in ``batch`` together with the model's other requests
+    (:mod:`linlens.server.batching`). The tokens are chosen exactly as generate chooses them: the generation config's
+    logits processors on the request's own ids, then argmax, or a draw from the request's own generator."""
+    prompt, budget, capped_by_context = _budget(prompt_ids, sampling, max_positions)
+    seed, generator = _generator(model, sampling)
+    step_logits = _StepLogits(sampling, generator)
+    hook = _TokenHook(tokenizer, step_logits, sampling.stop_sequences, should_stop, on_token)
+    if should_stop():
+        raise GenerationStopped(stop_reason() or StopReason.CANCELLED, [])
+    config, eos_ids = _generation_config(model, tokenizer, sampling, budget)
+    stop_ids = set() if sampling.ignore_eos else eos_ids
+    processors = processors_for(model, config, len(prompt))
+    device = model.device
+    completed = False
+
+    def step(logits: torch.Tensor) -> tuple[int, bool]:
+        nonlocal completed
+        scores = logits
+        if processors:
+            ids = torch.tensor([prompt + hook.ids], dtype=torch.long, device=device)
+            scores = processors(ids, logits[None])[0]  # type: ignore[arg-type]
+        step_logits.logprobs = torch.log_softmax(scores, dim=-1)
+        token = int(torch.argmax(scores)) if sampling.greedy else sample_token(scores, sampling, generator)
+        stop = bool(hook(torch.tensor([[token]]), scores[None])[0])  # type: ignore[arg-type]
+        finished = stop or token in stop_ids or len(hook.ids) >= budget
+        completed = finished and not hook.cancelled
+        return token, finished
+
+    started = time.monotonic()
+    cost = len(prompt) + budget
+    batch.run(BatchRow(prompt, step, should_stop, cost))
+    seconds = time.monotonic() - started
+    step_logits.logprobs = None
+    if not completed:
+        raise GenerationStopped(stop_reason() or StopReason.CANCELLED, hook.tokens)
+    return _finished(tokenizer, prompt, hook, sampling, eos_ids, budget, capped_by_context, started, seconds, seed)
+
+
+def _budget(prompt_ids: Sequence[int], sampling: Sampling, max_positions: int | None) -> tuple[list[int], int, bool]:
+    """The prompt as ints, the token budget, and whether the model's context capped it."""
+    prompt = [int(i) for i in prompt_ids]
+    budget = sampling.max_new_tokens
+    capped_by_context = False
+    if max_positions:
+        room = max_positions - len(prompt)
+        if room < 1:
+            raise InputError(
+                f"the input has {len(prompt)} tokens, which fills the model's context of {max_positions}; shorten it"
+            )
+        if room < budget:
+            budget, capped_by_context = room, True
+    return prompt, budget, capped_by_context
+
+
+def _generator(model: Any, sampling: Sampling) -> tuple[int | None, torch.Generator | None]:
+    """The seed and the request's own generator when sampling (a random seed when the request gave none)."""
+    if sampling.greedy:
+        return None, None
+    seed = sampling.seed if sampling.seed is not None else secrets.randbits(63)
+    generator = torch.Generator(device=model.device)
+    generator.manual_seed(seed)
+    return seed, generator
+
+
+def _generation_config(
+    model: Any, tokenizer: Any, sampling: Sampling, budget: int
+) -> tuple[GenerationConfig, set[int]]:
+    """The model's generation config for one greedy run of ``budget`` tokens, and its EOS ids."""
+    config = GenerationConfig.from_dict(model.generation_config.to_dict())
+    config.do_sample = False  # greedy argmax over what _StepLogits returns: the draw happened there when sampling
+    config.max_new_tokens = budget
+    config.min_new_tokens = None
+    config.max_length = None
+    config.num_beams = 1
+    for name in ("temperature", "top_p", "top_k", "min_p", "typical_p"):
+        setattr(config, name, None)  # never applied with do_sample=False; unset so transformers does not warn
+    eos = config.eos_token_id if config.eos_token_id is not None else tokenizer.eos_token_id
+    if config.pad_token_id is None:
+        config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else _first(eos, 0)
+    eos_ids = set(_as_list(eos))
+    if sampling.ignore_eos:
+        config.eos_token_id = []  # None would be refilled from the model's defaults inside generate
+    return config, eos_ids
+
+
+def _finished(
+    tokenizer: Any,
+    prompt: list[int],
+    hook: _TokenHook,
+    sampling: Sampling,
+    eos_ids: set[int],
+    budget: int,
+    capped_by_context: bool,
+    started: float,
+    seconds: float,
+    seed: int | None,
+) -> GenerationRun:
     text = tokenizer.decode(hook.ids, skip_special_tokens=True)
     if hook.stop_at is not None:
         reason, text = FinishReason.STOP_SEQUENCE, text[: hook.stop_at]
@@ -371,5 +452,6 @@ __all__ = [
     "encode_chat",
     "encode_text",
     "generate",
+    "generate_batched",
     "sample_token",
 ]

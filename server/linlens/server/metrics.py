@@ -198,6 +198,20 @@ class Metrics:
             buckets=_QUEUE_BUCKETS,
             registry=registry,
         )
+        self._batch_size = Histogram(
+            f"{p}_generation_batch_size",
+            "Requests decoded together in one batched generation step (observed once per step).",
+            ["model"],
+            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64),
+            registry=registry,
+        )
+        self._join_wait = Histogram(
+            f"{p}_batch_join_wait_seconds",
+            "Time a generation request waited for a token boundary to join its model's decode batch.",
+            ["model"],
+            buckets=_QUEUE_BUCKETS,
+            registry=registry,
+        )
         self._ttft = Histogram(
             f"{p}_time_to_first_token_seconds",
             "Time from a request's arrival to its first generated token.",
@@ -297,6 +311,14 @@ class Metrics:
     def observe_queue_wait(self, model: str, seconds: float) -> None:
         """Record how long a request waited for a worker."""
         self._queue_wait.labels(model).observe(max(0.0, seconds))
+
+    def observe_batch_size(self, model: str, size: int) -> None:
+        """Record the number of requests one batched decode step ran for."""
+        self._batch_size.labels(model).observe(size)
+
+    def observe_batch_join_wait(self, model: str, seconds: float) -> None:
+        """Record how long a generation request waited to join its model's decode batch."""
+        self._join_wait.labels(model).observe(max(0.0, seconds))
 
     def observe_time_to_first_token(self, model: str, seconds: float) -> None:
         """Record the time from a request's arrival to its first token."""

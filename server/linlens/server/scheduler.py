@@ -289,10 +289,45 @@ class Scheduler:
             job.finished_at = time.monotonic()
 
 
+class Lanes:
+    """Several schedulers seen as one by the server's lifecycle: the explanation workers and the generation lane.
+
+    ``running`` and ``queued`` are the sums; closing, cancelling and waiting act on every lane.
+    """
+
+    def __init__(self, *lanes: Scheduler) -> None:
+        self.lanes = lanes
+
+    @property
+    def running(self) -> int:
+        return sum(lane.running for lane in self.lanes)
+
+    @property
+    def queued(self) -> int:
+        return sum(lane.queued for lane in self.lanes)
+
+    def close(self) -> None:
+        for lane in self.lanes:
+            lane.close()
+
+    def cancel_all(self, reason: StopReason = StopReason.SHUTDOWN) -> None:
+        for lane in self.lanes:
+            lane.cancel_all(reason)
+
+    def wait_idle(self, timeout: float | None) -> bool:
+        end = None if timeout is None else time.monotonic() + timeout
+        for lane in self.lanes:
+            left = None if end is None else max(0.0, end - time.monotonic())
+            if not lane.wait_idle(left):
+                return False
+        return True
+
+
 __all__ = [
     "CancelToken",
     "Job",
     "JobStopped",
+    "Lanes",
     "QueueFullError",
     "Scheduler",
     "SchedulerClosed",

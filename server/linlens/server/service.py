@@ -15,6 +15,7 @@ log) is the interceptor's (:mod:`linlens.server.calls`); the servicer only notes
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 from collections.abc import Iterator
 
@@ -37,6 +38,7 @@ from linlens.server.admission import (
     prepare_explain,
     prepare_generation,
 )
+from linlens.server.batching import DecodeBatch
 from linlens.server.calls import CallRecord, current_call
 from linlens.server.config import ServerConfig
 from linlens.server.hosting import ModelHost
@@ -50,11 +52,47 @@ from linlens.v1 import linlens_pb2_grpc as pb_grpc
 class LinlensServicer(pb_grpc.LinlensServiceServicer):
     """Implements linlens.v1.LinlensService on top of a ModelHost and a JobRunner."""
 
-    def __init__(self, config: ServerConfig, host: ModelHost, jobs: JobRunner, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        host: ModelHost,
+        jobs: JobRunner,
+        metrics: Metrics,
+        generation_jobs: JobRunner | None = None,
+    ) -> None:
         self.config = config
         self.host = host
         self.jobs = jobs
         self.metrics = metrics
+        #: The generation lane: plain generations (no explanation, no steering) wait here, not behind explanations,
+        #: and decode together in their model's batch. Without it, every generation runs on ``jobs``.
+        self.generation_jobs = generation_jobs
+        self._batches: dict[str, DecodeBatch] = {}
+        self._batches_lock = threading.Lock()
+
+    def _batch(self, loaded: LoadedModel) -> DecodeBatch | None:
+        """The decode batch of ``loaded`` (made on first use), or None when batching is off."""
+        if self.config.max_batch_size <= 1:
+            return None
+        with self._batches_lock:
+            batch = self._batches.get(loaded.name)
+            if batch is None or batch.model is not loaded.model:
+                name = loaded.name
+                batch = DecodeBatch(
+                    loaded.model,
+                    max_batch_size=self.config.max_batch_size,
+                    max_batch_tokens=self.config.max_batch_tokens,
+                    on_step=lambda size: self.metrics.observe_batch_size(name, size),
+                    on_join=lambda wait: self.metrics.observe_batch_join_wait(name, wait),
+                )
+                self._batches[name] = batch
+            return batch
+
+    def _lane(self, work: GenerationWork) -> JobRunner:
+        """Where a generation runs: the generation lane when it is plain, else with the explanations."""
+        if self.generation_jobs is not None and work.explain is None and work.steering is None:
+            return self.generation_jobs
+        return self.jobs
 
     def Explain(self, request: pb.ExplainRequest, context: grpc.ServicerContext) -> pb.ExplainResponse:
         call = self._for_model(request.model)
@@ -88,7 +126,8 @@ class LinlensServicer(pb_grpc.LinlensServiceServicer):
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> pb.GenerateResponse:
         call = self._for_model(request.model)
         work = self._admit_generation(request, call)
-        generation = self.jobs.run(
+        batch = self._batch(work.loaded)
+        generation = self._lane(work).run(
             context,
             lambda token: run_generation(
                 work,
@@ -96,6 +135,7 @@ class LinlensServicer(pb_grpc.LinlensServiceServicer):
                 should_stop=token.should_stop,
                 stop_reason=lambda: token.reason,
                 metrics=self.metrics,
+                batch=batch,
             ),
         )
         return generation_to_proto(self._finished(call, generation))
@@ -105,7 +145,8 @@ class LinlensServicer(pb_grpc.LinlensServiceServicer):
     ) -> Iterator[pb.GenerateStreamResponse]:
         call = self._for_model(request.model)
         work = self._admit_generation(request, call)
-        events = self.jobs.stream(
+        batch = self._batch(work.loaded)
+        events = self._lane(work).stream(
             context,
             lambda token, emit: run_generation(
                 work,
@@ -115,6 +156,7 @@ class LinlensServicer(pb_grpc.LinlensServiceServicer):
                 metrics=self.metrics,
                 emit=emit,
                 on_progress=emit,
+                batch=batch,
             ),
         )
         while True:

@@ -28,7 +28,8 @@ from linlens.contract import (
 from linlens.engine import ExplanationEvent
 from linlens.engine.steering import compute_concept, steered
 from linlens.server.admission import ConceptWork, ExplainWork, GenerationWork
-from linlens.server.generation import generate
+from linlens.server.batching import DecodeBatch
+from linlens.server.generation import generate, generate_batched
 from linlens.server.metrics import Metrics
 from linlens.server.scheduler import StopReason
 
@@ -152,9 +153,11 @@ def run_generation(
     metrics: Metrics | None = None,
     emit: Emit | None = None,
     on_progress: OnProgress | None = None,
+    batch: DecodeBatch | None = None,
 ) -> Generation:
     """Generate, then explain the selected steps. ``arrived`` is the request's arrival (time.monotonic()), from which
-    the time to the first token is measured."""
+    the time to the first token is measured. With ``batch`` an unsteered generation decodes in that batch, together
+    with the model's other requests; a steered one always runs apart (its steering hooks act on its own thread)."""
     loaded = work.loaded
     first_token_seen = False
 
@@ -166,8 +169,9 @@ def run_generation(
         if emit is not None:
             emit(token)
 
-    with steering_for(work, should_stop):
-        run = generate(
+    if batch is not None and work.steering is None:
+        run = generate_batched(
+            batch,
             loaded.model,
             loaded.tokenizer,
             work.prompt_ids,
@@ -177,6 +181,18 @@ def run_generation(
             stop_reason=stop_reason,
             on_token=on_token,
         )
+    else:
+        with steering_for(work, should_stop):
+            run = generate(
+                loaded.model,
+                loaded.tokenizer,
+                work.prompt_ids,
+                work.sampling,
+                max_positions=loaded.max_positions or None,
+                should_stop=should_stop,
+                stop_reason=stop_reason,
+                on_token=on_token,
+            )
     if metrics is not None:
         metrics.add_generated_tokens(loaded.name, len(run.tokens))
     explanations: list[Explanation] = []

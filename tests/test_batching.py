@@ -1,0 +1,216 @@
+"""Batched generation: concurrent requests decode together, and each gets exactly what it gets served alone.
+
+Every family's tiny model and SmolLM2 are served by a real server on localhost. The same requests (different
+lengths, greedy and seeded sampling, stop strings, ``ignore_eos``) are sent one at a time (each decodes in a batch of
+one) and then all at once from as many threads (they decode together): greedy tokens must be equal, logprobs within
+1e-4, and seeded samples equal. A cancelled stream and a passed deadline end only their own request.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import server_config
+from prometheus_client import generate_latest
+from tiny_models import FAMILIES, VOCAB, save_tiny_model
+
+from linlens.client import Client
+from linlens.client.errors import CancelledError, DeadlineExceededError, LinlensError
+from linlens.client.retry import NO_RETRY
+from linlens.contract import GeneratedToken, Generation
+
+LOGPROB_TOLERANCE = 1e-4
+
+
+def _tiny_requests() -> list[dict[str, Any]]:
+    """Ten requests of different lengths and sampling (token ids: the tiny tokenizer is word-level)."""
+    out: list[dict[str, Any]] = []
+    for i in range(10):
+        length = 2 + (i * 3) % 9
+        ids = [(7 * i + 5 * j + 3) % (VOCAB - 4) + 4 for j in range(length)]
+        args: dict[str, Any] = {"token_ids": ids, "max_new_tokens": 6 + (i * 5) % 19, "ignore_eos": True}
+        if i % 3 == 1:
+            args.update(temperature=0.9, top_k=20, seed=1000 + i)
+        elif i % 3 == 2:
+            args.update(temperature=0.7, top_p=0.9, seed=2000 + i)
+        out.append(args)
+    return out
+
+
+SMOL_PROMPTS = [
+    "The bridge out of Marin is the",
+    "Once upon a time, in a small village by the sea, there lived an old fisherman who",
+    "def fibonacci(n):",
+    "The capital of France is",
+    "Water boils at",
+    "List three colours:",
+    "In 1969, the first humans to walk on the Moon were",
+    "The quick brown fox",
+    "Photosynthesis is the process by which plants",
+    "A haiku about winter:",
+]
+
+
+def _smol_requests() -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for i, prompt in enumerate(SMOL_PROMPTS):
+        args: dict[str, Any] = {"prompt": prompt, "max_new_tokens": 8 + (i * 7) % 17}
+        if i % 3 == 1:
+            args.update(temperature=0.8, top_p=0.95, seed=77 + i)
+        if i % 4 == 3:
+            args.update(stop=["\n", "."])
+        if i == 5:
+            args.update(ignore_eos=True)
+        out.append(args)
+    return out
+
+
+def _run(client: Client, args: dict[str, Any]) -> Generation:
+    args = dict(args)
+    prompt = args.pop("prompt", None)
+    return client.generate(prompt, **args)
+
+
+def _all_at_once(target: str, requests: list[dict[str, Any]]) -> list[Generation]:
+    start = threading.Barrier(len(requests))
+
+    def one(args: dict[str, Any]) -> Generation:
+        with Client(target, timeout=240, retry=NO_RETRY) as client:
+            start.wait()
+            return _run(client, args)
+
+    with ThreadPoolExecutor(len(requests)) as pool:
+        return list(pool.map(one, requests))
+
+
+def assert_same(alone: Generation, batched: Generation, label: str) -> None:
+    assert [t.token_id for t in batched.tokens] == [t.token_id for t in alone.tokens], label
+    assert batched.text == alone.text, label
+    assert batched.finish_reason == alone.finish_reason, label
+    for a, b in zip(alone.tokens, batched.tokens, strict=True):
+        assert abs(a.logprob - b.logprob) <= LOGPROB_TOLERANCE, (label, a, b)
+
+
+def batch_sizes_seen(server: Any) -> float:
+    """The sum of batch sizes over the decode steps the server has run (from its own metrics)."""
+    text = generate_latest(server.metrics.registry).decode()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("linlens_generation_batch_size_sum"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def batch_steps(server: Any) -> float:
+    text = generate_latest(server.metrics.registry).decode()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("linlens_generation_batch_size_count")
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str], Any]]:
+    from linlens.server.app import start_server
+
+    root: Path = tmp_path_factory.mktemp("tiny-batch")
+    started: list[Any] = []
+
+    def make(family: str) -> Any:
+        folder = save_tiny_model(family, root / family)
+        server = start_server(server_config(models=(str(folder),)), load_in_background=False)
+        started.append(server)
+        return server
+
+    yield make
+    for server in started:
+        server.stop()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tiny_family_batched_equals_alone(family: str, tiny_servers: Callable[[str], Any]) -> None:
+    server = tiny_servers(family)
+    requests = _tiny_requests()
+    with Client(server.target, timeout=120, retry=NO_RETRY) as client:
+        alone = [_run(client, args) for args in requests]
+    batched = _all_at_once(server.target, requests)
+    for i, (a, b) in enumerate(zip(alone, batched, strict=True)):
+        assert_same(a, b, f"{family} request {i}: {requests[i]}")
+        if "seed" in requests[i]:
+            assert b.seed == requests[i]["seed"]
+
+
+def test_smollm2_batched_equals_alone(make_server: Callable[..., Any]) -> None:
+    server = make_server()
+    requests = _smol_requests()
+    with Client(server.target, timeout=120, retry=NO_RETRY) as client:
+        alone = [_run(client, args) for args in requests]
+    steps_alone, rows_alone = batch_steps(server), batch_sizes_seen(server)
+    assert rows_alone == steps_alone  # one at a time: every step was a batch of one
+    batched = _all_at_once(server.target, requests)
+    for i, (a, b) in enumerate(zip(alone, batched, strict=True)):
+        assert_same(a, b, f"request {i}: {requests[i]}")
+    steps, rows = batch_steps(server) - steps_alone, batch_sizes_seen(server) - rows_alone
+    assert rows / steps > 2.0, f"the concurrent requests did not decode together ({rows} rows in {steps} steps)"
+    assert any(r.finish_reason.name == "STOP_SEQUENCE" for r in batched)
+
+
+def test_a_cancelled_stream_and_a_passed_deadline_end_only_their_own_request(make_server: Callable[..., Any]) -> None:
+    server = make_server()
+    requests = [{"prompt": p, "max_new_tokens": 24, "ignore_eos": True} for p in SMOL_PROMPTS[:4]]
+    with Client(server.target, timeout=120, retry=NO_RETRY) as client:
+        alone = [_run(client, args) for args in requests]
+    results: dict[int, Generation] = {}
+    errors: dict[str, BaseException] = {}
+    cancelled_after: list[int] = []
+    go = threading.Barrier(len(requests) + 2)
+
+    def complete(i: int) -> None:
+        with Client(server.target, timeout=120, retry=NO_RETRY) as client:
+            go.wait()
+            results[i] = _run(client, requests[i])
+
+    def cancelled() -> None:
+        with Client(server.target, timeout=120, retry=NO_RETRY) as client:
+            go.wait()
+            stream = client.generate_stream(SMOL_PROMPTS[5], max_new_tokens=64, ignore_eos=True)
+            seen = 0
+            try:
+                for event in stream:
+                    if isinstance(event, GeneratedToken):
+                        seen += 1
+                        if seen == 3:
+                            stream.cancel()
+            except LinlensError as error:  # a cancelled stream may end quietly or with CANCELLED
+                errors["cancelled"] = error
+            cancelled_after.append(seen)
+
+    def deadline() -> None:
+        with Client(server.target, timeout=1.5, retry=NO_RETRY) as client:
+            go.wait()
+            try:
+                client.generate(SMOL_PROMPTS[6], max_new_tokens=64, ignore_eos=True)
+            except LinlensError as error:
+                errors["deadline"] = error
+
+    threads = [threading.Thread(target=complete, args=(i,)) for i in range(len(requests))]
+    threads += [threading.Thread(target=cancelled), threading.Thread(target=deadline)]
+    started = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    assert time.monotonic() - started < 180
+    assert isinstance(errors["deadline"], DeadlineExceededError)
+    assert cancelled_after == [3]
+    if "cancelled" in errors:
+        assert isinstance(errors["cancelled"], CancelledError)
+    for i, a in enumerate(alone):
+        assert_same(a, results[i], f"request {i}")
