@@ -85,12 +85,19 @@ def write_part(output: Path, records: Sequence[dict[str, Any]]) -> Path:
 
 
 def read_output(output: str | Path) -> list[dict[str, Any]]:
-    """Every row of an output table, as dicts (for tests and small tables; use pyarrow or pandas for big ones)."""
+    """Every row of an output table, as dicts (for tests and small tables; use pyarrow or pandas for big ones).
+
+    A part file that cannot be read is skipped: a run killed while writing it (Ray Data writes under the final name)
+    left it incomplete, its rows are not done, and the next run removes it (:func:`done_ids`)."""
     import pyarrow.parquet as pq
 
     rows: list[dict[str, Any]] = []
     for part in part_files(Path(output)):
-        rows.extend(pq.read_table(part).to_pylist())
+        try:
+            table = pq.read_table(part)
+        except Exception:
+            continue
+        rows.extend(table.to_pylist())
     return rows
 
 
