@@ -156,10 +156,13 @@ def test_interrupted_job_rerun_completes_every_row_once(ray_address: str, tiny: 
     command += ["--ray", ray_address, "--part-rows", "4", "--threads", "1", "--no-progress"]
     first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and first.poll() is None and not list(output.glob("*.parquet")):
-        time.sleep(0.02)
+    # Kill the driver once a part is complete (a part still being written is not a row done), then give Ray a
+    # moment to reap the job's workers so that nothing more lands after the count.
+    while time.monotonic() < deadline and first.poll() is None and not read_output(output):
+        time.sleep(0.05)
     first.send_signal(signal.SIGKILL)
     first.wait()
+    time.sleep(3)
     written = len(read_output(output))
     assert 0 < written < len(rows), f"the first run was not interrupted mid-job ({written} rows written)"
     second = subprocess.run(command, capture_output=True, text=True, timeout=300)

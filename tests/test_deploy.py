@@ -87,6 +87,8 @@ def scrape_text() -> str:
         m.observe_queue_wait(model, 0.01)
         m.observe_time_to_first_token(model, 0.2)
         m.add_generated_tokens(model, 3)
+        m.observe_batch_size(model, 4)
+        m.observe_batch_join_wait(model, 0.01)
         for phase in EXPLANATION_PHASES:
             m.observe_explanation_phase(model, phase, 0.1)
         m.observe_reconstruction_error(model, 1e-7)

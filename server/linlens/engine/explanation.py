@@ -245,7 +245,8 @@ def _last_position(
         progress.finish()
     tally.vjps += found.vjps
     tally.jvps += found.jvps
-    tally.timed("svd" if method is ExplainMethod.MATRIX_FREE else "jacobian", tick)
+    tally.timed("svd" if method is ExplainMethod.MATRIX_FREE else "jacobian", tick + found.svd_seconds)
+    tally.timings["svd_ms"] = tally.timings.get("svd_ms", 0.0) + _ms(found.svd_seconds)
     errors = None if found.complete else [found.stable_rank_error]
     return _position_spectra(
         p, [p.n - 1], [found.spectrum], [found.residuals], tally, complete=found.complete, errors=errors

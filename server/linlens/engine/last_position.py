@@ -14,6 +14,7 @@ Which one runs under AUTO comes from :func:`chain_costs`, a model of what each c
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -92,6 +93,8 @@ class LastPositionSpectrum:
     stable_rank_error: float
     vjps: int
     jvps: int
+    #: Seconds spent in the SVD of a materialised J_n (0 for matrix-free).
+    svd_seconds: float = 0.0
 
 
 def full_spectrum(
@@ -108,10 +111,12 @@ def full_spectrum(
         jn = jac.full_jacobian(
             graph.y, graph.x, chunk=chunk, should_stop=should_stop, on_progress=on_progress, retain_graph=True
         )
+    started = time.perf_counter()
     (spectrum,) = decompose(jn[None], graph.x.detach()[None], y, k)
     residuals = exact_residuals(jn, spectrum, spectrum.left.shape[-1])
     d = int(graph.y.shape[0])
-    return LastPositionSpectrum(spectrum, residuals, True, 0.0, vjps=d, jvps=0)
+    seconds = time.perf_counter() - started
+    return LastPositionSpectrum(spectrum, residuals, True, 0.0, vjps=d, jvps=0, svd_seconds=seconds)
 
 
 def matrix_free_spectrum(
