@@ -140,11 +140,17 @@ def test_tiny_family_batched_equals_alone(family: str, tiny_servers: Callable[[s
     requests = _tiny_requests()
     with Client(server.target, timeout=120, retry=NO_RETRY) as client:
         alone = [_run(client, args) for args in requests]
+    steps_alone, rows_alone = batch_steps(server), batch_sizes_seen(server)
+    assert rows_alone == steps_alone  # one at a time: every step was a batch of one
     batched = _all_at_once(server.target, requests)
     for i, (a, b) in enumerate(zip(alone, batched, strict=True)):
         assert_same(a, b, f"{family} request {i}: {requests[i]}")
         if "seed" in requests[i]:
             assert b.seed == requests[i]["seed"]
+    # every family batches, the sliding-window ones (window 4, shorter than every sequence here) included
+    steps, rows = batch_steps(server) - steps_alone, batch_sizes_seen(server) - rows_alone
+    print(f"{family}: {rows / steps:.2f} rows per step")
+    assert rows / steps > 2.0, f"{family}: the concurrent requests did not decode together ({rows} rows, {steps} steps)"
 
 
 def test_smollm2_batched_equals_alone(make_server: Callable[..., Any]) -> None:

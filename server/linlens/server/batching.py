@@ -14,8 +14,13 @@ docs/operations.md, "Batched generation". In short, its manager owns sampling (o
 manager, the global RNG), so per-request seeds, temperatures, stop strings, ``ignore_eos`` and per-step logprobs and
 cancellation would need hooks it does not have.
 
-Models whose cache is not a plain per-layer key/value cache (sliding-window layers, for instance) are served by the
-same loop one request at a time: merging truncated window caches of different lengths is not supported.
+Sliding-window models (gemma2/3, qwen3, phi3, mistral, cohere2, ...) batch too, with the very cache layers
+transformers gives them (``DynamicSlidingWindowLayer``, which keeps only the last ``window - 1`` positions). Every
+layer of the batch's cache spans the same columns: a full layer holds all ``L`` of them, a window layer the last
+``min(L, window - 1)``, and its ``cumulative_length`` is ``L``. transformers' masks then index the 2D padding mask at
+absolute columns (``kv_offset`` + i), so each row sees its own tokens inside its own window: left padding shifts a
+row's query and keys alike, and the window is a difference of columns. Models with any other kind of cache layer are
+served by the same loop one request at a time.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from typing import Any
 
 import torch
 from transformers import DynamicCache, LogitsProcessorList
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 _log = logging.getLogger(__name__)
 
@@ -94,8 +99,8 @@ class DecodeBatch:
         self._rows: list[BatchRow] = []
         self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None  # (B, L) 1 for a real token, 0 for left padding
-        #: whether rows can share a batch (every cache layer a plain key/value cache); else one at a time
-        self._mergeable = all(type(layer) is DynamicLayer for layer in DynamicCache(config=model.config).layers)
+        #: whether rows can share a batch (every cache layer one this module knows how to merge); else one at a time
+        self._mergeable = all(type(layer) in _MERGEABLE for layer in DynamicCache(config=model.config).layers)
 
     # --- the request side ----------------------------------------------------------------------------------------
 
@@ -194,8 +199,11 @@ class DecodeBatch:
         mine_layers: list[Any] = list(self._cache.layers)
         their_layers: list[Any] = list(cache.layers)
         for mine, theirs in zip(mine_layers, their_layers, strict=True):
-            mine.keys = torch.cat([_left_pad(mine.keys, width), _left_pad(theirs.keys, width)], dim=0)
-            mine.values = torch.cat([_left_pad(mine.values, width), _left_pad(theirs.values, width)], dim=0)
+            held = _held(mine, width)  # columns this layer holds: all of them, or the last window - 1
+            mine.keys = torch.cat([_left_pad(mine.keys, held), _left_pad(theirs.keys, held)], dim=0)
+            mine.values = torch.cat([_left_pad(mine.values, held), _left_pad(theirs.values, held)], dim=0)
+            if isinstance(mine, DynamicSlidingWindowLayer):
+                mine.cumulative_length = width
         new_mask = torch.zeros((1, width), dtype=torch.long, device=device)
         new_mask[0, width - length :] = 1
         old_mask = torch.nn.functional.pad(self._mask, (width - have, 0))
@@ -253,13 +261,29 @@ class DecodeBatch:
         mask = self._mask.index_select(0, index)
         used = torch.nonzero(mask.any(dim=0))
         start = int(used[0]) if used.numel() else 0
+        width = mask.shape[1] - start
         layers: list[Any] = list(self._cache.layers)
         for layer in layers:
-            layer.keys = layer.keys.index_select(0, index)[..., start:, :]
-            layer.values = layer.values.index_select(0, index)[..., start:, :]
+            cut = layer.keys.shape[-2] - _held(layer, width)  # a window layer may hold fewer columns than that
+            layer.keys = layer.keys.index_select(0, index)[..., cut:, :]
+            layer.values = layer.values.index_select(0, index)[..., cut:, :]
+            if isinstance(layer, DynamicSlidingWindowLayer):
+                layer.cumulative_length = width
         self._mask = mask[:, start:]
         self._rows = [self._rows[i] for i in keep]
         return True
+
+
+#: The cache layers whose rows :class:`DecodeBatch` can merge and drop (exact types: a subclass may keep more state).
+_MERGEABLE = (DynamicLayer, DynamicSlidingWindowLayer)
+
+
+def _held(layer: Any, width: int) -> int:
+    """How many of a batch's last ``width`` columns ``layer`` holds: all, or for a window layer the last
+    ``window - 1`` (what ``DynamicSlidingWindowLayer.update`` keeps)."""
+    if isinstance(layer, DynamicSlidingWindowLayer):
+        return min(width, layer.sliding_window - 1)
+    return width
 
 
 def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
