@@ -16,16 +16,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from conftest import server_config
 from prometheus_client import generate_latest
 from tiny_models import FAMILIES, VOCAB, save_tiny_model
 
-from linlens.client import Client
+from linlens.client import Client, Steering, SteeringPositions
 from linlens.client.errors import CancelledError, DeadlineExceededError, LinlensError
 from linlens.client.retry import NO_RETRY
 from linlens.contract import GeneratedToken, Generation
 
 LOGPROB_TOLERANCE = 1e-4
+#: The tiny models' hidden size (tests/tiny_models.py).
+HIDDEN = 64
 
 
 def _tiny_requests() -> list[dict[str, Any]]:
@@ -123,9 +126,11 @@ def tiny_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[
     root: Path = tmp_path_factory.mktemp("tiny-batch")
     started: list[Any] = []
 
-    def make(family: str) -> Any:
-        folder = save_tiny_model(family, root / family)
-        server = start_server(server_config(models=(str(folder),)), load_in_background=False)
+    def make(family: str, **overrides: Any) -> Any:
+        folder = root / family
+        if not folder.exists():
+            save_tiny_model(family, folder)
+        server = start_server(server_config(models=(str(folder),), **overrides), load_in_background=False)
         started.append(server)
         return server
 
@@ -135,7 +140,7 @@ def tiny_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_tiny_family_batched_equals_alone(family: str, tiny_servers: Callable[[str], Any]) -> None:
+def test_tiny_family_batched_equals_alone(family: str, tiny_servers: Callable[..., Any]) -> None:
     server = tiny_servers(family)
     requests = _tiny_requests()
     with Client(server.target, timeout=120, retry=NO_RETRY) as client:
@@ -220,3 +225,48 @@ def test_a_cancelled_stream_and_a_passed_deadline_end_only_their_own_request(mak
         assert isinstance(errors["cancelled"], CancelledError)
     for i, a in enumerate(alone):
         assert_same(a, results[i], f"request {i}")
+
+
+def _steering_vector(seed: int) -> list[float]:
+    generator = torch.Generator().manual_seed(seed)
+    return [float(v) for v in torch.randn(HIDDEN, generator=generator)]
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_steered_requests_batch_with_requests_of_the_same_steering(
+    family: str, tiny_servers: Callable[..., Any]
+) -> None:
+    """Requests of one steering decode together; requests of other steerings (or none), sent at the same time, each
+    get what they get alone from a server that does not batch (transformers' ``generate`` under the steering hook).
+    gemma2 has window layers; each position selection is there."""
+    server = tiny_servers(family)
+    unbatched = tiny_servers(family, max_batch_size=1)
+    same = Steering(vector=_steering_vector(1), strength=4.0, positions=SteeringPositions.ALL)
+    others = [
+        Steering(vector=_steering_vector(2), strength=4.0, positions=SteeringPositions.PROMPT),
+        Steering(vector=_steering_vector(3), strength=-3.0, positions=SteeringPositions.GENERATED),
+        Steering(vector=_steering_vector(1), strength=2.0, positions=SteeringPositions.ALL),  # same vector, weaker
+        None,
+    ]
+    base = _tiny_requests()
+    steered = [dict(args, steering=same) for args in base[:8]]
+    mixed = steered + [dict(args, steering=others[i % len(others)]) for i, args in enumerate(base[2:10])]
+    with Client(unbatched.target, timeout=120, retry=NO_RETRY) as client:
+        alone = [_run(client, args) for args in mixed]
+        unsteered = [_run(client, {k: v for k, v in args.items() if k != "steering"}) for args in mixed]
+    # the steering does something, in every selection of positions
+    changed = {str(args["steering"]) for args, a, u in zip(mixed, alone, unsteered, strict=True) if _ids(a) != _ids(u)}
+    assert changed == {str(s) for s in [same, *others] if s is not None}
+    assert batch_steps(unbatched) == 0
+    steps_before, rows_before = batch_steps(server), batch_sizes_seen(server)
+    together = _all_at_once(server.target, steered)
+    steps, rows = batch_steps(server) - steps_before, batch_sizes_seen(server) - rows_before
+    assert rows / steps > 2.0, f"{family}: same-steering requests did not decode together ({rows} rows, {steps} steps)"
+    for i, (a, b) in enumerate(zip(alone[: len(steered)], together, strict=True)):
+        assert_same(a, b, f"{family} steered request {i}")
+    for i, (a, b) in enumerate(zip(alone, _all_at_once(server.target, mixed), strict=True)):
+        assert_same(a, b, f"{family} mixed request {i}: {mixed[i].get('steering')}")
+
+
+def _ids(generation: Generation) -> list[int]:
+    return [t.token_id for t in generation.tokens]

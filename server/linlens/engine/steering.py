@@ -13,8 +13,10 @@ and the same decoded tokens.
 for the selected positions i. The added norm is a fixed share of each hidden state's own norm, so one strength means
 the same push at every position and in every model, whatever the scale of its residual stream.
 
-Scope. Generation runs one request per ``model.generate`` call on its own worker thread, with no batching across
-requests, so a request's forward passes are exactly the ones its thread runs. The steering hook is registered once
+Scope. The forward passes one thread runs inside :func:`steered` are steered, and no others. A server runs a request
+either in its own ``model.generate`` call on its own thread, or in a decode batch whose thread runs every forward pass
+inside the one steering all its rows share (requests of different steerings never share a batch; the server's
+``DecodeBatch``). The steering hook is registered once
 on the steered layer and acts only when the calling thread is inside :func:`steered` (a ``ContextVar``, which is
 per thread) *and* the module it fires on is the one that block steers. Every other forward pass -- other requests
 on other threads, explanations (the linear twin, whose deep copy carries a copy of the hook, is never the steered

@@ -9,6 +9,10 @@ the choice of token (argmax, or a draw from the row's own ``torch.Generator``), 
 EOS, the token budget and the caller's cancellation. A finished or cancelled row leaves the batch at once (its cache
 row is dropped; padding columns no row needs any more are cut).
 
+A batch may be steered (``steer``): every forward pass it runs then runs inside that one steering, so only requests
+of exactly the same steering share it (the server keeps one batch per model and steering; see ``_steered`` for why
+one steering context serves rows of different prompt lengths).
+
 Why not transformers' own continuous batching (``generate_batch`` / ``ContinuousBatchingManager``): see
 docs/operations.md, "Batched generation". In short, its manager owns sampling (one generation config for the whole
 manager, the global RNG), so per-request seeds, temperatures, stop strings, ``ignore_eos`` and per-step logprobs and
@@ -26,10 +30,12 @@ served by the same loop one request at a time.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import threading
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -86,8 +92,11 @@ class DecodeBatch:
         max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
         on_step: Callable[[int], None] | None = None,
         on_join: Callable[[float], None] | None = None,
+        steer: Callable[[int], AbstractContextManager[Any]] | None = None,
     ) -> None:
         self.model = model
+        #: the steering of every forward pass this batch runs (all its rows share it), given the prompt length
+        self.steer = steer
         self.max_batch_size = max(1, max_batch_size)
         self.max_batch_tokens = max_batch_tokens
         self.on_step = on_step
@@ -103,6 +112,21 @@ class DecodeBatch:
         self._mergeable = all(type(layer) in _MERGEABLE for layer in DynamicCache(config=model.config).layers)
 
     # --- the request side ----------------------------------------------------------------------------------------
+
+    @property
+    def idle(self) -> bool:
+        """Whether no request is in or waiting for this batch (its thread has ended or is about to)."""
+        with self._cond:
+            return self._thread is None and not self._pending
+
+    def _steered(self, prompt_length: int) -> AbstractContextManager[Any]:
+        """The batch's steering around one forward pass, or nothing.
+
+        A prefill runs for one row with that row's prompt length. A decode step's query positions are all generated
+        ones (each row's position is at least its own prompt length); every steering mode treats those alike
+        (``PROMPT`` steers none, ``GENERATED`` and ``ALL`` every one), which prompt length 0 says for all rows at
+        once, whatever their own prompt lengths."""
+        return self.steer(prompt_length) if self.steer is not None else contextlib.nullcontext()
 
     def run(self, row: BatchRow) -> None:
         """Queue ``row`` and block until it is finished (its ``step`` said so, it stopped, or it failed)."""
@@ -174,13 +198,14 @@ class DecodeBatch:
         model = self.model
         ids = torch.tensor([row.prompt], dtype=torch.long, device=model.device)
         cache = DynamicCache(config=model.config)
-        out = model(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            cache=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
+        with self._steered(len(row.prompt)):
+            out = model(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
         token, finished = row.step(out.logits[0, -1].float())
         if finished:
             row.finish()
@@ -227,14 +252,15 @@ class DecodeBatch:
         positions = self._mask.sum(dim=1, keepdim=True)
         self._mask = torch.cat([self._mask, torch.ones((len(rows), 1), dtype=torch.long, device=device)], dim=1)
         tokens = torch.tensor([[r.last_token] for r in rows], dtype=torch.long, device=device)
-        out = self.model(
-            input_ids=tokens,
-            attention_mask=self._mask,
-            position_ids=positions,
-            cache_position=torch.tensor([length], dtype=torch.long, device=device),
-            cache=self._cache,
-            use_cache=True,
-        )
+        with self._steered(0):
+            out = self.model(
+                input_ids=tokens,
+                attention_mask=self._mask,
+                position_ids=positions,
+                cache_position=torch.tensor([length], dtype=torch.long, device=device),
+                cache=self._cache,
+                use_cache=True,
+            )
         logits = out.logits[:, -1].float()
         keep = []
         for i, row in enumerate(rows):

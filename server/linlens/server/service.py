@@ -44,7 +44,7 @@ from linlens.server.config import ServerConfig
 from linlens.server.hosting import ModelHost
 from linlens.server.jobs import JobRunner
 from linlens.server.metrics import Metrics
-from linlens.server.work import run_concept, run_explain, run_generation
+from linlens.server.work import BatchFor, ResolvedSteering, run_concept, run_explain, run_generation
 from linlens.v1 import linlens_pb2 as pb
 from linlens.v1 import linlens_pb2_grpc as pb_grpc
 
@@ -67,16 +67,24 @@ class LinlensServicer(pb_grpc.LinlensServiceServicer):
         #: The generation lane: plain generations (no explanation, no steering) wait here, not behind explanations,
         #: and decode together in their model's batch. Without it, every generation runs on ``jobs``.
         self.generation_jobs = generation_jobs
-        self._batches: dict[str, DecodeBatch] = {}
+        #: The decode batches, one per model and steering (None: unsteered); a steered one is forgotten when idle.
+        self._batches: dict[tuple[str, tuple[int, float, str, bytes] | None], DecodeBatch] = {}
         self._batches_lock = threading.Lock()
 
-    def _batch(self, loaded: LoadedModel) -> DecodeBatch | None:
-        """The decode batch of ``loaded`` (made on first use), or None when batching is off."""
+    def _batch_for(self, loaded: LoadedModel) -> BatchFor:
+        """How a generation of ``loaded`` finds its decode batch once its steering is known."""
+        return lambda steering: self._batch(loaded, steering)
+
+    def _batch(self, loaded: LoadedModel, steering: ResolvedSteering | None = None) -> DecodeBatch | None:
+        """The decode batch of ``loaded`` and ``steering`` (made on first use), or None when batching is off."""
         if self.config.max_batch_size <= 1:
             return None
+        key = (loaded.name, steering.key if steering is not None else None)
         with self._batches_lock:
-            batch = self._batches.get(loaded.name)
+            batch = self._batches.get(key)
             if batch is None or batch.model is not loaded.model:
+                for old in [k for k, b in self._batches.items() if k[1] is not None and b.idle]:
+                    del self._batches[old]  # steerings come and go: keep only the batches in use
                 name = loaded.name
                 batch = DecodeBatch(
                     loaded.model,
@@ -84,13 +92,17 @@ class LinlensServicer(pb_grpc.LinlensServiceServicer):
                     max_batch_tokens=self.config.max_batch_tokens,
                     on_step=lambda size: self.metrics.observe_batch_size(name, size),
                     on_join=lambda wait: self.metrics.observe_batch_join_wait(name, wait),
+                    steer=steering.around if steering is not None else None,
                 )
-                self._batches[name] = batch
+                self._batches[key] = batch
             return batch
 
     def _lane(self, work: GenerationWork) -> JobRunner:
-        """Where a generation runs: the generation lane when it is plain, else with the explanations."""
-        if self.generation_jobs is not None and work.explain is None and work.steering is None:
+        """Where a generation runs: the generation lane when it is plain (no explanation; steered by a given vector
+        or not at all), else with the explanations (a concept to compute is an explanation)."""
+        steering = work.steering
+        plain = work.explain is None and (steering is None or steering.concept is None)
+        if self.generation_jobs is not None and plain:
             return self.generation_jobs
         return self.jobs
 
@@ -126,7 +138,7 @@ class LinlensServicer(pb_grpc.LinlensServiceServicer):
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> pb.GenerateResponse:
         call = self._for_model(request.model)
         work = self._admit_generation(request, call)
-        batch = self._batch(work.loaded)
+        batch_for = self._batch_for(work.loaded)
         generation = self._lane(work).run(
             context,
             lambda token: run_generation(
@@ -135,7 +147,7 @@ class LinlensServicer(pb_grpc.LinlensServiceServicer):
                 should_stop=token.should_stop,
                 stop_reason=lambda: token.reason,
                 metrics=self.metrics,
-                batch=batch,
+                batch_for=batch_for,
             ),
         )
         return generation_to_proto(self._finished(call, generation))
@@ -145,7 +157,7 @@ class LinlensServicer(pb_grpc.LinlensServiceServicer):
     ) -> Iterator[pb.GenerateStreamResponse]:
         call = self._for_model(request.model)
         work = self._admit_generation(request, call)
-        batch = self._batch(work.loaded)
+        batch_for = self._batch_for(work.loaded)
         events = self._lane(work).stream(
             context,
             lambda token, emit: run_generation(
@@ -156,7 +168,7 @@ class LinlensServicer(pb_grpc.LinlensServiceServicer):
                 metrics=self.metrics,
                 emit=emit,
                 on_progress=emit,
-                batch=batch,
+                batch_for=batch_for,
             ),
         )
         while True:

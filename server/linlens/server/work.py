@@ -12,7 +12,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
 
 from linlens.contract import (
     ConceptVector,
@@ -21,6 +27,7 @@ from linlens.contract import (
     ExplanationProgress,
     GeneratedToken,
     Generation,
+    SteeringPositions,
     StreamEvent,
     Timings,
     Usage,
@@ -122,26 +129,53 @@ def run_concept(work: ConceptWork, *, should_stop: ShouldStop = _never) -> Conce
     )
 
 
-@contextlib.contextmanager
-def steering_for(work: GenerationWork, should_stop: ShouldStop) -> Iterator[None]:
-    """The request's steering around its generation (its concept vector computed first), or nothing."""
+@dataclass(frozen=True)
+class ResolvedSteering:
+    """A request's steering with its concept vector computed. Requests share a decode batch only when their
+    ``key`` is equal: the batch's forward passes all run steered by that one steering (docs/operations.md)."""
+
+    model: Any
+    vector: npt.NDArray[np.float32]
+    layer: int
+    strength: float
+    positions: SteeringPositions
+
+    @property
+    def key(self) -> tuple[int, float, str, bytes]:
+        return (self.layer, self.strength, self.positions.value, self.vector.tobytes())
+
+    def around(self, prompt_length: int) -> AbstractContextManager[None]:
+        """This steering on the forward passes the calling thread runs inside the block."""
+        return steered(
+            self.model,
+            self.vector,
+            layer=self.layer,
+            strength=self.strength,
+            positions=self.positions,
+            prompt_length=prompt_length,
+        )
+
+
+#: The decode batch a generation joins, given its steering (None: unsteered); None runs it apart.
+BatchFor = Callable[[ResolvedSteering | None], DecodeBatch | None]
+
+
+def resolve_steering(work: GenerationWork, should_stop: ShouldStop) -> ResolvedSteering | None:
+    """The request's steering, its concept vector computed first (one explanation), or None."""
     plan = work.steering
     if plan is None:
-        yield
-        return
+        return None
     vector = plan.steering.vector
     if plan.concept is not None:
         vector = run_concept(plan.concept, should_stop=should_stop).vector
     assert vector is not None
-    with steered(
-        work.loaded.model,
-        vector,
+    return ResolvedSteering(
+        model=work.loaded.model,
+        vector=np.array(vector, dtype=np.float32).reshape(-1),
         layer=plan.layer,
-        strength=plan.steering.strength,
-        positions=plan.steering.positions,
-        prompt_length=len(work.prompt_ids),
-    ):
-        yield
+        strength=float(plan.steering.strength),
+        positions=SteeringPositions(plan.steering.positions),
+    )
 
 
 def run_generation(
@@ -153,11 +187,11 @@ def run_generation(
     metrics: Metrics | None = None,
     emit: Emit | None = None,
     on_progress: OnProgress | None = None,
-    batch: DecodeBatch | None = None,
+    batch_for: BatchFor | None = None,
 ) -> Generation:
     """Generate, then explain the selected steps. ``arrived`` is the request's arrival (time.monotonic()), from which
-    the time to the first token is measured. With ``batch`` an unsteered generation decodes in that batch, together
-    with the model's other requests; a steered one always runs apart (its steering hooks act on its own thread)."""
+    the time to the first token is measured. With ``batch_for`` the generation decodes in the batch it names for the
+    request's steering, together with the model's other requests of the same steering (or of none)."""
     loaded = work.loaded
     first_token_seen = False
 
@@ -169,7 +203,9 @@ def run_generation(
         if emit is not None:
             emit(token)
 
-    if batch is not None and work.steering is None:
+    steering = resolve_steering(work, should_stop)
+    batch = batch_for(steering) if batch_for is not None else None
+    if batch is not None:
         run = generate_batched(
             batch,
             loaded.model,
@@ -182,7 +218,7 @@ def run_generation(
             on_token=on_token,
         )
     else:
-        with steering_for(work, should_stop):
+        with steering.around(len(work.prompt_ids)) if steering is not None else contextlib.nullcontext():
             run = generate(
                 loaded.model,
                 loaded.tokenizer,
@@ -235,12 +271,14 @@ def run_generation(
 
 
 __all__ = [
+    "BatchFor",
     "Emit",
+    "ResolvedSteering",
     "at_step",
     "explanation_at_step",
     "observe_explanation",
+    "resolve_steering",
     "run_concept",
     "run_explain",
     "run_generation",
-    "steering_for",
 ]
