@@ -8,6 +8,10 @@ one) and then all at once from as many threads (they decode together): greedy to
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -17,16 +21,17 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import server_config
+from conftest import free_port, server_config
 from prometheus_client import generate_latest
 from tiny_models import FAMILIES, VOCAB, save_tiny_model
 
-from linlens.client import Client, Steering, SteeringPositions
+from linlens.client import Client, HealthStatus, Steering, SteeringPositions, UnavailableError
 from linlens.client.errors import CancelledError, DeadlineExceededError, LinlensError
 from linlens.client.retry import NO_RETRY
 from linlens.contract import GeneratedToken, Generation
 
 LOGPROB_TOLERANCE = 1e-4
+REPO = Path(__file__).resolve().parents[1]
 #: The tiny models' hidden size (tests/tiny_models.py).
 HIDDEN = 64
 
@@ -270,3 +275,78 @@ def test_steered_requests_batch_with_requests_of_the_same_steering(
 
 def _ids(generation: Generation) -> list[int]:
     return [t.token_id for t in generation.tokens]
+
+
+def test_a_served_process_exits_promptly_after_sigterm_once_its_decode_batch_has_run(tmp_path: Path) -> None:
+    """``linlens serve --grace-period-s 60`` (a real process, a sliding-window tiny model so that its batch merges
+    window caches): concurrent generations decode together, a stream runs to its end, one stream is cancelled and one
+    client is killed mid-stream; then SIGTERM must end the process within seconds, not after the grace period.
+    The decode thread and the generation lane's workers must hold nothing that keeps the process alive."""
+    folder = save_tiny_model("mistral", tmp_path / "mistral")
+    port = free_port()
+    target = f"127.0.0.1:{port}"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "client"), str(REPO / "server"), env.get("PYTHONPATH", "")])
+    log_path = tmp_path / "server.log"
+    serve = [sys.executable, "-m", "linlens.cli", "serve", "--model", str(folder), "--host", "127.0.0.1"]
+    serve += ["--port", str(port), "--metrics-port", "0", "--grace-period-s", "60"]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(serve, env=env, stdout=log, stderr=subprocess.STDOUT)
+    killed: subprocess.Popen[bytes] | None = None
+    try:
+        with Client(target, retry=NO_RETRY, timeout=5) as client:
+            end = time.monotonic() + 120
+            while not _serving(client):
+                assert proc.poll() is None and time.monotonic() < end, log_path.read_text()
+                time.sleep(0.1)
+            # a client killed in the middle of its stream (its call is cancelled by the connection's end)
+            reader = "import sys\nfrom linlens.client import Client\nstream = Client(sys.argv[1]).generate_stream("
+            reader += "token_ids=[5, 6], max_new_tokens=60, ignore_eos=True)\n"
+            reader += "for e in stream:\n    print(e, flush=True)\n"
+            killed = subprocess.Popen([sys.executable, "-c", reader, target], env=env, stdout=subprocess.PIPE)
+            assert killed.stdout is not None and killed.stdout.readline()
+            killed.kill()
+            batched = _all_at_once(target, _tiny_requests())
+            assert all(r.tokens for r in batched)
+            stream = client.generate_stream(token_ids=[7, 8, 9], max_new_tokens=40, ignore_eos=True)
+            for event in stream:
+                if isinstance(event, GeneratedToken):
+                    stream.cancel()
+                    break
+            events = list(client.generate_stream(token_ids=[4, 5], max_new_tokens=12, ignore_eos=True))
+            assert sum(isinstance(e, GeneratedToken) for e in events) == 12
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, log_path.read_text()
+        took = time.monotonic() - sent
+        print(f"exited {took:.1f} s after SIGTERM")
+        assert took < 8.0, f"the server took {took:.1f} s to exit after SIGTERM\n{log_path.read_text()}"
+    finally:
+        for p in (proc, killed):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait(10)
+
+
+def _serving(client: Client) -> bool:
+    try:
+        return client.health() is HealthStatus.SERVING
+    except UnavailableError:
+        return False
+
+
+def test_a_drained_server_leaves_no_decode_thread_running(tmp_path: Path) -> None:
+    """The drain ends the decode threads (they would otherwise idle on for IDLE_S seconds), so that no thread of the
+    server runs the model while the process exits."""
+    from linlens.server.app import start_server
+
+    folder = save_tiny_model("gemma3", tmp_path / "gemma3")
+    before = set(threading.enumerate())  # other tests' servers may still have theirs
+    server = start_server(server_config(models=(str(folder),)), load_in_background=False)
+    try:
+        _all_at_once(server.target, _tiny_requests()[:4])
+        ours = [t for t in threading.enumerate() if t.name == "linlens-decode" and t not in before]
+        assert ours
+    finally:
+        server.stop()
+    assert not [t for t in ours if t.is_alive()]

@@ -116,6 +116,8 @@ class RunningServer:
             self.scheduler.cancel_all(StopReason.SHUTDOWN)
             self.lifecycle.wait_idle(5.0)
             self.scheduler.wait_idle(10.0)
+            if not self.servicer.close_batches(5.0):  # the decode threads: none may run the model while we exit
+                _log.warning("a decode thread is still running after the drain")
             self.server.stop(grace=1.0).wait(5.0)
             if self.health_server is not None:
                 self.health_server.stop(grace=None)

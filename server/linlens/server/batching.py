@@ -104,6 +104,7 @@ class DecodeBatch:
         self._pending: collections.deque[BatchRow] = collections.deque()
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
+        self._closing = False  # close() asked the thread to end once the batch is empty
         # the batch, touched only by the decode thread
         self._rows: list[BatchRow] = []
         self._cache: DynamicCache | None = None
@@ -128,9 +129,25 @@ class DecodeBatch:
         once, whatever their own prompt lengths."""
         return self.steer(prompt_length) if self.steer is not None else contextlib.nullcontext()
 
+    def close(self, timeout: float) -> bool:
+        """End the decode thread as soon as no row is in or waiting for the batch (a drained server's are all
+        stopped), so that no thread of ours runs the model while the process exits; True when it ended within
+        ``timeout`` seconds. A later :meth:`run` starts a new thread."""
+        end = time.monotonic() + timeout
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+            while self._thread is not None:
+                left = end - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+            return True
+
     def run(self, row: BatchRow) -> None:
         """Queue ``row`` and block until it is finished (its ``step`` said so, it stopped, or it failed)."""
         with self._cond:
+            self._closing = False
             self._pending.append(row)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="linlens-decode", daemon=True)
@@ -168,8 +185,9 @@ class DecodeBatch:
         server's model is not held by an idle decode thread)."""
         with self._cond:
             while not self._pending and not self._rows:
-                if not self._cond.wait(IDLE_S) and not self._pending:
+                if self._closing or (not self._cond.wait(IDLE_S) and not self._pending):
                     self._thread = None
+                    self._cond.notify_all()  # close() may be waiting for this
                     return None
             taken: list[BatchRow] = []
             if not self._mergeable and self._rows:

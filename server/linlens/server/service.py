@@ -71,6 +71,13 @@ class LinlensServicer(pb_grpc.LinlensServiceServicer):
         self._batches: dict[tuple[str, tuple[int, float, str, bytes] | None], DecodeBatch] = {}
         self._batches_lock = threading.Lock()
 
+    def close_batches(self, timeout: float) -> bool:
+        """End every decode thread (the drain, once no generation is left); True when all ended in time."""
+        with self._batches_lock:
+            batches = list(self._batches.values())
+        end = time.monotonic() + timeout
+        return all([batch.close(max(0.0, end - time.monotonic())) for batch in batches])
+
     def _batch_for(self, loaded: LoadedModel) -> BatchFor:
         """How a generation of ``loaded`` finds its decode batch once its steering is known."""
         return lambda steering: self._batch(loaded, steering)
