@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from linlens.contract import TokenScore
+from linlens.contract import ExplainOptions, TokenScore
 
 
 class TokenDecoder:
@@ -25,6 +25,15 @@ class TokenDecoder:
         self.lm_head = lm_head.detach()
         self.embeddings = embeddings.detach()
         self._embedding_norms = self.embeddings.float().norm(dim=-1).clamp_min(1e-12)
+
+    def for_request(self, options: ExplainOptions) -> TokenDecoder:
+        """This decoder as one request's options ask it to decode.
+
+        The one place where a request's decoding options reach the decoder: the explanation and the layer analysis
+        decode through the pass's ``decoder`` (``ExplanationPass.decoder``), so a new decoding option is read here
+        and nowhere else.
+        """
+        return self
 
     def text(self, token_id: int) -> str:
         """The token as text, as the tokenizer would print it (" only", not "Ġonly")."""
