@@ -1084,9 +1084,28 @@ def test_async_stream(scripted: tuple[str, ScriptedService]) -> None:
     assert cancelled
 
 
+def test_the_contract_never_imports_the_reports() -> None:
+    """The reports are functions of the results: no module of the contract imports linlens.report, not even inside a
+    function (the circle issue 18 removed)."""
+    import ast
+    from pathlib import Path
+
+    import linlens.contract
+
+    root = Path(linlens.contract.__file__).parent
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            found += [f"{path.name}: {n}" for n in names if n == "linlens.report" or n.startswith("linlens.report.")]
+    assert not found
+
+
 def test_client_package_does_not_import_torch() -> None:
     """The base install is the client: importing it must not need (or load) torch or the server, nor the reports'
-    plotting library (matplotlib, the viz extra) or the reports themselves (imported when a result draws itself)."""
+    plotting library (matplotlib, the viz extra) or the reports themselves (imported when Jupyter shows a result)."""
     import subprocess
     import sys
 

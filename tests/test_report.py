@@ -24,7 +24,8 @@ import pytest
 from conftest import REPORT_LAYERS, REPORT_PROMPT
 
 from linlens.client import Client, ExplainMethod, ExplainOptions, ExplainResult, Generation
-from linlens.report import VIZ_INSTALL, MissingExtraError
+from linlens.client.display import report_fragment, show_results_in_jupyter
+from linlens.report import VIZ_INSTALL, MissingExtraError, fragment, save_html, save_png, to_html
 from linlens.report.content import build
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -109,9 +110,9 @@ def test_the_html_report_is_self_contained_and_carries_the_results_numbers(
     report_result: ExplainResult, tmp_path: Path
 ) -> None:
     exp = report_result.explanation
-    path = report_result.save_html(tmp_path / "report.html")
+    path = save_html(report_result, tmp_path / "report.html")
     document = path.read_text(encoding="utf-8")
-    assert document == report_result.to_html()
+    assert document == to_html(report_result)
     assert document.startswith("<!DOCTYPE html>") and '<meta charset="utf-8">' in document
     # offline: nothing to fetch, no script; the only URL is the SVG namespace, which is a name, not a fetch
     lowered = document.lower()
@@ -173,7 +174,7 @@ def test_the_report_says_how_the_spectra_were_found(report_result: ExplainResult
     what is estimated or missing (the stable rank, the singular values past the top k)."""
     exp = report_result.explanation
     assert exp.method is ExplainMethod.MATRIX_FREE
-    document = html.unescape(report_result.to_html())
+    document = html.unescape(to_html(report_result))
     assert "spectra matrix-free" in document
     assert f"{exp.vjp_count} vector-Jacobian and {exp.jvp_count} Jacobian-vector products" in document
     spectrum = exp.spectra[-1]
@@ -188,7 +189,7 @@ def test_the_report_says_how_the_spectra_were_found(report_result: ExplainResult
 def test_panels_without_their_data_are_absent(lean: tuple[ExplainResult, Generation], tmp_path: Path) -> None:
     plain, generation = lean
     assert not plain.explanation.spectra and plain.explanation.layer_attributions is None
-    document = plain.to_html()
+    document = to_html(plain)
     page = Elements(document)
     assert not page.having(data_chart="spectrum") and not page.having(data_chart="emergence")
     assert not page.having(**{"class": "layers-panel"}) and 'class="heatmap"' not in document
@@ -199,7 +200,7 @@ def test_panels_without_their_data_are_absent(lean: tuple[ExplainResult, Generat
     assert [r["data-kind"] for r in page.having(**{"class": "attribution"})] == ["explained"]
 
     # a generation: its text, then one section per explained step, in order
-    gen_page = Elements(generation.to_html())
+    gen_page = Elements(to_html(generation))
     steps = [s["data-step"] for s in gen_page.having(**{"class": "explanation"})]
     assert steps == ["0", "1"] and len(generation.explanations) == 2
     assert generation.text in "".join(gen_page.text)
@@ -207,9 +208,11 @@ def test_panels_without_their_data_are_absent(lean: tuple[ExplainResult, Generat
     assert [int(g["data-token-id"]) for g in generated] == [t.token_id for t in generation.tokens]
     assert [float(g["data-value"]) for g in generated] == [t.logprob for t in generation.tokens]
     # Jupyter: a fragment with its style scoped to it
-    fragment = generation._repr_html_()
-    assert fragment.startswith('<div class="linlens-report"><style>') and "<html" not in fragment
-    style = fragment.split("<style>", 1)[1].split("</style>", 1)[0]
+    shown = fragment(generation)
+    assert report_fragment(generation) == shown  # what linlens.client registers with IPython, by type name
+    assert show_results_in_jupyter() is False  # no IPython session here: nothing is registered
+    assert shown.startswith('<div class="linlens-report"><style>') and "<html" not in shown
+    style = shown.split("<style>", 1)[1].split("</style>", 1)[0]
     selectors = [rule.split("{")[0].strip() for rule in style.split("}") if "{" in rule]
     assert selectors and all(s.strip().startswith(".linlens-report") for part in selectors for s in part.split(","))
 
@@ -218,8 +221,8 @@ def test_png_reports_have_the_expected_size_and_draw_the_attributions(
     report_result: ExplainResult, lean: tuple[ExplainResult, Generation], tmp_path: Path
 ) -> None:
     plain, generation = lean
-    full = _png(report_result.save_png(tmp_path / "full.png"))
-    small = _png(plain.save_png(tmp_path / "plain.png"))
+    full = _png(save_png(report_result, tmp_path / "full.png"))
+    small = _png(save_png(plain, tmp_path / "plain.png"))
     for path, pixels in ((tmp_path / "full.png", full), (tmp_path / "plain.png", small)):
         assert pixels.shape[1] == PNG_WIDTH
         assert pixels.std() > 10 and len(_colours(pixels)) > 50  # not blank
@@ -238,9 +241,7 @@ def test_png_reports_have_the_expected_size_and_draw_the_attributions(
         rgb = tuple(round(c) for c in stops[low] + (stops[low + 1] - stops[low]) * (position - low))
         assert rgb in colours, (value, rgb)
     # a generation's PNG: all explained steps, or one
-    both = _png(generation.save_png(tmp_path / "generation.png"))
-    from linlens.report import save_png
-
+    both = _png(save_png(generation, tmp_path / "generation.png"))
     one = _png(save_png(generation, tmp_path / "step1.png", step=1))
     assert both.shape[1] == one.shape[1] == PNG_WIDTH and both.shape[0] > one.shape[0]
     with pytest.raises(ValueError, match=r"no explained step 5 in this result \(explained steps: \[0, 1\]\)"):
@@ -255,12 +256,12 @@ def test_token_text_is_escaped_in_html_and_drawn_plainly_in_png(
     tokens = hostile + plain.explanation.input_tokens[len(hostile) :]
     exp = dataclasses.replace(plain.explanation, input_tokens=tokens)
     result = dataclasses.replace(plain, explanation=exp, prompt_text="<b>bold?</b>")
-    document = result.to_html()
+    document = to_html(result)
     assert "<script" not in document and "<b>" not in document
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in document and "&lt;b&gt;bold?&lt;/b&gt;" in document
     spans = [attrs for tag, attrs in Elements(document).tags if tag == "span" and "data-index" in attrs]
     assert [s["data-token"] for s in spans[: len(hostile)]] == list(hostile)
-    pixels = _png(result.save_png(tmp_path / "hostile.png"))  # as mathtext, "$a_$" would not parse
+    pixels = _png(save_png(result, tmp_path / "hostile.png"))  # as mathtext, "$a_$" would not parse
     assert pixels.shape[1] == PNG_WIDTH
 
 
@@ -274,11 +275,11 @@ def test_a_missing_viz_extra_is_named_and_html_still_works(
     code = f"""
 import pickle, sys
 sys.modules["matplotlib"] = None  # as if it were not installed: importing it raises ImportError
-from linlens.report import MissingExtraError
+from linlens.report import MissingExtraError, save_html, save_png
 result = pickle.loads(open({str(saved)!r}, "rb").read())
-result.save_html({str(tmp_path / "ok.html")!r})
+save_html(result, {str(tmp_path / "ok.html")!r})
 try:
-    result.save_png({str(tmp_path / "no.png")!r})
+    save_png(result, {str(tmp_path / "no.png")!r})
 except MissingExtraError as error:
     print("SDK:", error)
 from linlens.cli.main import main
@@ -306,6 +307,6 @@ def test_pictures_of_nan_values_do_not_break(lean: tuple[ExplainResult, Generati
     values = np.zeros_like(first.per_token)
     values[1] = math.nan
     exp = dataclasses.replace(plain.explanation, attributions=(dataclasses.replace(first, per_token=values),))
-    document = dataclasses.replace(plain, explanation=exp).to_html()
+    document = to_html(dataclasses.replace(plain, explanation=exp))
     assert ": +nan" in document and 'data-value="nan"' in document
-    assert _png(dataclasses.replace(plain, explanation=exp).save_png(tmp_path / "nan.png")).shape[1] == PNG_WIDTH
+    assert _png(save_png(dataclasses.replace(plain, explanation=exp), tmp_path / "nan.png")).shape[1] == PNG_WIDTH

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from linlens.client import ExplainResult
+from linlens.report import save_html
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -58,7 +59,7 @@ def _rgb(css: str) -> tuple[int, int, int]:
 
 def test_the_report_renders_offline_in_chromium(browser: Any, report_result: ExplainResult, tmp_path: Path) -> None:
     exp = report_result.explanation
-    path = report_result.save_html(tmp_path / "report.html")
+    path = save_html(report_result, tmp_path / "report.html")
     url = path.resolve().as_uri()
     # Playwright launches chromium with a new, empty profile and gives each context a clean state of its own
     context = browser.new_context(viewport={"width": 1200, "height": 900})

@@ -16,6 +16,7 @@ model through ``linlens.server.inprocess.InProcessClient``.
 
 from linlens.client._base import API_KEY_ENV, DEFAULT_TARGET, SERVER_ENV
 from linlens.client.aio import AsyncClient, AsyncGenerationStream
+from linlens.client.display import show_results_in_jupyter
 from linlens.client.errors import (
     CancelledError,
     DeadlineExceededError,
@@ -79,6 +80,8 @@ from linlens.contract import (
     collect_stream,
     to_jsonable,
 )
+
+show_results_in_jupyter()
 
 __all__ = [
     "API_KEY_ENV",

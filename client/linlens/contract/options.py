@@ -252,6 +252,9 @@ class ExplainOptions:
     position_indices: Sequence[int] = ()
     #: Also the top_k triplets of the whole-prompt map [J_1 ... J_n].
     prompt_spectrum: bool = flag(False, "also the whole-prompt map [J_1 ... J_n]")
+    #: Decoded singular vectors skip the tokenizer's special tokens (end of text, chat markers), which otherwise can
+    #: crowd the lists of a chat model; only the token lists change.
+    skip_special_tokens: bool = flag(False, "decoded singular vectors skip special tokens (end of text, chat markers)")
 
     def __post_init__(self) -> None:
         if self.steps not in ("first", "all"):

@@ -5,7 +5,8 @@ protobuf back to the very same types, so code written against a local model (``I
 ``Explainer``) reads the same as code written against a server. Vectors and matrices are numpy arrays in the
 precision the explanation ran in (read-only when they come off the wire). Durations are milliseconds. Classes holding
 arrays compare by identity (``eq=False``): elementwise array comparison has no single truth value. Nothing here
-imports torch.
+imports torch, nor the reports: they are functions of these results (``linlens.report.to_html(result)``,
+``save_html``, ``save_png``), so the arrow goes one way, from the report down to the results.
 """
 
 from __future__ import annotations
@@ -14,50 +15,14 @@ import dataclasses
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypeAlias, cast
+from typing import Any, Literal, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
 
 from linlens.contract.options import AttributionTarget, ConceptMap, ExplainMethod, GateMode, Precision, SingularSide
 
-if TYPE_CHECKING:
-    from linlens.report import Reportable
-
 FloatArray = npt.NDArray[np.floating]
-
-
-class ReportMixin:
-    """Pictures of a result: an HTML report (self-contained, offline) and a PNG image, and a rich display in Jupyter.
-
-    The drawing lives in ``linlens.report``, imported only when one of these is called, so that importing the
-    contract (and the client) stays light; the PNG needs matplotlib (``pip install 'linlens[viz]'``).
-    """
-
-    def to_html(self) -> str:
-        """The report as one self-contained HTML document (inline CSS and SVG; nothing is fetched)."""
-        from linlens.report import to_html
-
-        return to_html(cast("Reportable", self))
-
-    def save_html(self, path: str | Path) -> Path:
-        """Write the HTML report to ``path`` and return it."""
-        from linlens.report import save_html
-
-        return save_html(cast("Reportable", self), path)
-
-    def save_png(self, path: str | Path) -> Path:
-        """Write the report as a PNG image to ``path`` and return it (needs the viz extra: matplotlib)."""
-        from linlens.report import save_png
-
-        return save_png(cast("Reportable", self), path)
-
-    def _repr_html_(self) -> str:
-        """Jupyter's rich display: the report as an HTML fragment with its style scoped to it."""
-        from linlens.report import fragment
-
-        return fragment(cast("Reportable", self))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -296,7 +261,7 @@ class LayerResult:
 
 
 @dataclass(frozen=True, eq=False)
-class Explanation(ReportMixin):
+class Explanation:
     """The explanation of one next-token prediction (generation step ``step``; 0 for Explain)."""
 
     input_ids: tuple[int, ...]
@@ -377,7 +342,7 @@ class Usage:
 
 
 @dataclass(frozen=True)
-class Generation(ReportMixin):
+class Generation:
     """A finished generation: the continuation (not the prompt), its tokens and any explanations."""
 
     model: str
@@ -438,7 +403,7 @@ StreamEvent: TypeAlias = (
 
 
 @dataclass(frozen=True)
-class ExplainResult(ReportMixin):
+class ExplainResult:
     """The answer of ``explain``: the explanation plus which model served it and the rendered input."""
 
     model: str
@@ -561,7 +526,6 @@ __all__ = [
     "PositionSpectrum",
     "PredictedToken",
     "Reconstruction",
-    "ReportMixin",
     "SingularComponent",
     "StreamEvent",
     "Timings",

@@ -5,8 +5,9 @@
     save_html(result, "report.html")   # one self-contained file, works offline; no extra needed
     save_png(result, "report.png")     # matplotlib: pip install 'linlens[viz]'
 
-``result`` is an ``ExplainResult``, an ``Explanation`` or a ``Generation`` (each also has ``to_html()``,
-``save_html(path)``, ``save_png(path)`` and ``_repr_html_`` for Jupyter). A report shows: the model, the prompt, the
+``result`` is an ``ExplainResult``, an ``Explanation`` or a ``Generation``. The reports are functions of the results
+(the results import nothing of the reports, so the arrow goes one way); in Jupyter the results display as reports
+(``fragment``, registered with IPython by ``linlens.client.display``). A report shows: the model, the prompt, the
 predicted and the explained token with their probabilities, the reconstruction errors, the method and its cost; the
 input tokens shaded by their exact attribution (one row per target and contrast); per explained position the
 singular-value spectrum (log scale) with the captured shares and the decoded singular vectors; and, with a layer

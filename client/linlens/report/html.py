@@ -1,7 +1,7 @@
 """The HTML report: one self-contained document (inline CSS and SVG, no script, nothing fetched) that works offline.
 
 ``document(result)`` is the whole file; ``fragment(result)`` the same report as one ``<div>`` with its style scoped
-to it, for Jupyter (``_repr_html_``) and for pages that embed several reports. Hover values are plain ``title``
+to it, for Jupyter (a result's display) and for pages that embed several reports. Hover values are plain ``title``
 attributes (SVG ``<title>`` children in charts); every shaded token, heat-map cell and chart mark also carries its
 number at full precision in ``data-value``, so a script (or a test) can check the page against the result.
 """

@@ -672,6 +672,7 @@ class ExplainOptions(_message.Message):
     METHOD_FIELD_NUMBER: _builtins.int
     POSITION_INDICES_FIELD_NUMBER: _builtins.int
     PROMPT_SPECTRUM_FIELD_NUMBER: _builtins.int
+    SKIP_SPECIAL_TOKENS_FIELD_NUMBER: _builtins.int
     steps: Global___ExplainSteps.ValueType
     """Which generation steps to explain (Generate and GenerateStream only; Explain always explains its one step).
     Unspecified means EXPLAIN_STEPS_FIRST.
@@ -704,6 +705,11 @@ class ExplainOptions(_message.Message):
     """
     prompt_spectrum: _builtins.bool
     """Also the top_k triplets of the whole-prompt map [J_1 ... J_n] (the input is every token's embedding at once).
+    Default false.
+    """
+    skip_special_tokens: _builtins.bool
+    """Decoded singular vectors name no special tokens (the tokenizer's control tokens: end of text, chat markers):
+    they are skipped and the next tokens are listed instead. Changes only the token lists, never a number.
     Default false.
     """
     @_builtins.property
@@ -745,10 +751,11 @@ class ExplainOptions(_message.Message):
         method: Global___ExplainMethod.ValueType = ...,
         position_indices: _abc.Iterable[_builtins.int] | None = ...,
         prompt_spectrum: _builtins.bool = ...,
+        skip_special_tokens: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_explained_token_id", b"_explained_token_id", "_tokens_per_vector", b"_tokens_per_vector", "_top_k", b"_top_k", "_vjp_chunk_size", b"_vjp_chunk_size", "explained_token_id", b"explained_token_id", "layers", b"layers", "tokens_per_vector", b"tokens_per_vector", "top_k", b"top_k", "vjp_chunk_size", b"vjp_chunk_size"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_explained_token_id", b"_explained_token_id", "_tokens_per_vector", b"_tokens_per_vector", "_top_k", b"_top_k", "_vjp_chunk_size", b"_vjp_chunk_size", "explained_token_id", b"explained_token_id", "gate_mode", b"gate_mode", "include_jacobians", b"include_jacobians", "layers", b"layers", "method", b"method", "ordinary_contrast", b"ordinary_contrast", "position_indices", b"position_indices", "positions", b"positions", "precision", b"precision", "prompt_spectrum", b"prompt_spectrum", "step_indices", b"step_indices", "steps", b"steps", "targets", b"targets", "tokens_per_vector", b"tokens_per_vector", "top_k", b"top_k", "vjp_chunk_size", b"vjp_chunk_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_explained_token_id", b"_explained_token_id", "_tokens_per_vector", b"_tokens_per_vector", "_top_k", b"_top_k", "_vjp_chunk_size", b"_vjp_chunk_size", "explained_token_id", b"explained_token_id", "gate_mode", b"gate_mode", "include_jacobians", b"include_jacobians", "layers", b"layers", "method", b"method", "ordinary_contrast", b"ordinary_contrast", "position_indices", b"position_indices", "positions", b"positions", "precision", b"precision", "prompt_spectrum", b"prompt_spectrum", "skip_special_tokens", b"skip_special_tokens", "step_indices", b"step_indices", "steps", b"steps", "targets", b"targets", "tokens_per_vector", b"tokens_per_vector", "top_k", b"top_k", "vjp_chunk_size", b"vjp_chunk_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__explained_token_id: _TypeAlias = _typing.Literal["explained_token_id"]  # noqa: Y015
     _WhichOneofArgType__explained_token_id: _TypeAlias = _typing.Literal["_explained_token_id", b"_explained_token_id"]  # noqa: Y015

@@ -10,11 +10,12 @@ Two readings, matching the two sides of J_i:
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
 
-from linlens.contract import TokenScore
+from linlens.contract import ExplainOptions, TokenScore
 
 
 class TokenDecoder:
@@ -25,6 +26,25 @@ class TokenDecoder:
         self.lm_head = lm_head.detach()
         self.embeddings = embeddings.detach()
         self._embedding_norms = self.embeddings.float().norm(dim=-1).clamp_min(1e-12)
+        #: The tokenizer's special tokens (end of text, chat markers) that are rows of the vocabulary.
+        rows = min(self.lm_head.shape[0], self.embeddings.shape[0])
+        special = sorted({int(i) for i in getattr(tokenizer, "all_special_ids", ()) if 0 <= int(i) < rows})
+        self.special_ids = torch.tensor(special, dtype=torch.long, device=self.lm_head.device)
+        #: Token ids this decoder never names (none unless a request asks: ``for_request``).
+        self._excluded: torch.Tensor | None = None
+
+    def for_request(self, options: ExplainOptions) -> TokenDecoder:
+        """This decoder as one request's options ask it to decode.
+
+        The one place where a request's decoding options reach the decoder: the explanation and the layer analysis
+        decode through the pass's ``decoder`` (``ExplanationPass.decoder``), so a new decoding option is read here
+        and nowhere else. ``skip_special_tokens`` excludes the special tokens from every list.
+        """
+        if not options.skip_special_tokens or self.special_ids.numel() == 0:
+            return self
+        view = copy.copy(self)  # shares the weights; only the exclusions differ
+        view._excluded = self.special_ids
+        return view
 
     def text(self, token_id: int) -> str:
         """The token as text, as the tokenizer would print it (" only", not "Ġonly")."""
@@ -34,6 +54,9 @@ class TokenDecoder:
         return tuple(self.text(t) for t in token_ids)
 
     def _top(self, scores: torch.Tensor, count: int) -> list[tuple[TokenScore, ...]]:
+        if self._excluded is not None:
+            scores = scores.index_fill(0, self._excluded.to(scores.device), float("-inf"))
+            count = min(count, scores.shape[0] - self._excluded.numel())
         values, indices = torch.topk(scores, k=min(count, scores.shape[0]), dim=0)
         return [
             tuple(

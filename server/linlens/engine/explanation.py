@@ -457,7 +457,7 @@ def _position_spectra(
     complete: bool,
     errors: list[float] | None,
 ) -> tuple[PositionSpectrum, ...]:
-    options, decoder = p.options, p.context.decoder
+    options, decoder = p.options, p.decoder
     tick = time.perf_counter()
     results = []
     for slot, (position, spectrum) in enumerate(zip(positions, decomposed, strict=True)):
@@ -493,7 +493,7 @@ def _prompt_spectrum(
     reconstruction_error: float,
 ) -> LinearMapSpectrum:
     """The whole-prompt map's triplets: right vectors as (n, d), decoded at the position holding most of each."""
-    options, decoder = p.options, p.context.decoder
+    options, decoder = p.options, p.decoder
     tick = time.perf_counter()
     k = min(options.top_k, spectrum.left.shape[-1])
     n, d = p.n, p.context.hidden_size

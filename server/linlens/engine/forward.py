@@ -43,6 +43,8 @@ class ExplanationPass:
         started = time.perf_counter()
         self.context = context
         self.options = options
+        #: The model's token decoder as this request's options ask it to decode.
+        self.decoder = context.decoder.for_request(options)
         self.input_ids = tuple(int(t) for t in input_ids)
         self.ids = torch.tensor(self.input_ids, dtype=torch.long, device=context.device)
         self.n = len(self.input_ids)

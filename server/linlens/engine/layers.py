@@ -271,7 +271,7 @@ def _decode(
 ) -> tuple[SingularComponent, ...]:
     """The top components decoded logit-lens style: left (and "logit-lens" right) vectors through the final norm's
     frozen linear part and the LM head; "embeddings" right vectors to the nearest input embeddings."""
-    decoder = p.context.decoder
+    decoder = p.decoder
     k = options.top_k
     if k == 0:
         return ()

@@ -29,13 +29,17 @@ E = TypeVar("E", bound=enum.Enum)
 
 
 class _EnumTable(Generic[E]):
-    """A Python enum and its protobuf enum, both ways. Unspecified (0) decodes to ``default``."""
+    """A Python enum and its protobuf enum, both ways. Unspecified (0) decodes to ``default``, and so does an
+    unknown number when ``lenient`` (a newer server's value that a reader can live without); otherwise an unknown
+    number is an OptionError."""
 
-    def __init__(self, name: str, pairs: dict[E, int], default: E) -> None:
-        self.name = name
+    def __init__(self, pb_enum: Any, pairs: dict[E, int], default: E, *, lenient: bool = False) -> None:
+        self.name: str = pb_enum.DESCRIPTOR.name
+        self.full_name: str = pb_enum.DESCRIPTOR.full_name
         self._to_pb = pairs
         self._from_pb = {number: member for member, number in pairs.items()}
         self._default = default
+        self._lenient = lenient
 
     def to_pb(self, member: E) -> Any:
         return self._to_pb[member]
@@ -46,11 +50,13 @@ class _EnumTable(Generic[E]):
         try:
             return self._from_pb[number]
         except KeyError:
+            if self._lenient:
+                return self._default
             raise OptionError(field, f"{number} is not a known {self.name} value") from None
 
 
 _PRECISION = _EnumTable(
-    "Precision",
+    pb.Precision,
     {
         Precision.FLOAT32: pb.PRECISION_FLOAT32,
         Precision.FLOAT64: pb.PRECISION_FLOAT64,
@@ -59,12 +65,12 @@ _PRECISION = _EnumTable(
     Precision.FLOAT32,
 )
 _GATE_MODE = _EnumTable(
-    "GateMode",
+    pb.GateMode,
     {GateMode.FREEZE_GATE: pb.GATE_MODE_FREEZE_GATE, GateMode.FREEZE_UP: pb.GATE_MODE_FREEZE_UP},
     GateMode.FREEZE_GATE,
 )
 _POSITIONS = _EnumTable(
-    "PositionSelection",
+    pb.PositionSelection,
     {
         PositionSelection.LAST: pb.POSITION_SELECTION_LAST,
         PositionSelection.ALL: pb.POSITION_SELECTION_ALL,
@@ -73,7 +79,7 @@ _POSITIONS = _EnumTable(
     PositionSelection.LAST,
 )
 _METHOD = _EnumTable(
-    "ExplainMethod",
+    pb.ExplainMethod,
     {
         ExplainMethod.AUTO: pb.EXPLAIN_METHOD_AUTO,
         ExplainMethod.FULL: pb.EXPLAIN_METHOD_FULL,
@@ -82,7 +88,7 @@ _METHOD = _EnumTable(
     ExplainMethod.AUTO,
 )
 _FINISH = _EnumTable(
-    "FinishReason",
+    pb.FinishReason,
     {
         FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
         FinishReason.STOP_SEQUENCE: pb.FINISH_REASON_STOP_SEQUENCE,
@@ -92,9 +98,10 @@ _FINISH = _EnumTable(
         FinishReason.UNSPECIFIED: pb.FINISH_REASON_UNSPECIFIED,
     },
     FinishReason.UNSPECIFIED,
+    lenient=True,  # a newer server's reason reads as unspecified rather than failing the call
 )
 _MODEL_STATE = _EnumTable(
-    "ModelState",
+    pb.ModelState,
     {
         ModelState.LOADING: pb.MODEL_STATE_LOADING,
         ModelState.READY: pb.MODEL_STATE_READY,
@@ -102,17 +109,18 @@ _MODEL_STATE = _EnumTable(
         ModelState.UNSPECIFIED: pb.MODEL_STATE_UNSPECIFIED,
     },
     ModelState.UNSPECIFIED,
+    lenient=True,  # a newer server's state
 )
 _CONCEPT_MAP = _EnumTable(
-    "ConceptMap", {ConceptMap.OUTPUT: pb.CONCEPT_MAP_OUTPUT, ConceptMap.LAYER: pb.CONCEPT_MAP_LAYER}, ConceptMap.OUTPUT
+    pb.ConceptMap, {ConceptMap.OUTPUT: pb.CONCEPT_MAP_OUTPUT, ConceptMap.LAYER: pb.CONCEPT_MAP_LAYER}, ConceptMap.OUTPUT
 )
 _SIDE = _EnumTable(
-    "SingularSide",
+    pb.SingularSide,
     {SingularSide.LEFT: pb.SINGULAR_SIDE_LEFT, SingularSide.RIGHT: pb.SINGULAR_SIDE_RIGHT},
     SingularSide.LEFT,
 )
 _STEERING_POSITIONS = _EnumTable(
-    "SteeringPositions",
+    pb.SteeringPositions,
     {
         SteeringPositions.PROMPT: pb.STEERING_POSITIONS_PROMPT,
         SteeringPositions.GENERATED: pb.STEERING_POSITIONS_GENERATED,
@@ -120,6 +128,21 @@ _STEERING_POSITIONS = _EnumTable(
     },
     SteeringPositions.ALL,
 )
+#: The tables by protobuf enum (full name): the codecs (``codec.py``) find a field's table from its descriptor.
+ENUMS: dict[str, _EnumTable[Any]] = {
+    table.full_name: table
+    for table in (
+        _PRECISION,
+        _GATE_MODE,
+        _POSITIONS,
+        _METHOD,
+        _FINISH,
+        _MODEL_STATE,
+        _CONCEPT_MAP,
+        _SIDE,
+        _STEERING_POSITIONS,
+    )
+}
 _COMPONENT = {"attention": pb.LAYER_COMPONENT_ATTENTION, "mlp": pb.LAYER_COMPONENT_MLP}
 _COMPONENT_FROM_PB = {number: name for name, number in _COMPONENT.items()}
 _STEPS = {"first": pb.EXPLAIN_STEPS_FIRST, "all": pb.EXPLAIN_STEPS_ALL}
