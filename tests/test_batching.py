@@ -37,12 +37,15 @@ HIDDEN = 64
 
 
 def _tiny_requests() -> list[dict[str, Any]]:
-    """Ten requests of different lengths and sampling (token ids: the tiny tokenizer is word-level)."""
+    """Ten requests of different lengths, sampling, stop strings and ``ignore_eos`` (token ids: the tiny tokenizer is
+    word-level)."""
     out: list[dict[str, Any]] = []
     for i in range(10):
         length = 2 + (i * 3) % 9
         ids = [(7 * i + 5 * j + 3) % (VOCAB - 4) + 4 for j in range(length)]
-        args: dict[str, Any] = {"token_ids": ids, "max_new_tokens": 6 + (i * 5) % 19, "ignore_eos": True}
+        args: dict[str, Any] = {"token_ids": ids, "max_new_tokens": 6 + (i * 5) % 19, "ignore_eos": i % 5 != 0}
+        if i % 4 == 3:
+            args.update(stop=["w1", "w2", "w3", "w5"])  # any of w10..w39 and w50..w59: about one token in three
         if i % 3 == 1:
             args.update(temperature=0.9, top_k=20, seed=1000 + i)
         elif i % 3 == 2:
@@ -157,6 +160,7 @@ def test_tiny_family_batched_equals_alone(family: str, tiny_servers: Callable[..
         assert_same(a, b, f"{family} request {i}: {requests[i]}")
         if "seed" in requests[i]:
             assert b.seed == requests[i]["seed"]
+    assert any(r.finish_reason.name == "STOP_SEQUENCE" for r in batched), family
     # every family batches, the sliding-window ones (window 4, shorter than every sequence here) included
     steps, rows = batch_steps(server) - steps_alone, batch_sizes_seen(server) - rows_alone
     print(f"{family}: {rows / steps:.2f} rows per step")
