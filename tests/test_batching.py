@@ -37,12 +37,15 @@ HIDDEN = 64
 
 
 def _tiny_requests() -> list[dict[str, Any]]:
-    """Ten requests of different lengths and sampling (token ids: the tiny tokenizer is word-level)."""
+    """Ten requests of different lengths, sampling, stop strings and ``ignore_eos`` (token ids: the tiny tokenizer is
+    word-level)."""
     out: list[dict[str, Any]] = []
     for i in range(10):
         length = 2 + (i * 3) % 9
         ids = [(7 * i + 5 * j + 3) % (VOCAB - 4) + 4 for j in range(length)]
-        args: dict[str, Any] = {"token_ids": ids, "max_new_tokens": 6 + (i * 5) % 19, "ignore_eos": True}
+        args: dict[str, Any] = {"token_ids": ids, "max_new_tokens": 6 + (i * 5) % 19, "ignore_eos": i % 5 != 0}
+        if i % 4 == 3:
+            args.update(stop=["w1", "w2", "w3", "w5"])  # any of w10..w39 and w50..w59: about one token in three
         if i % 3 == 1:
             args.update(temperature=0.9, top_k=20, seed=1000 + i)
         elif i % 3 == 2:
@@ -157,6 +160,7 @@ def test_tiny_family_batched_equals_alone(family: str, tiny_servers: Callable[..
         assert_same(a, b, f"{family} request {i}: {requests[i]}")
         if "seed" in requests[i]:
             assert b.seed == requests[i]["seed"]
+    assert any(r.finish_reason.name == "STOP_SEQUENCE" for r in batched), family
     # every family batches, the sliding-window ones (window 4, shorter than every sequence here) included
     steps, rows = batch_steps(server) - steps_alone, batch_sizes_seen(server) - rows_alone
     print(f"{family}: {rows / steps:.2f} rows per step")
@@ -350,3 +354,49 @@ def test_a_drained_server_leaves_no_decode_thread_running(tmp_path: Path) -> Non
     finally:
         server.stop()
     assert not [t for t in ours if t.is_alive()]
+
+
+SLIDING = [f for f in FAMILIES if f in ("gemma3", "qwen3", "phi3", "mistral", "gemma2", "cohere2")]
+
+
+@pytest.mark.parametrize("family", SLIDING)
+def test_window_families_batched_equal_transformers_generate(family: str, tmp_path: Path) -> None:
+    """In one process, without a server: rows that join a sliding-window model's batch at different steps (staggered
+    starts, different prompt lengths, each longer than the window by the end) get the greedy tokens of transformers'
+    own ``generate`` with its own window cache, logprobs within 1e-4."""
+    from linlens.models import load_model
+    from linlens.server.batching import DecodeBatch
+    from linlens.server.generation import Sampling, generate, generate_batched
+
+    loaded = load_model(str(save_tiny_model(family, tmp_path / family)))
+    model, tokenizer = loaded.model, loaded.tokenizer
+    prompts = [[(5 * i + 3 * j) % (VOCAB - 4) + 4 for j in range(1 + 2 * i)] for i in range(8)]
+    # the longer a prompt, the sooner its row leaves: the batch drops its leftmost columns (a cut of every layer)
+    sampling = [Sampling(max_new_tokens=18 - i, ignore_eos=True) for i in range(8)]
+    alone = [generate(model, tokenizer, p, s) for p, s in zip(prompts, sampling, strict=True)]
+    sizes: list[int] = []
+    decoding = threading.Event()
+
+    def on_step(size: int) -> None:
+        sizes.append(size)
+        if len(sizes) >= 2:
+            decoding.set()
+
+    batch = DecodeBatch(model, on_step=on_step)
+    results: list[Any] = [None] * len(prompts)
+
+    def one(i: int) -> None:
+        if i >= 4:  # the later rows join a batch that is already decoding
+            decoding.wait(30)
+        results[i] = generate_batched(batch, model, tokenizer, prompts[i], sampling[i])
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert max(sizes) >= 4 and len(set(sizes)) >= 3, f"{family}: rows did not join and leave a running batch: {sizes}"
+    for i, (a, b) in enumerate(zip(alone, results, strict=True)):
+        assert [t.token_id for t in b.tokens] == [t.token_id for t in a.tokens], f"{family} row {i}"
+        for x, y in zip(a.tokens, b.tokens, strict=True):
+            assert abs(x.logprob - y.logprob) <= LOGPROB_TOLERANCE, (family, i, x, y)

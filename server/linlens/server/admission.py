@@ -21,15 +21,9 @@ from linlens.engine import check_token_id
 from linlens.engine.steering import DEFAULT_CONCEPT_TOKENS, concept_options
 from linlens.models import LoadedModel
 from linlens.server.config import ServerConfig
-from linlens.server.generation import (
-    DEFAULT_MAX_NEW_TOKENS,
-    InputError,
-    Sampling,
-    check_token_ids,
-    encode_chat,
-    encode_text,
-)
+from linlens.server.generation import DEFAULT_MAX_NEW_TOKENS, Sampling
 from linlens.server.hosting import ModelHost
+from linlens.server.inputs import InputError, check_token_ids, encode_chat, encode_text
 from linlens.server.status import RpcFailure, invalid
 from linlens.v1 import linlens_pb2 as pb
 

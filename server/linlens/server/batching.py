@@ -1,13 +1,14 @@
 """Continuous batching: the generation requests of one model decode together, one forward pass per step for all.
 
-A :class:`DecodeBatch` owns one decode thread per model. A request (a :class:`BatchRow`) is queued; at the next token
-boundary the thread prefills its prompt *alone* (a batch of one, so its first token is exactly what it would be served
-alone) and then merges its KV cache into the running batch: the batch's cache is left-padded to a common length, with
-an attention mask and per-row position ids, so every row sees exactly its own tokens. Each step runs one forward pass
-for all active rows, then handles each row by itself: the generation config's logits processors, the log-probability,
-the choice of token (argmax, or a draw from the row's own ``torch.Generator``), the stream callback, stop sequences,
-EOS, the token budget and the caller's cancellation. A finished or cancelled row leaves the batch at once (its cache
-row is dropped; padding columns no row needs any more are cut).
+A :class:`DecodeBatch` owns one decode thread (the server keeps a batch per model and steering). A request (a
+:class:`BatchRow`) is queued; at the next token boundary the thread prefills its prompt *alone* (a batch of one, so
+its first token is exactly what it would be served alone) and then merges its KV cache into the running batch: the
+batch's cache is left-padded to a common length, with an attention mask and per-row position ids, so every row sees
+exactly its own tokens. Each step runs one forward pass for all active rows, then handles each row by itself: the
+generation config's logits processors, the log-probability, the choice of token (argmax, or a draw from the row's
+own ``torch.Generator``), the stream callback, stop sequences, EOS, the token budget and the caller's cancellation. A
+finished or cancelled row leaves the batch at once (its cache row is dropped; padding columns no row needs any more
+are cut).
 
 A batch may be steered (``steer``): every forward pass it runs then runs inside that one steering, so only requests
 of exactly the same steering share it (the server keeps one batch per model and steering; see ``_steered`` for why
@@ -135,6 +136,7 @@ class DecodeBatch:
         ``timeout`` seconds. A later :meth:`run` starts a new thread."""
         end = time.monotonic() + timeout
         with self._cond:
+            thread = self._thread
             self._closing = True
             self._cond.notify_all()
             while self._thread is not None:
@@ -142,7 +144,10 @@ class DecodeBatch:
                 if left <= 0:
                     return False
                 self._cond.wait(left)
-            return True
+        if thread is not None:  # it has let go of the batch; wait for it to return, too
+            thread.join(max(0.0, end - time.monotonic()))
+            return not thread.is_alive()
+        return True
 
     def run(self, row: BatchRow) -> None:
         """Queue ``row`` and block until it is finished (its ``step`` said so, it stopped, or it failed)."""

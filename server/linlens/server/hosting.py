@@ -26,7 +26,8 @@ import grpc
 from linlens.contract import ExplainOptions, ModelInfo, ModelState
 from linlens.models import LoadedModel, LoadProgress, display_name, load_model
 from linlens.server.config import ServerConfig
-from linlens.server.generation import InputError, Sampling, encode_text, generate
+from linlens.server.generation import Sampling, generate
+from linlens.server.inputs import InputError, encode_text
 from linlens.server.metrics import Metrics
 from linlens.server.status import RpcFailure
 

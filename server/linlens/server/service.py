@@ -64,8 +64,8 @@ class LinlensServicer(pb_grpc.LinlensServiceServicer):
         self.host = host
         self.jobs = jobs
         self.metrics = metrics
-        #: The generation lane: plain generations (no explanation, no steering) wait here, not behind explanations,
-        #: and decode together in their model's batch. Without it, every generation runs on ``jobs``.
+        #: The generation lane: plain generations (no explanation, no concept to compute) wait here, not behind
+        #: explanations, and decode together in their model's batch. Without it, every generation runs on ``jobs``.
         self.generation_jobs = generation_jobs
         #: The decode batches, one per model and steering (None: unsteered); a steered one is forgotten when idle.
         self._batches: dict[tuple[str, tuple[int, float, str, bytes] | None], DecodeBatch] = {}

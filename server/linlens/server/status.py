@@ -14,7 +14,8 @@ import grpc
 
 from linlens.contract import OptionError
 from linlens.engine import ExplanationCancelled
-from linlens.server.generation import GenerationStopped, InputError
+from linlens.server.generation import GenerationStopped
+from linlens.server.inputs import InputError
 from linlens.server.scheduler import JobStopped, QueueFullError, SchedulerClosed, StopReason
 
 _log = logging.getLogger(__name__)
