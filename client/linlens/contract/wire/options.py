@@ -77,22 +77,12 @@ _EXPLAIN = Codec(
 )
 
 
-def layer_options_to_proto(options: LayerAnalysisOptions) -> pb.LayerAnalysisOptions:
-    return _LAYERS.to_proto(options)
-
-
-def layer_options_from_proto(message: pb.LayerAnalysisOptions) -> LayerAnalysisOptions:
-    """Unset fields take the dataclass defaults; OptionError names the field under ``layers``."""
-    return _LAYERS.from_proto(message)
-
-
-def explain_options_to_proto(options: ExplainOptions) -> pb.ExplainOptions:
-    return _EXPLAIN.to_proto(options)
-
-
-def explain_options_from_proto(message: pb.ExplainOptions) -> ExplainOptions:
-    """The options a request asked for; unset fields take the dataclass defaults. Raises OptionError."""
-    return _EXPLAIN.from_proto(message)
+layer_options_to_proto = _LAYERS.to_proto
+#: Unset fields take the dataclass defaults; OptionError names the field under ``layers``.
+layer_options_from_proto = _LAYERS.from_proto
+explain_options_to_proto = _EXPLAIN.to_proto
+#: The options a request asked for; unset fields take the dataclass defaults. Raises OptionError.
+explain_options_from_proto = _EXPLAIN.from_proto
 
 
 def _write_prompt(spec: ConceptSpec, message: pb.ConceptSpec) -> None:
@@ -116,13 +106,9 @@ def _read_prompt(message: pb.ConceptSpec) -> dict[str, Any]:
 _CONCEPT = Codec(ConceptSpec, pb.ConceptSpec, by_hand=("prompt",), write=_write_prompt, read=_read_prompt)
 
 
-def concept_spec_to_proto(spec: ConceptSpec) -> pb.ConceptSpec:
-    return _CONCEPT.to_proto(spec)
-
-
-def concept_spec_from_proto(message: pb.ConceptSpec) -> ConceptSpec:
-    """The spec a request asked for (unset fields take the dataclass defaults). Raises OptionError."""
-    return _CONCEPT.from_proto(message)
+concept_spec_to_proto = _CONCEPT.to_proto
+#: The spec a request asked for (unset fields take the dataclass defaults). Raises OptionError.
+concept_spec_from_proto = _CONCEPT.from_proto
 
 
 def _write_concept(steering: Steering, message: pb.Steering) -> None:
@@ -151,10 +137,6 @@ def _read_concept(message: pb.Steering) -> dict[str, Any]:
 _STEERING = Codec(Steering, pb.Steering, by_hand=("concept_prompt", "vector"), write=_write_concept, read=_read_concept)
 
 
-def steering_to_proto(steering: Steering) -> pb.Steering:
-    return _STEERING.to_proto(steering)
-
-
-def steering_from_proto(message: pb.Steering) -> Steering:
-    """The steering a request asked for; OptionError names the field below ``steering`` (e.g. ``vector``)."""
-    return _STEERING.from_proto(message)
+steering_to_proto = _STEERING.to_proto
+#: The steering a request asked for; OptionError names the field below ``steering`` (e.g. ``vector``).
+steering_from_proto = _STEERING.from_proto
