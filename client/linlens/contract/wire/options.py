@@ -20,11 +20,11 @@ from linlens.contract.options import (
     Steering,
 )
 from linlens.contract.tensors import array_from_tensor, tensor_from_array
-from linlens.contract.wire.codec import Codec
+from linlens.contract.wire.codec import Codec, same_names
 from linlens.contract.wire.enums import _STEPS
 from linlens.v1 import linlens_pb2 as pb
 
-_TARGET = Codec(AttributionTarget, pb.AttributionTarget)
+same_names(AttributionTarget)  # reached only inside ExplainOptions
 
 
 def _write_layers(options: LayerAnalysisOptions, message: pb.LayerAnalysisOptions) -> None:

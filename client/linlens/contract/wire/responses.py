@@ -19,12 +19,12 @@ from linlens.contract.results import (
     StreamEvent,
     Usage,
 )
-from linlens.contract.wire.codec import Codec, oneof_from_proto, oneof_to_proto
+from linlens.contract.wire.codec import Codec, oneof_from_proto, oneof_to_proto, same_names
 from linlens.contract.wire.enums import _FINISH
 from linlens.v1 import linlens_pb2 as pb
 
 _GENERATED_TOKEN = Codec(GeneratedToken, pb.GeneratedToken)
-_USAGE = Codec(Usage, pb.Usage)
+same_names(Usage)  # reached only inside others
 _GENERATION = Codec(Generation, pb.GenerateResponse)
 _DONE = Codec(GenerationDone, pb.GenerateDone)
 _PROGRESS = Codec(ExplanationProgress, pb.ExplanationProgress)

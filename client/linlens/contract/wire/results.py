@@ -24,7 +24,7 @@ from linlens.contract.results import (
     Timings,
     TokenScore,
 )
-from linlens.contract.wire.codec import Codec
+from linlens.contract.wire.codec import Codec, same_names
 from linlens.contract.wire.enums import _COMPONENT, _COMPONENT_FROM_PB
 from linlens.v1 import linlens_pb2 as pb
 
@@ -40,15 +40,11 @@ def _read_component(message: pb.ComponentContribution) -> dict[str, Any]:
     return {"component": component}
 
 
-_TOKEN_SCORE = Codec(TokenScore, pb.TokenScore)
+# the messages reached only inside others, each named as its dataclass
+same_names(TokenScore, Reconstruction, OrdinaryContrast, Attribution, SingularComponent, PositionSpectrum)
+same_names(LinearMapSpectrum)
 _PREDICTED = Codec(PredictedToken, pb.PredictedToken)
 _TIMINGS = Codec(Timings, pb.Timings)
-_RECONSTRUCTION = Codec(Reconstruction, pb.Reconstruction)
-_ORDINARY = Codec(OrdinaryContrast, pb.OrdinaryContrast)
-_ATTRIBUTION = Codec(Attribution, pb.Attribution)
-_SINGULAR = Codec(SingularComponent, pb.SingularComponent)
-_POSITION_SPECTRUM = Codec(PositionSpectrum, pb.PositionSpectrum)
-_LINEAR_MAP = Codec(LinearMapSpectrum, pb.LinearMapSpectrum)
 _CONTRIBUTION = Codec(
     ComponentContribution,
     pb.ComponentContribution,
