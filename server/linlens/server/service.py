@@ -44,7 +44,8 @@ from linlens.server.config import ServerConfig
 from linlens.server.hosting import ModelHost
 from linlens.server.jobs import JobRunner
 from linlens.server.metrics import Metrics
-from linlens.server.work import run_concept, run_explain, run_generation
+from linlens.server.scheduler import CancelToken
+from linlens.server.work import Emit, run_concept, run_explain, run_generation
 from linlens.v1 import linlens_pb2 as pb
 from linlens.v1 import linlens_pb2_grpc as pb_grpc
 
@@ -126,18 +127,7 @@ class LinlensServicer(pb_grpc.LinlensServiceServicer):
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> pb.GenerateResponse:
         call = self._for_model(request.model)
         work = self._admit_generation(request, call)
-        batch = self._batch(work.loaded)
-        generation = self._lane(work).run(
-            context,
-            lambda token: run_generation(
-                work,
-                arrived=call.started,
-                should_stop=token.should_stop,
-                stop_reason=lambda: token.reason,
-                metrics=self.metrics,
-                batch=batch,
-            ),
-        )
+        generation = self._lane(work).run(context, lambda token: self._generate(work, call, token))
         return generation_to_proto(self._finished(call, generation))
 
     def GenerateStream(
@@ -145,20 +135,7 @@ class LinlensServicer(pb_grpc.LinlensServiceServicer):
     ) -> Iterator[pb.GenerateStreamResponse]:
         call = self._for_model(request.model)
         work = self._admit_generation(request, call)
-        batch = self._batch(work.loaded)
-        events = self._lane(work).stream(
-            context,
-            lambda token, emit: run_generation(
-                work,
-                arrived=call.started,
-                should_stop=token.should_stop,
-                stop_reason=lambda: token.reason,
-                metrics=self.metrics,
-                emit=emit,
-                on_progress=emit,
-                batch=batch,
-            ),
-        )
+        events = self._lane(work).stream(context, lambda token, emit: self._generate(work, call, token, emit))
         while True:
             try:
                 event = next(events)
@@ -221,6 +198,22 @@ class LinlensServicer(pb_grpc.LinlensServiceServicer):
         work = prepare_generation(request, self.host, self.config)
         self._note_input(call, work.loaded, work.prompt_ids)
         return work
+
+    def _generate(
+        self, work: GenerationWork, call: CallRecord, token: CancelToken, emit: Emit | None = None
+    ) -> Generation:
+        """Run the generation job on a worker: in the model's decode batch (if any), stopped by ``token``, each
+        event sent to ``emit`` when streaming."""
+        return run_generation(
+            work,
+            arrived=call.started,
+            should_stop=token.should_stop,
+            stop_reason=lambda: token.reason,
+            metrics=self.metrics,
+            emit=emit,
+            on_progress=emit,
+            batch=self._batch(work.loaded),
+        )
 
     def _finished(self, call: CallRecord, generation: Generation) -> Generation:
         """Note a finished generation on the call's record; the Generation with the request's timings."""
