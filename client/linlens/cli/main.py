@@ -345,19 +345,13 @@ def _loading_notice(target: str) -> Callable[[ModelInfo], None]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from linlens.server.logs import quiet_progress_bars, setup_logging
+    from linlens.server.logs import quiet_progress_bars
 
     quiet_progress_bars()  # before torch and transformers are imported
-    from linlens.server.app import serve
-    from linlens.server.config import ConfigError, config_from_args
+    from linlens.server.app import serve_configured
+    from linlens.server.config import config_from_args
 
-    try:
-        config = config_from_args(args)
-    except ConfigError as error:
-        print(f"linlens: configuration error: {error}", file=sys.stderr)
-        return 2
-    setup_logging(config.log_format, config.log_level)
-    return serve(config)
+    return serve_configured(lambda: config_from_args(args))
 
 
 def build_parser() -> argparse.ArgumentParser:
