@@ -77,12 +77,10 @@ _EXPLAIN = Codec(
 )
 
 
-layer_options_to_proto = _LAYERS.to_proto
 #: Unset fields take the dataclass defaults; OptionError names the field under ``layers``.
-layer_options_from_proto = _LAYERS.from_proto
-explain_options_to_proto = _EXPLAIN.to_proto
+layer_options_to_proto, layer_options_from_proto = _LAYERS.to_proto, _LAYERS.from_proto
 #: The options a request asked for; unset fields take the dataclass defaults. Raises OptionError.
-explain_options_from_proto = _EXPLAIN.from_proto
+explain_options_to_proto, explain_options_from_proto = _EXPLAIN.to_proto, _EXPLAIN.from_proto
 
 
 def _write_prompt(spec: ConceptSpec, message: pb.ConceptSpec) -> None:
@@ -106,9 +104,8 @@ def _read_prompt(message: pb.ConceptSpec) -> dict[str, Any]:
 _CONCEPT = Codec(ConceptSpec, pb.ConceptSpec, by_hand=("prompt",), write=_write_prompt, read=_read_prompt)
 
 
-concept_spec_to_proto = _CONCEPT.to_proto
 #: The spec a request asked for (unset fields take the dataclass defaults). Raises OptionError.
-concept_spec_from_proto = _CONCEPT.from_proto
+concept_spec_to_proto, concept_spec_from_proto = _CONCEPT.to_proto, _CONCEPT.from_proto
 
 
 def _write_concept(steering: Steering, message: pb.Steering) -> None:
@@ -137,6 +134,5 @@ def _read_concept(message: pb.Steering) -> dict[str, Any]:
 _STEERING = Codec(Steering, pb.Steering, by_hand=("concept_prompt", "vector"), write=_write_concept, read=_read_concept)
 
 
-steering_to_proto = _STEERING.to_proto
 #: The steering a request asked for; OptionError names the field below ``steering`` (e.g. ``vector``).
-steering_from_proto = _STEERING.from_proto
+steering_to_proto, steering_from_proto = _STEERING.to_proto, _STEERING.from_proto

@@ -32,8 +32,7 @@ _EXPLAIN_RESULT = Codec(ExplainResult, pb.ExplainResponse)
 _MODEL_INFO = Codec(ModelInfo, pb.ModelInfo)
 
 
-generated_token_to_proto = _GENERATED_TOKEN.to_proto
-generated_token_from_proto = _GENERATED_TOKEN.from_proto
+generated_token_to_proto, generated_token_from_proto = _GENERATED_TOKEN.to_proto, _GENERATED_TOKEN.from_proto
 
 
 def finish_reason_from_proto(value: int) -> FinishReason:
@@ -41,10 +40,8 @@ def finish_reason_from_proto(value: int) -> FinishReason:
     return _FINISH.from_pb(value, "finish_reason")
 
 
-generation_to_proto = _GENERATION.to_proto
-generation_from_proto = _GENERATION.from_proto
-progress_to_proto = _PROGRESS.to_proto
-progress_from_proto = _PROGRESS.from_proto
+generation_to_proto, generation_from_proto = _GENERATION.to_proto, _GENERATION.from_proto
+progress_to_proto, progress_from_proto = _PROGRESS.to_proto, _PROGRESS.from_proto
 
 
 def stream_event_to_proto(event: StreamEvent) -> pb.GenerateStreamResponse:
@@ -65,5 +62,4 @@ def explain_stream_event_from_proto(message: pb.ExplainStreamResponse) -> Explan
 
 
 explain_result_from_proto = _EXPLAIN_RESULT.from_proto
-model_info_to_proto = _MODEL_INFO.to_proto
-model_info_from_proto = _MODEL_INFO.from_proto
+model_info_to_proto, model_info_from_proto = _MODEL_INFO.to_proto, _MODEL_INFO.from_proto

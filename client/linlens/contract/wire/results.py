@@ -58,17 +58,13 @@ _EXPLANATION = Codec(Explanation, pb.Explanation)
 _CONCEPT_VECTOR = Codec(ConceptVector, pb.ComputeConceptResponse)
 
 
-concept_vector_to_proto = _CONCEPT_VECTOR.to_proto
-concept_vector_from_proto = _CONCEPT_VECTOR.from_proto
-timings_to_proto = _TIMINGS.to_proto
-timings_from_proto = _TIMINGS.from_proto
-predicted_to_proto = _PREDICTED.to_proto
-predicted_from_proto = _PREDICTED.from_proto
-layer_attributions_to_proto = _LAYER_ATTRIBUTIONS.to_proto
-layer_attributions_from_proto = _LAYER_ATTRIBUTIONS.from_proto
-layer_result_to_proto = _LAYER_RESULT.to_proto
-layer_result_from_proto = _LAYER_RESULT.from_proto
-#: The Explanation message, its layer analysis (if any) included.
-explanation_to_proto = _EXPLANATION.to_proto
-#: The Explanation (tensors decoded to read-only numpy arrays), its layer analysis (if any) included.
-explanation_from_proto = _EXPLANATION.from_proto
+concept_vector_to_proto, concept_vector_from_proto = _CONCEPT_VECTOR.to_proto, _CONCEPT_VECTOR.from_proto
+timings_to_proto, timings_from_proto = _TIMINGS.to_proto, _TIMINGS.from_proto
+predicted_to_proto, predicted_from_proto = _PREDICTED.to_proto, _PREDICTED.from_proto
+layer_attributions_to_proto, layer_attributions_from_proto = (
+    _LAYER_ATTRIBUTIONS.to_proto,
+    _LAYER_ATTRIBUTIONS.from_proto,
+)
+layer_result_to_proto, layer_result_from_proto = _LAYER_RESULT.to_proto, _LAYER_RESULT.from_proto
+#: The Explanation both ways, its layer analysis (if any) included (tensors decode to read-only numpy arrays).
+explanation_to_proto, explanation_from_proto = _EXPLANATION.to_proto, _EXPLANATION.from_proto
