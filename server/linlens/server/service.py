@@ -17,11 +17,12 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Generator, Iterator
+from typing import TypeVar
 
 import grpc
 
-from linlens.contract import ExplainResult, ExplanationProgress, Generation, Timings
+from linlens.contract import ExplainResult, ExplanationProgress, Generation, StreamEvent, Timings
 from linlens.contract.wire import (
     concept_vector_to_proto,
     explain_result_to_proto,
@@ -48,6 +49,9 @@ from linlens.server.scheduler import CancelToken
 from linlens.server.work import Emit, run_concept, run_explain, run_generation
 from linlens.v1 import linlens_pb2 as pb
 from linlens.v1 import linlens_pb2_grpc as pb_grpc
+
+R = TypeVar("R")
+M = TypeVar("M")
 
 
 class LinlensServicer(pb_grpc.LinlensServiceServicer):
@@ -114,14 +118,7 @@ class LinlensServicer(pb_grpc.LinlensServiceServicer):
                 work, should_stop=token.should_stop, metrics=self.metrics, on_progress=emit
             ),
         )
-        while True:
-            try:
-                progress = next(events)
-            except StopIteration as finished:
-                result: ExplainResult = finished.value
-                break
-            if isinstance(progress, ExplanationProgress):
-                yield pb.ExplainStreamResponse(progress=progress_to_proto(progress))
+        result: ExplainResult = yield from _relay(events, _progress_message)
         yield pb.ExplainStreamResponse(result=explain_result_to_proto(self._explained(call, result)))
 
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> pb.GenerateResponse:
@@ -136,13 +133,7 @@ class LinlensServicer(pb_grpc.LinlensServiceServicer):
         call = self._for_model(request.model)
         work = self._admit_generation(request, call)
         events = self._lane(work).stream(context, lambda token, emit: self._generate(work, call, token, emit))
-        while True:
-            try:
-                event = next(events)
-            except StopIteration as finished:
-                generation: Generation = finished.value
-                break
-            yield stream_event_to_proto(event)
+        generation: Generation = yield from _relay(events, stream_event_to_proto)
         yield stream_event_to_proto(self._finished(call, generation).done())
 
     def ComputeConcept(
@@ -230,6 +221,27 @@ class LinlensServicer(pb_grpc.LinlensServiceServicer):
 
 def _elapsed_ms(call: CallRecord) -> float:
     return (time.monotonic() - call.started) * 1000.0
+
+
+def _relay(events: Generator[StreamEvent, None, R], encode: Callable[[StreamEvent], M | None]) -> Generator[M, None, R]:
+    """Yield a job's events as messages (``encode`` returns None for an event the RPC does not send), then return
+    what the job returned."""
+    while True:
+        try:
+            event = next(events)
+        except StopIteration as finished:
+            result: R = finished.value
+            return result
+        message = encode(event)
+        if message is not None:
+            yield message
+
+
+def _progress_message(event: StreamEvent) -> pb.ExplainStreamResponse | None:
+    """ExplainStream sends the progress events only (the explanation comes once, with the result)."""
+    if isinstance(event, ExplanationProgress):
+        return pb.ExplainStreamResponse(progress=progress_to_proto(event))
+    return None
 
 
 __all__ = ["LinlensServicer"]
