@@ -1,10 +1,11 @@
 """Every field of every message the contract maps survives the wire, found from the proto's descriptors (issue 18).
 
-The test does not list fields by hand. For each pair ``X_to_proto`` / ``X_from_proto`` of the modules of
-linlens.contract.wire, it builds the message with *every* field set (walking the message's descriptor, nested
-messages included; each member of a oneof in turn), converts it to the contract's dataclass and back, and expects the
-same message. A field added to
-the proto and forgotten in the mapping comes back unset, and the test names it.
+The test does not list fields by hand. For each ``Codec`` (``contract/wire/codec.py``: every message the contract maps,
+nested ones included) and each hand-written pair ``X_to_proto`` / ``X_from_proto`` left in linlens.contract.wire, it
+builds the message with *every* field set (walking the message's descriptor, nested messages included; each member of
+a oneof in turn), converts it to the contract's dataclass and back, and expects the same message. A field added to the
+proto and forgotten in the mapping comes back unset (or, with no dataclass field of its name, fails the codec), and
+the test names it.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from google.protobuf.message import Message
 
 from linlens.contract import wire
 from linlens.contract.tensors import tensor_from_array
-from linlens.contract.wire import options, responses, results  # noqa: F401 (the modules walked below)
+from linlens.contract.wire import codec, options, responses, results  # noqa: F401 (the modules walked below)
 from linlens.v1 import linlens_pb2 as pb
 
 #: Values a rule of the contract needs besides "every field set": message name -> field -> value.
@@ -34,6 +35,10 @@ EXCLUSIVE: dict[str, tuple[str, ...]] = {"LayerAnalysisOptions": ("every", "laye
 
 
 def _pairs() -> Iterator[tuple[type[Message], Callable[[Any], Any], Callable[[Any], Any]]]:
+    # every Codec (each message mapped by construction, nested ones included), then the hand-written pairs left
+    # (the streams' oneof envelopes)
+    for mapping in codec._CODECS.values():
+        yield mapping.message_class, mapping.to_proto, mapping.from_proto
     for module in (wire.options, wire.results, wire.responses):
         yield from _module_pairs(module)
 

@@ -345,19 +345,13 @@ def _loading_notice(target: str) -> Callable[[ModelInfo], None]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from linlens.server.logs import quiet_progress_bars, setup_logging
+    from linlens.server.logs import quiet_progress_bars
 
     quiet_progress_bars()  # before torch and transformers are imported
-    from linlens.server.app import serve
-    from linlens.server.config import ConfigError, config_from_args
+    from linlens.server.app import serve_configured
+    from linlens.server.config import config_from_args
 
-    try:
-        config = config_from_args(args)
-    except ConfigError as error:
-        print(f"linlens: configuration error: {error}", file=sys.stderr)
-        return 2
-    setup_logging(config.log_format, config.log_level)
-    return serve(config)
+    return serve_configured(lambda: config_from_args(args))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -375,18 +369,19 @@ def build_parser() -> argparse.ArgumentParser:
         add_arguments(serve)
         serve.set_defaults(handler=cmd_serve)
 
-    explain = commands.add_parser("explain", help="explain the next-token prediction for a prompt")
-    add_input(explain)
-    add_explain(explain)
-    add_reports(explain)
-    add_connection(explain, 600.0)
+    def explaining(name: str, help: str) -> argparse.ArgumentParser:
+        """A command that explains: its input, the explain flags, the reports and the connection."""
+        command: argparse.ArgumentParser = commands.add_parser(name, help=help)
+        add_input(command)
+        add_explain(command)
+        add_reports(command)
+        add_connection(command, 600.0)
+        return command
+
+    explain = explaining("explain", "explain the next-token prediction for a prompt")
     explain.set_defaults(command_handler=cmd_explain)
 
-    generate = commands.add_parser("generate", help="generate text, optionally explained")
-    add_input(generate)
-    add_explain(generate)
-    add_reports(generate)
-    add_connection(generate, 600.0)
+    generate = explaining("generate", "generate text, optionally explained")
     generate.add_argument("--max-new-tokens", type=int, default=None)
     generate.add_argument("--temperature", type=float, default=None, help="0 or unset: greedy")
     generate.add_argument("--top-p", type=float, default=None)

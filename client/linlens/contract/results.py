@@ -358,16 +358,8 @@ class Generation:
     seed: int | None = None
 
     def done(self) -> GenerationDone:
-        """The summary event a stream of this generation ends with."""
-        return GenerationDone(
-            model=self.model,
-            text=self.text,
-            finish_reason=self.finish_reason,
-            usage=self.usage,
-            timings=self.timings,
-            prompt_text=self.prompt_text,
-            seed=self.seed,
-        )
+        """The summary event a stream of this generation ends with (its fields are this generation's of that name)."""
+        return GenerationDone(**{f.name: getattr(self, f.name) for f in dataclasses.fields(GenerationDone)})
 
 
 @dataclass(frozen=True)

@@ -58,18 +58,8 @@ class StreamAssembler:
         """The assembled Generation; ValueError when the stream ended without its GenerationDone event."""
         if self.done is None:
             raise ValueError("the stream ended without a GenerationDone event")
-        done = self.done
-        return Generation(
-            model=done.model,
-            text=done.text,
-            tokens=tuple(self.tokens),
-            finish_reason=done.finish_reason,
-            usage=done.usage,
-            explanations=self.explanations,
-            timings=done.timings,
-            prompt_text=done.prompt_text,
-            seed=done.seed,
-        )
+        summary = {f.name: getattr(self.done, f.name) for f in dataclasses.fields(self.done)}
+        return Generation(tokens=tuple(self.tokens), explanations=self.explanations, **summary)
 
 
 def collect_stream(events: Iterable[StreamEvent]) -> Generation:

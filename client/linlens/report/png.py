@@ -293,24 +293,17 @@ def spectrum_block(spectrum: PositionSpectrum) -> Block:
                 weight="bold",
                 va="top",
             )
-            canvas.text(
-                0.1,
-                y + 0.175,
-                "left (LM head):    " + _scores(component.left_tokens, chars - 19),
-                fontsize=8,
-                family=MONO,
-                va="top",
-                parse_math=False,
-            )
-            canvas.text(
-                0.1,
-                y + 0.35,
-                "right (embedding): " + _scores(component.right_tokens, chars - 19),
-                fontsize=8,
-                family=MONO,
-                va="top",
-                parse_math=False,
-            )
+            sides = (("left (LM head):    ", component.left_tokens), ("right (embedding): ", component.right_tokens))
+            for row, (label, tokens) in enumerate(sides, start=1):
+                canvas.text(
+                    0.1,
+                    y + 0.175 * row,
+                    label + _scores(tokens, chars - 19),
+                    fontsize=8,
+                    family=MONO,
+                    va="top",
+                    parse_math=False,
+                )
             y += 3 * 0.175
 
     return Block(height, draw)

@@ -319,12 +319,15 @@ def serve(config: ServerConfig, *, install_signal_handlers: bool = True) -> int:
     return status
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m linlens.server [flags]``: parse the configuration, set up logging, serve."""
+def serve_configured(configure: Callable[[], ServerConfig]) -> int:
+    """Build the configuration (a ConfigError is exit status 2, said on stderr), set up logging, serve.
+
+    The one start of ``python -m linlens.server`` and ``linlens serve``, which differ only in how they read flags.
+    """
     from linlens.server.config import ConfigError
 
     try:
-        config = build_config(argv)
+        config = configure()
     except ConfigError as exc:
         print(f"linlens: configuration error: {exc}", file=sys.stderr)
         return 2
@@ -332,4 +335,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     return serve(config)
 
 
-__all__ = ["RunningServer", "build_config", "main", "serve", "server_credentials", "start_server"]
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m linlens.server [flags]``: parse the configuration, set up logging, serve."""
+    return serve_configured(lambda: build_config(argv))
+
+
+__all__ = [
+    "RunningServer",
+    "build_config",
+    "main",
+    "serve",
+    "serve_configured",
+    "server_credentials",
+    "start_server",
+]

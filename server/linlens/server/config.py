@@ -388,27 +388,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             default=None,
             help=f"{_HELP.get(f.name, f.name)} (default: {getattr(defaults, f.name)})",
         )
-    parser.add_argument(
-        "--log-prompts",
-        dest="log_prompts",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="allow prompt text in request logs (default: off)",
+    switches = (
+        ("log_prompts", "allow prompt text in request logs (default: off)"),
+        ("warmup", "warm each model up before reporting SERVING (default: on)"),
+        ("reflection", "serve gRPC server reflection (default: on)"),
     )
-    parser.add_argument(
-        "--warmup",
-        dest="warmup",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="warm each model up before reporting SERVING (default: on)",
-    )
-    parser.add_argument(
-        "--reflection",
-        dest="reflection",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="serve gRPC server reflection (default: on)",
-    )
+    for name, text in switches:
+        flag = "--" + name.replace("_", "-")
+        parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=text)
 
 
 def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> ServerConfig:

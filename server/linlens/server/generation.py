@@ -18,7 +18,7 @@ import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
@@ -201,29 +201,63 @@ class _TokenHook(StoppingCriteria):
         return torch.full((input_ids.shape[0],), stop, dtype=torch.bool)  # type: ignore[return-value]
 
 
+class RunControls(TypedDict, total=False):
+    """How a generation is bounded, stopped and observed: the keyword arguments of generate and generate_batched."""
+
+    #: The model's context length (None: unbounded); it caps the token budget (FinishReason.CONTEXT_LENGTH).
+    max_positions: int | None
+    #: Polled at every token: once true, generation ends after the current token and GenerationStopped is raised.
+    should_stop: Callable[[], bool]
+    #: The reason GenerationStopped carries (None: CANCELLED).
+    stop_reason: Callable[[], StopReason | None]
+    #: Called on the generating thread as soon as each token exists.
+    on_token: Callable[[GeneratedToken], None] | None
+
+
+@dataclass
+class _Start:
+    """What both decoding loops set up the same way before their first token."""
+
+    prompt: list[int]
+    budget: int
+    capped_by_context: bool
+    seed: int | None
+    generator: torch.Generator | None
+    step_logits: _StepLogits
+    hook: _TokenHook
+    config: GenerationConfig
+    eos_ids: set[int]
+    should_stop: Callable[[], bool]
+    stop_reason: Callable[[], StopReason | None]
+
+
+def _start(model: Any, tokenizer: Any, prompt_ids: Sequence[int], sampling: Sampling, controls: RunControls) -> _Start:
+    should_stop = controls.get("should_stop") or (lambda: False)
+    stop_reason = controls.get("stop_reason") or (lambda: None)
+    prompt, budget, capped_by_context = _budget(prompt_ids, sampling, controls.get("max_positions"))
+    seed, generator = _generator(model, sampling)
+    step_logits = _StepLogits(sampling, generator)
+    hook = _TokenHook(tokenizer, step_logits, sampling.stop_sequences, should_stop, controls.get("on_token"))
+    if should_stop():
+        raise GenerationStopped(stop_reason() or StopReason.CANCELLED, [])
+    config, eos_ids = _generation_config(model, tokenizer, sampling, budget)
+    return _Start(
+        prompt, budget, capped_by_context, seed, generator, step_logits, hook, config, eos_ids, should_stop, stop_reason
+    )
+
+
 def generate(
-    model: Any,
-    tokenizer: Any,
-    prompt_ids: Sequence[int],
-    sampling: Sampling,
-    *,
-    max_positions: int | None = None,
-    should_stop: Callable[[], bool] = lambda: False,
-    stop_reason: Callable[[], StopReason | None] = lambda: None,
-    on_token: Callable[[GeneratedToken], None] | None = None,
+    model: Any, tokenizer: Any, prompt_ids: Sequence[int], sampling: Sampling, **controls: Unpack[RunControls]
 ) -> GenerationRun:
-    """Generate up to ``sampling.max_new_tokens`` tokens after ``prompt_ids``.
+    """Generate up to ``sampling.max_new_tokens`` tokens after ``prompt_ids`` (``controls``: see RunControls).
 
     ``on_token`` is called on the generating thread as soon as each token exists. When ``should_stop`` turns true,
     generation ends after the current token and GenerationStopped(reason from ``stop_reason``) is raised.
     """
-    prompt, budget, capped_by_context = _budget(prompt_ids, sampling, max_positions)
-    seed, generator = _generator(model, sampling)
-    step_logits = _StepLogits(sampling, generator)
-    hook = _TokenHook(tokenizer, step_logits, sampling.stop_sequences, should_stop, on_token)
-    if should_stop():
-        raise GenerationStopped(stop_reason() or StopReason.CANCELLED, [])
-    config, eos_ids = _generation_config(model, tokenizer, sampling, budget)
+    start = _start(model, tokenizer, prompt_ids, sampling, controls)
+    prompt, budget, capped_by_context, seed = start.prompt, start.budget, start.capped_by_context, start.seed
+    step_logits, hook, config, eos_ids = start.step_logits, start.hook, start.config, start.eos_ids
+    stop_reason = start.stop_reason
 
     input_ids = torch.tensor([prompt], dtype=torch.long, device=model.device)
     started = time.monotonic()
@@ -248,22 +282,15 @@ def generate_batched(
     tokenizer: Any,
     prompt_ids: Sequence[int],
     sampling: Sampling,
-    *,
-    max_positions: int | None = None,
-    should_stop: Callable[[], bool] = lambda: False,
-    stop_reason: Callable[[], StopReason | None] = lambda: None,
-    on_token: Callable[[GeneratedToken], None] | None = None,
+    **controls: Unpack[RunControls],
 ) -> GenerationRun:
     """Like :func:`generate`, but decoded in ``batch`` together with the model's other requests
     (:mod:`linlens.server.batching`). The tokens are chosen exactly as generate chooses them: the generation config's
     logits processors on the request's own ids, then argmax, or a draw from the request's own generator."""
-    prompt, budget, capped_by_context = _budget(prompt_ids, sampling, max_positions)
-    seed, generator = _generator(model, sampling)
-    step_logits = _StepLogits(sampling, generator)
-    hook = _TokenHook(tokenizer, step_logits, sampling.stop_sequences, should_stop, on_token)
-    if should_stop():
-        raise GenerationStopped(stop_reason() or StopReason.CANCELLED, [])
-    config, eos_ids = _generation_config(model, tokenizer, sampling, budget)
+    start = _start(model, tokenizer, prompt_ids, sampling, controls)
+    prompt, budget, capped_by_context, seed = start.prompt, start.budget, start.capped_by_context, start.seed
+    step_logits, hook, config, eos_ids = start.step_logits, start.hook, start.config, start.eos_ids
+    generator, should_stop, stop_reason = start.generator, start.should_stop, start.stop_reason
     stop_ids = set() if sampling.ignore_eos else eos_ids
     processors = processors_for(model, config, len(prompt))
     device = model.device
@@ -399,6 +426,7 @@ __all__ = [
     "DEFAULT_MAX_NEW_TOKENS",
     "GenerationRun",
     "GenerationStopped",
+    "RunControls",
     "Sampling",
     "generate",
     "generate_batched",

@@ -17,11 +17,12 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Generator, Iterator
+from typing import TypeVar
 
 import grpc
 
-from linlens.contract import ExplainResult, ExplanationProgress, Generation, Timings
+from linlens.contract import ExplainResult, ExplanationProgress, Generation, StreamEvent, Timings
 from linlens.contract.wire import (
     concept_vector_to_proto,
     explain_result_to_proto,
@@ -44,9 +45,13 @@ from linlens.server.config import ServerConfig
 from linlens.server.hosting import ModelHost
 from linlens.server.jobs import JobRunner
 from linlens.server.metrics import Metrics
-from linlens.server.work import BatchFor, ResolvedSteering, run_concept, run_explain, run_generation
+from linlens.server.scheduler import CancelToken
+from linlens.server.work import BatchFor, Emit, ResolvedSteering, run_concept, run_explain, run_generation
 from linlens.v1 import linlens_pb2 as pb
 from linlens.v1 import linlens_pb2_grpc as pb_grpc
+
+R = TypeVar("R")
+M = TypeVar("M")
 
 
 class LinlensServicer(pb_grpc.LinlensServiceServicer):
@@ -132,31 +137,13 @@ class LinlensServicer(pb_grpc.LinlensServiceServicer):
                 work, should_stop=token.should_stop, metrics=self.metrics, on_progress=emit
             ),
         )
-        while True:
-            try:
-                progress = next(events)
-            except StopIteration as finished:
-                result: ExplainResult = finished.value
-                break
-            if isinstance(progress, ExplanationProgress):
-                yield pb.ExplainStreamResponse(progress=progress_to_proto(progress))
+        result: ExplainResult = yield from _relay(events, _progress_message)
         yield pb.ExplainStreamResponse(result=explain_result_to_proto(self._explained(call, result)))
 
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> pb.GenerateResponse:
         call = self._for_model(request.model)
         work = self._admit_generation(request, call)
-        batch_for = self._batch_for(work.loaded)
-        generation = self._lane(work).run(
-            context,
-            lambda token: run_generation(
-                work,
-                arrived=call.started,
-                should_stop=token.should_stop,
-                stop_reason=lambda: token.reason,
-                metrics=self.metrics,
-                batch_for=batch_for,
-            ),
-        )
+        generation = self._lane(work).run(context, lambda token: self._generate(work, call, token))
         return generation_to_proto(self._finished(call, generation))
 
     def GenerateStream(
@@ -164,27 +151,8 @@ class LinlensServicer(pb_grpc.LinlensServiceServicer):
     ) -> Iterator[pb.GenerateStreamResponse]:
         call = self._for_model(request.model)
         work = self._admit_generation(request, call)
-        batch_for = self._batch_for(work.loaded)
-        events = self._lane(work).stream(
-            context,
-            lambda token, emit: run_generation(
-                work,
-                arrived=call.started,
-                should_stop=token.should_stop,
-                stop_reason=lambda: token.reason,
-                metrics=self.metrics,
-                emit=emit,
-                on_progress=emit,
-                batch_for=batch_for,
-            ),
-        )
-        while True:
-            try:
-                event = next(events)
-            except StopIteration as finished:
-                generation: Generation = finished.value
-                break
-            yield stream_event_to_proto(event)
+        events = self._lane(work).stream(context, lambda token, emit: self._generate(work, call, token, emit))
+        generation: Generation = yield from _relay(events, stream_event_to_proto)
         yield stream_event_to_proto(self._finished(call, generation).done())
 
     def ComputeConcept(
@@ -241,6 +209,22 @@ class LinlensServicer(pb_grpc.LinlensServiceServicer):
         self._note_input(call, work.loaded, work.prompt_ids)
         return work
 
+    def _generate(
+        self, work: GenerationWork, call: CallRecord, token: CancelToken, emit: Emit | None = None
+    ) -> Generation:
+        """Run the generation job on a worker: in the model's decode batch (if any), stopped by ``token``, each
+        event sent to ``emit`` when streaming."""
+        return run_generation(
+            work,
+            arrived=call.started,
+            should_stop=token.should_stop,
+            stop_reason=lambda: token.reason,
+            metrics=self.metrics,
+            emit=emit,
+            on_progress=emit,
+            batch_for=self._batch_for(work.loaded),
+        )
+
     def _finished(self, call: CallRecord, generation: Generation) -> Generation:
         """Note a finished generation on the call's record; the Generation with the request's timings."""
         self.metrics.observe_queue_wait(call.model, call.queue_s)
@@ -256,6 +240,27 @@ class LinlensServicer(pb_grpc.LinlensServiceServicer):
 
 def _elapsed_ms(call: CallRecord) -> float:
     return (time.monotonic() - call.started) * 1000.0
+
+
+def _relay(events: Generator[StreamEvent, None, R], encode: Callable[[StreamEvent], M | None]) -> Generator[M, None, R]:
+    """Yield a job's events as messages (``encode`` returns None for an event the RPC does not send), then return
+    what the job returned."""
+    while True:
+        try:
+            event = next(events)
+        except StopIteration as finished:
+            result: R = finished.value
+            return result
+        message = encode(event)
+        if message is not None:
+            yield message
+
+
+def _progress_message(event: StreamEvent) -> pb.ExplainStreamResponse | None:
+    """ExplainStream sends the progress events only (the explanation comes once, with the result)."""
+    if isinstance(event, ExplanationProgress):
+        return pb.ExplainStreamResponse(progress=progress_to_proto(event))
+    return None
 
 
 __all__ = ["LinlensServicer"]

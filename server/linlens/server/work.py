@@ -36,7 +36,7 @@ from linlens.engine import ExplanationEvent
 from linlens.engine.steering import compute_concept, steered
 from linlens.server.admission import ConceptWork, ExplainWork, GenerationWork
 from linlens.server.batching import DecodeBatch
-from linlens.server.generation import generate, generate_batched
+from linlens.server.generation import RunControls, generate, generate_batched
 from linlens.server.metrics import Metrics
 from linlens.server.scheduler import StopReason
 
@@ -203,32 +203,17 @@ def run_generation(
         if emit is not None:
             emit(token)
 
+    controls = RunControls(
+        max_positions=loaded.max_positions or None, should_stop=should_stop, stop_reason=stop_reason, on_token=on_token
+    )
+    args = (loaded.model, loaded.tokenizer, work.prompt_ids, work.sampling)
     steering = resolve_steering(work, should_stop)
     batch = batch_for(steering) if batch_for is not None else None
     if batch is not None:
-        run = generate_batched(
-            batch,
-            loaded.model,
-            loaded.tokenizer,
-            work.prompt_ids,
-            work.sampling,
-            max_positions=loaded.max_positions or None,
-            should_stop=should_stop,
-            stop_reason=stop_reason,
-            on_token=on_token,
-        )
+        run = generate_batched(batch, *args, **controls)
     else:
         with steering.around(len(work.prompt_ids)) if steering is not None else contextlib.nullcontext():
-            run = generate(
-                loaded.model,
-                loaded.tokenizer,
-                work.prompt_ids,
-                work.sampling,
-                max_positions=loaded.max_positions or None,
-                should_stop=should_stop,
-                stop_reason=stop_reason,
-                on_token=on_token,
-            )
+            run = generate(*args, **controls)
     if metrics is not None:
         metrics.add_generated_tokens(loaded.name, len(run.tokens))
     explanations: list[Explanation] = []

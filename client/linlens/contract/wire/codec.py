@@ -29,6 +29,7 @@ from google.protobuf.message import Message
 from linlens.contract.options import OptionError
 from linlens.contract.tensors import array_from_tensor, tensor_from_array
 from linlens.contract.wire.enums import ENUMS, _double_list, _doubles, _unsigned
+from linlens.v1 import linlens_pb2 as pb
 
 T = TypeVar("T")
 M = TypeVar("M", bound=Message)
@@ -174,6 +175,12 @@ class Codec(Generic[T, M]):
             if self._under:
                 raise error.under(self._under) from None
             raise
+
+
+def same_names(*classes: type) -> None:
+    """A plain Codec for each dataclass whose message has its name (the ones only reached inside others)."""
+    for cls in classes:
+        Codec(cls, getattr(pb, cls.__name__))
 
 
 def codec_of(descriptor: Descriptor | Any) -> Codec[Any, Any]:

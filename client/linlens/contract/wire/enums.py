@@ -29,15 +29,24 @@ E = TypeVar("E", bound=enum.Enum)
 
 
 class _EnumTable(Generic[E]):
-    """A Python enum and its protobuf enum, both ways. Unspecified (0) decodes to ``default``, and so does an
-    unknown number when ``lenient`` (a newer server's value that a reader can live without); otherwise an unknown
-    number is an OptionError."""
+    """A Python enum and its protobuf enum, both ways, paired by name: member ``NAME`` is the protobuf value
+    ``<PREFIX>_NAME`` (``Precision.FLOAT32`` is ``PRECISION_FLOAT32``), so a new member needs no edit here.
 
-    def __init__(self, pb_enum: Any, pairs: dict[E, int], default: E, *, lenient: bool = False) -> None:
-        self.name: str = pb_enum.DESCRIPTOR.name
-        self.full_name: str = pb_enum.DESCRIPTOR.full_name
-        self._to_pb = pairs
-        self._from_pb = {number: member for member, number in pairs.items()}
+    Unspecified (0) decodes to ``default``, and so does an unknown number when ``lenient`` (a newer server's value
+    that a reader can live without); otherwise an unknown number is an OptionError. A protobuf value without a
+    member, or a member without a value, fails at import.
+    """
+
+    def __init__(self, pb_enum: Any, kind: type[E], default: E, *, lenient: bool = False) -> None:
+        descriptor = pb_enum.DESCRIPTOR
+        self.name: str = descriptor.name
+        self.full_name: str = descriptor.full_name
+        prefix = descriptor.values_by_number[0].name.removesuffix("UNSPECIFIED")
+        self._to_pb: dict[E, int] = {member: pb_enum.Value(prefix + member.name) for member in kind}
+        self._from_pb = {number: member for member, number in self._to_pb.items()}
+        unmatched = [v.name for v in descriptor.values if v.number != 0 and v.number not in self._from_pb]
+        if unmatched:
+            raise TypeError(f"{kind.__name__} has no member for {self.name} value(s) {unmatched}")
         self._default = default
         self._lenient = lenient
 
@@ -55,79 +64,16 @@ class _EnumTable(Generic[E]):
             raise OptionError(field, f"{number} is not a known {self.name} value") from None
 
 
-_PRECISION = _EnumTable(
-    pb.Precision,
-    {
-        Precision.FLOAT32: pb.PRECISION_FLOAT32,
-        Precision.FLOAT64: pb.PRECISION_FLOAT64,
-        Precision.BFLOAT16: pb.PRECISION_BFLOAT16,
-    },
-    Precision.FLOAT32,
-)
-_GATE_MODE = _EnumTable(
-    pb.GateMode,
-    {GateMode.FREEZE_GATE: pb.GATE_MODE_FREEZE_GATE, GateMode.FREEZE_UP: pb.GATE_MODE_FREEZE_UP},
-    GateMode.FREEZE_GATE,
-)
-_POSITIONS = _EnumTable(
-    pb.PositionSelection,
-    {
-        PositionSelection.LAST: pb.POSITION_SELECTION_LAST,
-        PositionSelection.ALL: pb.POSITION_SELECTION_ALL,
-        PositionSelection.LIST: pb.POSITION_SELECTION_LIST,
-    },
-    PositionSelection.LAST,
-)
-_METHOD = _EnumTable(
-    pb.ExplainMethod,
-    {
-        ExplainMethod.AUTO: pb.EXPLAIN_METHOD_AUTO,
-        ExplainMethod.FULL: pb.EXPLAIN_METHOD_FULL,
-        ExplainMethod.MATRIX_FREE: pb.EXPLAIN_METHOD_MATRIX_FREE,
-    },
-    ExplainMethod.AUTO,
-)
-_FINISH = _EnumTable(
-    pb.FinishReason,
-    {
-        FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
-        FinishReason.STOP_SEQUENCE: pb.FINISH_REASON_STOP_SEQUENCE,
-        FinishReason.EOS: pb.FINISH_REASON_EOS,
-        FinishReason.CONTEXT_LENGTH: pb.FINISH_REASON_CONTEXT_LENGTH,
-        FinishReason.CANCELLED: pb.FINISH_REASON_CANCELLED,
-        FinishReason.UNSPECIFIED: pb.FINISH_REASON_UNSPECIFIED,
-    },
-    FinishReason.UNSPECIFIED,
-    lenient=True,  # a newer server's reason reads as unspecified rather than failing the call
-)
-_MODEL_STATE = _EnumTable(
-    pb.ModelState,
-    {
-        ModelState.LOADING: pb.MODEL_STATE_LOADING,
-        ModelState.READY: pb.MODEL_STATE_READY,
-        ModelState.FAILED: pb.MODEL_STATE_FAILED,
-        ModelState.UNSPECIFIED: pb.MODEL_STATE_UNSPECIFIED,
-    },
-    ModelState.UNSPECIFIED,
-    lenient=True,  # a newer server's state
-)
-_CONCEPT_MAP = _EnumTable(
-    pb.ConceptMap, {ConceptMap.OUTPUT: pb.CONCEPT_MAP_OUTPUT, ConceptMap.LAYER: pb.CONCEPT_MAP_LAYER}, ConceptMap.OUTPUT
-)
-_SIDE = _EnumTable(
-    pb.SingularSide,
-    {SingularSide.LEFT: pb.SINGULAR_SIDE_LEFT, SingularSide.RIGHT: pb.SINGULAR_SIDE_RIGHT},
-    SingularSide.LEFT,
-)
-_STEERING_POSITIONS = _EnumTable(
-    pb.SteeringPositions,
-    {
-        SteeringPositions.PROMPT: pb.STEERING_POSITIONS_PROMPT,
-        SteeringPositions.GENERATED: pb.STEERING_POSITIONS_GENERATED,
-        SteeringPositions.ALL: pb.STEERING_POSITIONS_ALL,
-    },
-    SteeringPositions.ALL,
-)
+_PRECISION = _EnumTable(pb.Precision, Precision, Precision.FLOAT32)
+_GATE_MODE = _EnumTable(pb.GateMode, GateMode, GateMode.FREEZE_GATE)
+_POSITIONS = _EnumTable(pb.PositionSelection, PositionSelection, PositionSelection.LAST)
+_METHOD = _EnumTable(pb.ExplainMethod, ExplainMethod, ExplainMethod.AUTO)
+#: lenient: a newer server's reason reads as unspecified rather than failing the call (likewise a state)
+_FINISH = _EnumTable(pb.FinishReason, FinishReason, FinishReason.UNSPECIFIED, lenient=True)
+_MODEL_STATE = _EnumTable(pb.ModelState, ModelState, ModelState.UNSPECIFIED, lenient=True)
+_CONCEPT_MAP = _EnumTable(pb.ConceptMap, ConceptMap, ConceptMap.OUTPUT)
+_SIDE = _EnumTable(pb.SingularSide, SingularSide, SingularSide.LEFT)
+_STEERING_POSITIONS = _EnumTable(pb.SteeringPositions, SteeringPositions, SteeringPositions.ALL)
 #: The tables by protobuf enum (full name): the codecs (``codec.py``) find a field's table from its descriptor.
 ENUMS: dict[str, _EnumTable[Any]] = {
     table.full_name: table

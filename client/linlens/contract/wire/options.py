@@ -20,11 +20,11 @@ from linlens.contract.options import (
     Steering,
 )
 from linlens.contract.tensors import array_from_tensor, tensor_from_array
-from linlens.contract.wire.codec import Codec
+from linlens.contract.wire.codec import Codec, same_names
 from linlens.contract.wire.enums import _STEPS
 from linlens.v1 import linlens_pb2 as pb
 
-_TARGET = Codec(AttributionTarget, pb.AttributionTarget)
+same_names(AttributionTarget)  # reached only inside ExplainOptions
 
 
 def _write_layers(options: LayerAnalysisOptions, message: pb.LayerAnalysisOptions) -> None:
@@ -77,22 +77,10 @@ _EXPLAIN = Codec(
 )
 
 
-def layer_options_to_proto(options: LayerAnalysisOptions) -> pb.LayerAnalysisOptions:
-    return _LAYERS.to_proto(options)
-
-
-def layer_options_from_proto(message: pb.LayerAnalysisOptions) -> LayerAnalysisOptions:
-    """Unset fields take the dataclass defaults; OptionError names the field under ``layers``."""
-    return _LAYERS.from_proto(message)
-
-
-def explain_options_to_proto(options: ExplainOptions) -> pb.ExplainOptions:
-    return _EXPLAIN.to_proto(options)
-
-
-def explain_options_from_proto(message: pb.ExplainOptions) -> ExplainOptions:
-    """The options a request asked for; unset fields take the dataclass defaults. Raises OptionError."""
-    return _EXPLAIN.from_proto(message)
+#: Unset fields take the dataclass defaults; OptionError names the field under ``layers``.
+layer_options_to_proto, layer_options_from_proto = _LAYERS.to_proto, _LAYERS.from_proto
+#: The options a request asked for; unset fields take the dataclass defaults. Raises OptionError.
+explain_options_to_proto, explain_options_from_proto = _EXPLAIN.to_proto, _EXPLAIN.from_proto
 
 
 def _write_prompt(spec: ConceptSpec, message: pb.ConceptSpec) -> None:
@@ -116,13 +104,8 @@ def _read_prompt(message: pb.ConceptSpec) -> dict[str, Any]:
 _CONCEPT = Codec(ConceptSpec, pb.ConceptSpec, by_hand=("prompt",), write=_write_prompt, read=_read_prompt)
 
 
-def concept_spec_to_proto(spec: ConceptSpec) -> pb.ConceptSpec:
-    return _CONCEPT.to_proto(spec)
-
-
-def concept_spec_from_proto(message: pb.ConceptSpec) -> ConceptSpec:
-    """The spec a request asked for (unset fields take the dataclass defaults). Raises OptionError."""
-    return _CONCEPT.from_proto(message)
+#: The spec a request asked for (unset fields take the dataclass defaults). Raises OptionError.
+concept_spec_to_proto, concept_spec_from_proto = _CONCEPT.to_proto, _CONCEPT.from_proto
 
 
 def _write_concept(steering: Steering, message: pb.Steering) -> None:
@@ -151,10 +134,5 @@ def _read_concept(message: pb.Steering) -> dict[str, Any]:
 _STEERING = Codec(Steering, pb.Steering, by_hand=("concept_prompt", "vector"), write=_write_concept, read=_read_concept)
 
 
-def steering_to_proto(steering: Steering) -> pb.Steering:
-    return _STEERING.to_proto(steering)
-
-
-def steering_from_proto(message: pb.Steering) -> Steering:
-    """The steering a request asked for; OptionError names the field below ``steering`` (e.g. ``vector``)."""
-    return _STEERING.from_proto(message)
+#: The steering a request asked for; OptionError names the field below ``steering`` (e.g. ``vector``).
+steering_to_proto, steering_from_proto = _STEERING.to_proto, _STEERING.from_proto

@@ -19,12 +19,12 @@ from linlens.contract.results import (
     StreamEvent,
     Usage,
 )
-from linlens.contract.wire.codec import Codec, oneof_from_proto, oneof_to_proto
+from linlens.contract.wire.codec import Codec, oneof_from_proto, oneof_to_proto, same_names
 from linlens.contract.wire.enums import _FINISH
 from linlens.v1 import linlens_pb2 as pb
 
 _GENERATED_TOKEN = Codec(GeneratedToken, pb.GeneratedToken)
-_USAGE = Codec(Usage, pb.Usage)
+same_names(Usage)  # reached only inside others
 _GENERATION = Codec(Generation, pb.GenerateResponse)
 _DONE = Codec(GenerationDone, pb.GenerateDone)
 _PROGRESS = Codec(ExplanationProgress, pb.ExplanationProgress)
@@ -32,12 +32,7 @@ _EXPLAIN_RESULT = Codec(ExplainResult, pb.ExplainResponse)
 _MODEL_INFO = Codec(ModelInfo, pb.ModelInfo)
 
 
-def generated_token_to_proto(t: GeneratedToken) -> pb.GeneratedToken:
-    return _GENERATED_TOKEN.to_proto(t)
-
-
-def generated_token_from_proto(message: pb.GeneratedToken) -> GeneratedToken:
-    return _GENERATED_TOKEN.from_proto(message)
+generated_token_to_proto, generated_token_from_proto = _GENERATED_TOKEN.to_proto, _GENERATED_TOKEN.from_proto
 
 
 def finish_reason_from_proto(value: int) -> FinishReason:
@@ -45,20 +40,8 @@ def finish_reason_from_proto(value: int) -> FinishReason:
     return _FINISH.from_pb(value, "finish_reason")
 
 
-def generation_to_proto(g: Generation) -> pb.GenerateResponse:
-    return _GENERATION.to_proto(g)
-
-
-def generation_from_proto(message: pb.GenerateResponse) -> Generation:
-    return _GENERATION.from_proto(message)
-
-
-def progress_to_proto(progress: ExplanationProgress) -> pb.ExplanationProgress:
-    return _PROGRESS.to_proto(progress)
-
-
-def progress_from_proto(message: pb.ExplanationProgress) -> ExplanationProgress:
-    return _PROGRESS.from_proto(message)
+generation_to_proto, generation_from_proto = _GENERATION.to_proto, _GENERATION.from_proto
+progress_to_proto, progress_from_proto = _PROGRESS.to_proto, _PROGRESS.from_proto
 
 
 def stream_event_to_proto(event: StreamEvent) -> pb.GenerateStreamResponse:
@@ -70,8 +53,7 @@ def stream_event_from_proto(message: pb.GenerateStreamResponse) -> StreamEvent |
     return cast("StreamEvent | None", oneof_from_proto(message, "event"))
 
 
-def explain_result_to_proto(result: ExplainResult) -> pb.ExplainResponse:
-    return _EXPLAIN_RESULT.to_proto(result)
+explain_result_to_proto = _EXPLAIN_RESULT.to_proto
 
 
 def explain_stream_event_from_proto(message: pb.ExplainStreamResponse) -> ExplanationProgress | ExplainResult | None:
@@ -79,13 +61,5 @@ def explain_stream_event_from_proto(message: pb.ExplainStreamResponse) -> Explan
     return cast("ExplanationProgress | ExplainResult | None", oneof_from_proto(message, "event"))
 
 
-def explain_result_from_proto(message: pb.ExplainResponse) -> ExplainResult:
-    return _EXPLAIN_RESULT.from_proto(message)
-
-
-def model_info_to_proto(info: ModelInfo) -> pb.ModelInfo:
-    return _MODEL_INFO.to_proto(info)
-
-
-def model_info_from_proto(message: pb.ModelInfo) -> ModelInfo:
-    return _MODEL_INFO.from_proto(message)
+explain_result_from_proto = _EXPLAIN_RESULT.from_proto
+model_info_to_proto, model_info_from_proto = _MODEL_INFO.to_proto, _MODEL_INFO.from_proto

@@ -24,7 +24,7 @@ from linlens.contract.results import (
     Timings,
     TokenScore,
 )
-from linlens.contract.wire.codec import Codec
+from linlens.contract.wire.codec import Codec, same_names
 from linlens.contract.wire.enums import _COMPONENT, _COMPONENT_FROM_PB
 from linlens.v1 import linlens_pb2 as pb
 
@@ -40,15 +40,11 @@ def _read_component(message: pb.ComponentContribution) -> dict[str, Any]:
     return {"component": component}
 
 
-_TOKEN_SCORE = Codec(TokenScore, pb.TokenScore)
+# the messages reached only inside others, each named as its dataclass
+same_names(TokenScore, Reconstruction, OrdinaryContrast, Attribution, SingularComponent, PositionSpectrum)
+same_names(LinearMapSpectrum)
 _PREDICTED = Codec(PredictedToken, pb.PredictedToken)
 _TIMINGS = Codec(Timings, pb.Timings)
-_RECONSTRUCTION = Codec(Reconstruction, pb.Reconstruction)
-_ORDINARY = Codec(OrdinaryContrast, pb.OrdinaryContrast)
-_ATTRIBUTION = Codec(Attribution, pb.Attribution)
-_SINGULAR = Codec(SingularComponent, pb.SingularComponent)
-_POSITION_SPECTRUM = Codec(PositionSpectrum, pb.PositionSpectrum)
-_LINEAR_MAP = Codec(LinearMapSpectrum, pb.LinearMapSpectrum)
 _CONTRIBUTION = Codec(
     ComponentContribution,
     pb.ComponentContribution,
@@ -62,51 +58,13 @@ _EXPLANATION = Codec(Explanation, pb.Explanation)
 _CONCEPT_VECTOR = Codec(ConceptVector, pb.ComputeConceptResponse)
 
 
-def concept_vector_to_proto(concept: ConceptVector) -> pb.ComputeConceptResponse:
-    return _CONCEPT_VECTOR.to_proto(concept)
-
-
-def concept_vector_from_proto(message: pb.ComputeConceptResponse) -> ConceptVector:
-    return _CONCEPT_VECTOR.from_proto(message)
-
-
-def timings_to_proto(timings: Timings) -> pb.Timings:
-    return _TIMINGS.to_proto(timings)
-
-
-def timings_from_proto(message: pb.Timings) -> Timings:
-    return _TIMINGS.from_proto(message)
-
-
-def predicted_to_proto(token: PredictedToken) -> pb.PredictedToken:
-    return _PREDICTED.to_proto(token)
-
-
-def predicted_from_proto(message: pb.PredictedToken) -> PredictedToken:
-    return _PREDICTED.from_proto(message)
-
-
-def layer_attributions_to_proto(a: LayerAttributions) -> pb.LayerAttributions:
-    return _LAYER_ATTRIBUTIONS.to_proto(a)
-
-
-def layer_attributions_from_proto(message: pb.LayerAttributions) -> LayerAttributions:
-    return _LAYER_ATTRIBUTIONS.from_proto(message)
-
-
-def layer_result_to_proto(r: LayerResult) -> pb.LayerResult:
-    return _LAYER_RESULT.to_proto(r)
-
-
-def layer_result_from_proto(message: pb.LayerResult) -> LayerResult:
-    return _LAYER_RESULT.from_proto(message)
-
-
-def explanation_to_proto(e: Explanation) -> pb.Explanation:
-    """The Explanation message, its layer analysis (if any) included."""
-    return _EXPLANATION.to_proto(e)
-
-
-def explanation_from_proto(message: pb.Explanation) -> Explanation:
-    """The Explanation (tensors decoded to read-only numpy arrays), its layer analysis (if any) included."""
-    return _EXPLANATION.from_proto(message)
+concept_vector_to_proto, concept_vector_from_proto = _CONCEPT_VECTOR.to_proto, _CONCEPT_VECTOR.from_proto
+timings_to_proto, timings_from_proto = _TIMINGS.to_proto, _TIMINGS.from_proto
+predicted_to_proto, predicted_from_proto = _PREDICTED.to_proto, _PREDICTED.from_proto
+layer_attributions_to_proto, layer_attributions_from_proto = (
+    _LAYER_ATTRIBUTIONS.to_proto,
+    _LAYER_ATTRIBUTIONS.from_proto,
+)
+layer_result_to_proto, layer_result_from_proto = _LAYER_RESULT.to_proto, _LAYER_RESULT.from_proto
+#: The Explanation both ways, its layer analysis (if any) included (tensors decode to read-only numpy arrays).
+explanation_to_proto, explanation_from_proto = _EXPLANATION.to_proto, _EXPLANATION.from_proto
