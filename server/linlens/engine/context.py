@@ -176,7 +176,10 @@ class ModelContext:
             layers = decoder_layers(self.model, self.family)
             self._layer_weights = sum(p.numel() for p in layers.parameters())
         return ModelShape(
-            hidden=self.hidden_size, layer_weights=self._layer_weights, chain_chunk=self.vjp_chunk(1, dtype)
+            hidden=self.hidden_size,
+            layer_weights=self._layer_weights,
+            chain_chunk=self.vjp_chunk(1, dtype),
+            prefix_row_bytes=(self._attention_width + self._kv_width) * torch.empty((), dtype=dtype).element_size(),
         )
 
     def memory_estimate(self, n_tokens: int, options: ExplainOptions, plan: ExplanationPlan) -> jac.MemoryEstimate:
@@ -224,7 +227,10 @@ class ModelContext:
                 double_backward += 1  # a layer map's double-backward graph
                 batch = max(batch, min(chunk, krylov_batch))
         geometry = jac.Geometry(
-            **self._geometry(n_tokens, dtype), attention_width=self._attention_width, kv_width=self._kv_width
+            **self._geometry(n_tokens, dtype),
+            attention_width=self._attention_width,
+            kv_width=self._kv_width,
+            vocab=self.vocab_size,
         )
         return jac.explanation_memory(
             geometry,

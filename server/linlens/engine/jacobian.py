@@ -9,6 +9,7 @@ chunk rather than by d. Attributions need far less: w . J_i x_i for all i is the
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -80,6 +81,8 @@ class Geometry:
     attention_width: int
     #: Key/value heads x head size: one position's cached keys (and, as many, values) in one layer.
     kv_width: int
+    #: The vocabulary (the prediction's logits and probabilities, the decoded tokens' scores).
+    vocab: int = 0
 
     def layer(self) -> int:
         """:func:`layer_activation_bytes` of this input: one layer's activation gradients per cotangent."""
@@ -158,15 +161,21 @@ def explanation_memory(
     # masked copy before the softmax keeps its weights.
     cache = layers * n * 2 * g.kv_width * size
     scores = 2 * g.heads * n * n * size
+    # The served model's own prediction pass (no graph: one layer's activations at a time) and the logits it and
+    # the decoding of singular vectors take over the vocabulary, in float32 and the explanation's precision.
+    prediction = g.layer() + 4 * g.vocab * max(size, 4)
     position = 0
     if position_rows is not None:
         copy = layers * n * 2 * g.kv_width * size
         # A batched VJP through attention at the last position computes each row's gradient of the values of every
-        # position (the prefix's are then dropped), before and after the grouped-query expansion.
-        rows = position_rows * n * (g.attention_width + g.kv_width) * size
-        position = copy + rows + 3 * g.hidden * g.hidden * size
+        # position (the prefix's are then dropped), before and after the grouped-query expansion, next to that
+        # layer's activation gradients at the one position.
+        one = dataclasses.replace(g, n_tokens=1).layer()
+        rows = position_rows * (n * (g.attention_width + g.kv_width) * size + one)
+        # J_n (d x d), its copy for the SVD, the SVD's factors and workspace.
+        position = copy + rows + 5 * g.hidden * g.hidden * size
     return MemoryEstimate(
-        graph=graphs * layers * g.retained() + cache + scores,
+        graph=graphs * layers * g.retained() + cache + scores + prediction,
         batch=batch_vjps * BACKWARD_LAYERS_ALIVE * g.layer(),
         jacobians=jacobians * g.hidden * n * g.hidden * size,
         vjps=batch_vjps,
