@@ -63,6 +63,7 @@ def _settle() -> None:
 
 
 def _options(kind: str) -> Any:
+    """The ExplainOptions of an explanation kind (the estimate is asked for the same options that ran)."""
     from linlens.engine import ExplainMethod, ExplainOptions
 
     return {
