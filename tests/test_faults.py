@@ -142,7 +142,7 @@ def test_out_of_memory_inside_a_job_is_resource_exhausted_and_the_server_keeps_s
 ) -> None:
     target, log = capped_server
     with Client(target, retry=NO_RETRY, timeout=300) as client:
-        # 1500 tokens: the twin's forward graph alone is about 8 GB, far over the 1 GiB the process may still map
+        # 1500 tokens: the twin's forward graph alone is about 3 GB, far over the 1 GiB the process may still map
         with pytest.raises(ResourceExhaustedError, match="ran out of memory") as caught:
             client.explain(token_ids=[504] * 1500, options=ExplainOptions(top_k=1), metadata={"x-request-id": "oom-1"})
         assert "fewer tokens" in caught.value.details

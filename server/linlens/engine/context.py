@@ -56,6 +56,10 @@ class ModelContext:
         self.num_layers: int = config.num_hidden_layers
         self._intermediate: int = getattr(config, "intermediate_size", 4 * self.hidden_size)
         self._heads: int = config.num_attention_heads
+        head_size = getattr(config, "head_dim", None) or self.hidden_size // self._heads
+        #: Query heads x head size, and key/value heads x head size (the memory estimate's attention widths).
+        self._attention_width: int = self._heads * head_size
+        self._kv_width: int = (getattr(config, "num_key_value_heads", None) or self._heads) * head_size
         self.softcap: float | None = getattr(config, "final_logit_softcapping", None)
         #: logits = (W y) * logit_multiplier (Granite's 1 / logits_scaling, Cohere's logit_scale; else 1).
         self.logit_multiplier = float(self.family.logit_multiplier(config))
@@ -172,26 +176,35 @@ class ModelContext:
             layers = decoder_layers(self.model, self.family)
             self._layer_weights = sum(p.numel() for p in layers.parameters())
         return ModelShape(
-            hidden=self.hidden_size, layer_weights=self._layer_weights, chain_chunk=self.vjp_chunk(1, dtype)
+            hidden=self.hidden_size,
+            layer_weights=self._layer_weights,
+            chain_chunk=self.vjp_chunk(1, dtype),
+            prefix_row_bytes=(self._attention_width + self._kv_width) * torch.empty((), dtype=dtype).element_size(),
         )
 
     def memory_estimate(self, n_tokens: int, options: ExplainOptions, plan: ExplanationPlan) -> jac.MemoryEstimate:
         """What an explanation of ``n_tokens`` tokens with ``options`` needs at most (jacobian.explanation_memory):
-        which graphs, batches and Jacobians these options keep alive with the methods that will run (``method`` for
-        the spectra, ``layer_method`` for the layer maps, from the ``plan``; a matrix-free solve keeps a second,
-        double-backward graph and batches of Krylov products instead of Jacobians; on the last position's own graph
-        a Jacobian is d x d and a batch's activations one position's), in the order explain_output and
-        analyze_layers hold them."""
+        which graphs, batches and Jacobians these options keep alive with the paths that will run (``method`` for
+        the spectra, ``layer_method`` for the layer maps, from the ``plan``), in the order explain_output and
+        analyze_layers hold them:
+
+        - always the twin's forward graph, and the double-backward graph that gives the explained token's
+          attribution and the reconstruction's JVP (one backward with ``create_graph``);
+        - the spectra on the last position's own graph: its cache copy and batches of ``chain_chunk`` rows (FULL)
+          or of one Krylov block (MATRIX_FREE), each row reaching the values of the whole prefix;
+        - the spectra on the whole graph: FULL batches of ``vjp_chunk`` and the Jacobians, or MATRIX_FREE batches
+          of a Krylov block on the kept double-backward graph;
+        - the ordinary contrast, a second (undetached) twin graph and the full Jacobian;
+        - the layer analysis: one cotangent per block, and a layer map's Jacobians (FULL) or its double-backward
+          graph (MATRIX_FREE)."""
         method, layer_method, krylov_batch = plan.method, plan.layer_method, plan.krylov_block
         dtype = DTYPES[options.precision]
         chunk = options.vjp_chunk_size or self.vjp_chunk(n_tokens, dtype)
-        # The forward graph and the double-backward graph of the reconstruction's JVP (kept by a matrix-free solve).
-        graphs, jacobians = 2, 0
+        graphs, double_backward, jacobians = 1, 1, 0
         batch = 1 + len(options.targets)  # the attributions: one cotangent per target
-        if plan.on_position_graph:
-            # The last position's own graph, counted as a whole graph (it is one position's): its batches and its
-            # d x d Jacobian are a sliver of the whole prompt's.
-            graphs += 1
+        position_rows: int | None = None
+        if method is not None and plan.on_position_graph:
+            position_rows = plan.chain_chunk if method is ExplainMethod.FULL else min(plan.chain_chunk, krylov_batch)
         elif method is ExplainMethod.FULL:
             batch = max(batch, chunk)
             jacobians = 2  # J as computed and its per-position copy
@@ -202,7 +215,7 @@ class ModelContext:
         elif method is ExplainMethod.MATRIX_FREE:
             batch = max(batch, min(chunk, krylov_batch))
         if options.ordinary_contrast:
-            graphs += 1
+            graphs += 2  # the ordinary twin keeps its softmax's graph too: counted as two
             batch = max(batch, chunk)
             jacobians += 1
         if options.layers is not None:
@@ -211,13 +224,21 @@ class ModelContext:
                 batch = max(batch, chunk)
                 jacobians += 2  # a layer's map of the embeddings and of its own input
             elif options.layers.needs_jacobians:
-                graphs += 1  # a layer map's double-backward graph
+                double_backward += 1  # a layer map's double-backward graph
                 batch = max(batch, min(chunk, krylov_batch))
-        return jac.explanation_memory(
+        geometry = jac.Geometry(
             **self._geometry(n_tokens, dtype),
+            attention_width=self._attention_width,
+            kv_width=self._kv_width,
+            vocab=self.vocab_size,
+        )
+        return jac.explanation_memory(
+            geometry,
             graphs=graphs,
             batch_vjps=batch,
             jacobians=jacobians,
+            double_backward=double_backward,
+            position_rows=position_rows,
         )
 
 

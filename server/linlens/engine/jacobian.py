@@ -9,6 +9,7 @@ chunk rather than by d. Attributions need far less: w . J_i x_i for all i is the
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -56,12 +57,63 @@ def vjp_chunk_size(
 BACKWARD_LAYERS_ALIVE = 1
 
 
+def retained_layer_bytes(*, n_tokens: int, hidden: int, intermediate: int, heads: int, itemsize: int) -> int:
+    """Bytes one layer of the linear twin keeps alive after its forward pass over ``n_tokens`` tokens, its frozen
+    coefficients included (the coefficient tape and the graph share them). Per token: each head's frozen softmax row
+    (``heads`` x n: the only quadratic part; the scores that produced it are detached and freed, unlike a plain
+    model's graph), 2 intermediate-size vectors (the frozen gate and the product the down projection saves) and 6
+    hidden-size ones (the norms' inputs and outputs, the attention's output, the residual; generous, because at a
+    few hundred tokens tensors below glibc's mmap threshold stay in the heap and the resident peak runs above the
+    live tensors). Measured on SmolLM2 at 1,024 tokens: 1,386 MiB retained for 30 layers against 1,845 MiB by this
+    count (docs/reliability.md)."""
+    return n_tokens * (heads * n_tokens + 2 * intermediate + 6 * hidden) * itemsize
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """What the memory arithmetic needs to know of a model and an input (ModelContext fills it in)."""
+
+    n_tokens: int
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    itemsize: int
+    #: Query heads x head size: the width of one position's attention values after grouped-query expansion.
+    attention_width: int
+    #: Key/value heads x head size: one position's cached keys (and, as many, values) in one layer.
+    kv_width: int
+    #: The vocabulary (the prediction's logits and probabilities, the decoded tokens' scores).
+    vocab: int = 0
+
+    def layer(self) -> int:
+        """:func:`layer_activation_bytes` of this input: one layer's activation gradients per cotangent."""
+        return layer_activation_bytes(
+            n_tokens=self.n_tokens,
+            hidden=self.hidden,
+            intermediate=self.intermediate,
+            heads=self.heads,
+            itemsize=self.itemsize,
+        )
+
+    def retained(self) -> int:
+        """:func:`retained_layer_bytes` of this input."""
+        return retained_layer_bytes(
+            n_tokens=self.n_tokens,
+            hidden=self.hidden,
+            intermediate=self.intermediate,
+            heads=self.heads,
+            itemsize=self.itemsize,
+        )
+
+
 @dataclass(frozen=True)
 class MemoryEstimate:
     """Peak memory one explanation needs beyond the loaded model, by part, in bytes. An upper bound by design (the
     parts are added although some are alive at different times), checked before any work starts."""
 
-    #: The linear twin's forward graph, kept for every VJP (twice with the ordinary contrast).
+    #: The linear twin's forward graph with its frozen coefficients, kept for every VJP (more than one with the
+    #: ordinary contrast), the keys and values of its cache, and one layer's attention scores while it runs.
     graph: int
     #: One batched backward: ``vjps`` cotangents at once.
     batch: int
@@ -69,43 +121,68 @@ class MemoryEstimate:
     jacobians: int
     #: Cotangents in the largest batch this estimate assumes.
     vjps: int
+    #: Double-backward graphs (the reconstruction's JVP, kept through a whole-graph matrix-free solve; a layer map's):
+    #: the cotangent side of each layer, far smaller than the forward graph since every coefficient is frozen.
+    double_backward: int = 0
+    #: The last position's own graph: the copy of the prefix's keys and values its cache makes when the last token
+    #: joins it, one batch of its rows' value gradients over the whole prefix, and its d x d Jacobian with copies.
+    position: int = 0
 
     @property
     def total(self) -> int:
-        return self.graph + self.batch + self.jacobians
+        return self.graph + self.batch + self.jacobians + self.double_backward + self.position
 
     def describe(self) -> str:
         mib = 1024 * 1024
         return (
             f"about {self.total / mib:.0f} MiB (forward graph {self.graph / mib:.0f}, a batch of {self.vjps} VJPs "
-            f"{self.batch / mib:.0f}, Jacobians {self.jacobians / mib:.0f})"
+            f"{self.batch / mib:.0f}, Jacobians {self.jacobians / mib:.0f}, double-backward graphs "
+            f"{self.double_backward / mib:.0f}, the last position's graph {self.position / mib:.0f})"
         )
 
 
 def explanation_memory(
+    geometry: Geometry,
     *,
-    n_tokens: int,
-    hidden: int,
-    intermediate: int,
-    layers: int,
-    heads: int,
-    itemsize: int,
     graphs: int,
     batch_vjps: int,
     jacobians: int,
+    double_backward: int = 0,
+    position_rows: int | None = None,
 ) -> MemoryEstimate:
-    """The memory of an explanation of ``n_tokens`` tokens that keeps ``graphs`` forward graphs, runs batches of
-    up to ``batch_vjps`` cotangents and holds ``jacobians`` full Jacobians at once (see ModelContext.memory_estimate,
-    which counts these for a request's options). One home for the arithmetic, so that admission, and any path that
-    picks a cheaper method when this is too large, agree."""
-    activations = layer_activation_bytes(
-        n_tokens=n_tokens, hidden=hidden, intermediate=intermediate, heads=heads, itemsize=itemsize
-    )
+    """The memory of an explanation that keeps ``graphs`` forward graphs and ``double_backward`` double-backward
+    graphs, runs batches of up to ``batch_vjps`` cotangents on the whole graph and holds ``jacobians`` full Jacobians
+    at once; with ``position_rows`` it also runs batches of that many rows on the last position's own graph (see
+    ModelContext.memory_estimate, which counts these for a request's options). One home for the arithmetic, so that
+    admission, and any path that picks a cheaper method when this is too large, agree.
+
+    Measured against it in docs/reliability.md (``scripts/bench_memory.py``)."""
+    g = geometry
+    n, layers, size = g.n_tokens, g.layers, g.itemsize
+    # The cache's keys and values (the position graph's prefix) and, while one layer runs, its scores and their
+    # masked copy before the softmax keeps its weights.
+    cache = layers * n * 2 * g.kv_width * size
+    scores = 2 * g.heads * n * n * size
+    # The served model's own prediction pass (no graph: one layer's activations at a time) and the logits it and
+    # the decoding of singular vectors take over the vocabulary, in float32 and the explanation's precision.
+    prediction = g.layer() + 8 * g.vocab * max(size, 4)
+    position = 0
+    if position_rows is not None:
+        copy = layers * n * 2 * g.kv_width * size
+        # A batched VJP through attention at the last position computes each row's gradient of the values of every
+        # position (the prefix's are then dropped), before and after the grouped-query expansion, next to the
+        # activation gradients at the one position of two layers (measured: 576 rows of SmolLM2 at 7 tokens, 44 MiB).
+        one = 2 * dataclasses.replace(g, n_tokens=1).layer()
+        rows = position_rows * (n * (g.attention_width + g.kv_width) * size + one)
+        # J_n (d x d), its copy for the SVD, the SVD's factors and workspace.
+        position = copy + rows + 5 * g.hidden * g.hidden * size
     return MemoryEstimate(
-        graph=graphs * layers * activations,
-        batch=batch_vjps * BACKWARD_LAYERS_ALIVE * activations,
-        jacobians=jacobians * hidden * n_tokens * hidden * itemsize,
+        graph=graphs * layers * g.retained() + cache + scores + prediction,
+        batch=batch_vjps * BACKWARD_LAYERS_ALIVE * g.layer(),
+        jacobians=jacobians * g.hidden * n * g.hidden * size,
         vjps=batch_vjps,
+        double_backward=double_backward * layers * n * g.hidden * size,
+        position=position,
     )
 
 

@@ -25,6 +25,12 @@ JVP_WEIGHT = 2.0
 #: rows on the position graph: 20 d^3 flops at about 70% of the rate a backward row reaches (SmolLM2, one thread:
 #: a 576 x 576 SVD 44-56 ms, a row 3.5 ms).
 SVD_ROW_FACTOR = 7.0
+#: What one batch of rows on the last position's own graph may take for its value gradients over the prefix: a row's
+#: backward through attention computes the gradient of every position's values (the prefix's are then dropped), one
+#: layer at a time. Measured on SmolLM2 at 1,024 tokens: 576 rows in one batch raised the peak from 1,685 MiB (the
+#: default request) to 3,511 MiB, 2.3x the plain forward + backward; this budget allows 85 rows per pass there (all
+#: 576 up to 151 tokens), a few more passes of a cost that is mostly rows.
+POSITION_ROWS_BUDGET = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -34,8 +40,19 @@ class ModelShape:
     hidden: int
     #: Multiply-adds of one token through the decoder layers (their weight count).
     layer_weights: int
-    #: VJPs per batched backward on the position graph (its memory budget).
+    #: VJPs per batched backward on the position graph (its memory budget at one position).
     chain_chunk: int
+    #: Bytes one row on the position graph takes per prefix token while one layer's backward runs (the values'
+    #: gradient before and after grouped-query expansion); 0: not counted.
+    prefix_row_bytes: int = 0
+
+    def chain_rows(self, n_tokens: int) -> int:
+        """VJPs per batched backward on the position graph of an ``n_tokens`` prompt: ``chain_chunk``, fewer where
+        the rows' value gradients over the prefix would pass :data:`POSITION_ROWS_BUDGET`."""
+        if self.prefix_row_bytes <= 0:
+            return self.chain_chunk
+        fits = POSITION_ROWS_BUDGET // (max(n_tokens, 1) * self.prefix_row_bytes)
+        return max(1, min(self.chain_chunk, fits))
 
 
 @dataclass(frozen=True)
@@ -81,7 +98,7 @@ def plan(options: ExplainOptions, n_tokens: int, shape: ModelShape) -> Explanati
         on_position_graph=chain,
         layer_method=layer,
         krylov_block=krylov,
-        chain_chunk=options.vjp_chunk_size or shape.chain_chunk,
+        chain_chunk=options.vjp_chunk_size or shape.chain_rows(n_tokens),
     )
 
 
@@ -98,7 +115,7 @@ def _spectra_method(options: ExplainOptions, n_tokens: int, shape: ModelShape, c
         return None
     if chain:
         svd_rows = SVD_ROW_FACTOR * shape.hidden**3 / max(shape.layer_weights, 1)
-        chunk = options.vjp_chunk_size or shape.chain_chunk
+        chunk = options.vjp_chunk_size or shape.chain_rows(n_tokens)
         costs = chain_costs(options.top_k, shape.hidden, chunk, svd_rows)
         return ExplainMethod.MATRIX_FREE if costs.matrix_free < costs.full else ExplainMethod.FULL
     # On the whole graph: FULL costs ``hidden`` VJPs for all maps at once, MATRIX_FREE a few dozen per map.
