@@ -23,7 +23,7 @@ import pytest
 import torch
 from conftest import free_port, server_config
 from prometheus_client import generate_latest
-from tiny_models import FAMILIES, VOCAB, save_tiny_model
+from tiny_models import FAMILIES, VOCAB, _configs, save_tiny_model
 
 from linlens.client import Client, HealthStatus, Steering, SteeringPositions, UnavailableError
 from linlens.client.errors import CancelledError, DeadlineExceededError, LinlensError
@@ -400,3 +400,18 @@ def test_window_families_batched_equal_transformers_generate(family: str, tmp_pa
         assert [t.token_id for t in b.tokens] == [t.token_id for t in a.tokens], f"{family} row {i}"
         for x, y in zip(a.tokens, b.tokens, strict=True):
             assert abs(x.logprob - y.logprob) <= LOGPROB_TOLERANCE, (family, i, x, y)
+
+
+def test_which_models_batch() -> None:
+    """Every supported family's cache merges; chunked attention (transformers keeps it in the same window layers, but
+    its mask follows absolute positions, which left padding shifts) decodes one request at a time."""
+    from transformers import Llama4TextConfig
+    from transformers.cache_utils import DynamicCache, DynamicSlidingWindowLayer
+
+    from linlens.server.batching import _mergeable
+
+    for family in FAMILIES:
+        assert _mergeable(_configs()[family][1]), family
+    chunked = Llama4TextConfig(num_hidden_layers=4, attention_chunk_size=8)
+    assert any(isinstance(layer, DynamicSlidingWindowLayer) for layer in DynamicCache(config=chunked).layers)
+    assert not _mergeable(chunked)
