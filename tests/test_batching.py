@@ -4,6 +4,10 @@ Every family's tiny model and SmolLM2 are served by a real server on localhost. 
 lengths, greedy and seeded sampling, stop strings, ``ignore_eos``) are sent one at a time (each decodes in a batch of
 one) and then all at once from as many threads (they decode together): greedy tokens must be equal, logprobs within
 1e-4, and seeded samples equal. A cancelled stream and a passed deadline end only their own request.
+
+Besides: every family batches, the sliding-window ones too, also checked in one process against transformers' own
+``generate``; steered requests decode together with requests of the same steering and match a server that does not
+batch; a served process exits within seconds of SIGTERM after batched work, and a drain leaves no decode thread.
 """
 
 from __future__ import annotations
