@@ -4,6 +4,10 @@ Every family's tiny model and SmolLM2 are served by a real server on localhost. 
 lengths, greedy and seeded sampling, stop strings, ``ignore_eos``) are sent one at a time (each decodes in a batch of
 one) and then all at once from as many threads (they decode together): greedy tokens must be equal, logprobs within
 1e-4, and seeded samples equal. A cancelled stream and a passed deadline end only their own request.
+
+Besides: every family batches, the sliding-window ones too, also checked in one process against transformers' own
+``generate``; steered requests decode together with requests of the same steering and match a server that does not
+batch; a served process exits within seconds of SIGTERM after batched work, and a drain leaves no decode thread.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import pytest
 import torch
 from conftest import free_port, server_config
 from prometheus_client import generate_latest
-from tiny_models import FAMILIES, VOCAB, save_tiny_model
+from tiny_models import FAMILIES, VOCAB, _configs, save_tiny_model
 
 from linlens.client import Client, HealthStatus, Steering, SteeringPositions, UnavailableError
 from linlens.client.errors import CancelledError, DeadlineExceededError, LinlensError
@@ -400,3 +404,18 @@ def test_window_families_batched_equal_transformers_generate(family: str, tmp_pa
         assert [t.token_id for t in b.tokens] == [t.token_id for t in a.tokens], f"{family} row {i}"
         for x, y in zip(a.tokens, b.tokens, strict=True):
             assert abs(x.logprob - y.logprob) <= LOGPROB_TOLERANCE, (family, i, x, y)
+
+
+def test_which_models_batch() -> None:
+    """Every supported family's cache merges; chunked attention (transformers keeps it in the same window layers, but
+    its mask follows absolute positions, which left padding shifts) decodes one request at a time."""
+    from transformers import Llama4TextConfig
+    from transformers.cache_utils import DynamicCache, DynamicSlidingWindowLayer
+
+    from linlens.server.batching import _mergeable
+
+    for family in FAMILIES:
+        assert _mergeable(_configs()[family][1]), family
+    chunked = Llama4TextConfig(num_hidden_layers=4, attention_chunk_size=8)
+    assert any(isinstance(layer, DynamicSlidingWindowLayer) for layer in DynamicCache(config=chunked).layers)
+    assert not _mergeable(chunked)

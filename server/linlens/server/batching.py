@@ -111,7 +111,7 @@ class DecodeBatch:
         self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None  # (B, L) 1 for a real token, 0 for left padding
         #: whether rows can share a batch (every cache layer one this module knows how to merge); else one at a time
-        self._mergeable = all(type(layer) in _MERGEABLE for layer in DynamicCache(config=model.config).layers)
+        self._mergeable = _mergeable(model.config)
 
     # --- the request side ----------------------------------------------------------------------------------------
 
@@ -325,6 +325,16 @@ class DecodeBatch:
 
 #: The cache layers whose rows :class:`DecodeBatch` can merge and drop (exact types: a subclass may keep more state).
 _MERGEABLE = (DynamicLayer, DynamicSlidingWindowLayer)
+
+
+def _mergeable(config: Any) -> bool:
+    """Whether a model's rows can be merged into one left-padded batch: every cache layer a plain or sliding-window
+    one, and no chunked attention (transformers keeps its cache in the same window layer, but its mask depends on a
+    token's absolute position, which left padding shifts)."""
+    layer_types = getattr(config.get_text_config(decoder=True), "layer_types", None) or ()
+    if "chunked_attention" in layer_types:
+        return False
+    return all(type(layer) in _MERGEABLE for layer in DynamicCache(config=config).layers)
 
 
 def _held(layer: Any, width: int) -> int:
