@@ -17,7 +17,9 @@ Kinds:
   model (its weights do not require grad, so only activations and their gradients count);
 - ``attr``: ``Explain(top_k=0)`` (attributions and the reconstruction);
 - ``default``: the default ``Explain`` (top 3 at the last position, AUTO: matrix-free on the position graph);
-- ``full``: the same with ``method`` FULL (d VJPs on the position graph, then the SVD).
+- ``full``: the same with ``method`` FULL (d VJPs on the position graph, then the SVD);
+- ``long``: the default with the whole-prompt spectrum, matrix-free (Krylov rows of tokens x hidden each, on the
+  whole graph: the long request of docs/engine.md; not among the default kinds, slow at long prompts).
 
 The table gives each request's peak, its ratio to ``plain`` at the same length, and the engine's estimate
 (``Explainer.memory_estimate``, what admission compares with ``max_explanation_memory_mb``).
@@ -70,6 +72,7 @@ def _options(kind: str) -> Any:
         "attr": ExplainOptions(top_k=0),
         "default": ExplainOptions(),
         "full": ExplainOptions(method=ExplainMethod.FULL),
+        "long": ExplainOptions(method=ExplainMethod.MATRIX_FREE, prompt_spectrum=True),
     }[kind]
 
 

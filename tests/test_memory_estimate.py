@@ -49,12 +49,16 @@ def test_position_rows_are_bounded_at_long_prompts(smollm2: Any) -> None:
     bounded = explainer.memory_estimate(1024, full)
     unbounded = explainer.memory_estimate(1024, ExplainOptions(method=ExplainMethod.FULL, vjp_chunk_size=576))
     assert bounded.position < unbounded.position / 5  # 85 rows against 576, each over the whole prefix
+    # the whole-prompt map's matrix-free solve keeps 17 blocks of 8 rows of tokens x hidden (and the last position's
+    # map, of hidden), six times over (the rows, their concatenation, the SVD's copy, workspace and right factor)
+    whole = explainer.memory_estimate(1024, ExplainOptions(method=ExplainMethod.MATRIX_FREE, prompt_spectrum=True))
+    assert whole.krylov == 6 * 17 * 8 * (1024 + 1) * 576 * 4 and whole.position == 0
     # the split rows give the same spectrum as one pass of all of them (SmolLM2 at 160 tokens: 545 rows per pass)
     ids = (smollm2.tokenizer("The bridge out of Marin is the only one that can be built")["input_ids"] * 20)[:160]
     assert plan(full, len(ids), shape).chain_chunk < 576
     split = explainer.explain(ids, full)
-    whole = explainer.explain(ids, ExplainOptions(method=ExplainMethod.FULL, vjp_chunk_size=576))
-    np.testing.assert_allclose(split.spectra[0].singular_values, whole.spectra[0].singular_values, rtol=1e-5)
+    one_pass = explainer.explain(ids, ExplainOptions(method=ExplainMethod.FULL, vjp_chunk_size=576))
+    np.testing.assert_allclose(split.spectra[0].singular_values, one_pass.spectra[0].singular_values, rtol=1e-5)
 
 
 @pytest.mark.slow

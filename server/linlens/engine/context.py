@@ -23,8 +23,10 @@ from linlens.engine import jacobian as jac
 from linlens.engine.capture import decoder_layers
 from linlens.engine.decode import TokenDecoder
 from linlens.engine.families import Family, UnsupportedArchitectureError, family_of
+from linlens.engine.last_position import chain_block
 from linlens.engine.linearize import build_twin
-from linlens.engine.plan import ExplanationPlan, ModelShape
+from linlens.engine.matrix_free import MAX_ITERATIONS
+from linlens.engine.plan import ExplanationPlan, ModelShape, block_size
 
 DTYPES = {Precision.FLOAT32: torch.float32, Precision.FLOAT64: torch.float64, Precision.BFLOAT16: torch.bfloat16}
 
@@ -214,6 +216,18 @@ class ModelContext:
                 jacobians += 2  # the returned array and its wire encoding
         elif method is ExplainMethod.MATRIX_FREE:
             batch = max(batch, min(chunk, krylov_batch))
+        # A matrix-free solve keeps (MAX_ITERATIONS + 1) blocks of rows of each map's input size: d for a position's
+        # J_i (or a layer map), tokens x d for the whole-prompt map.
+        krylov_rows = 0
+        if method is ExplainMethod.MATRIX_FREE:
+            d = self.hidden_size
+            block = chain_block(options.top_k) if plan.on_position_graph else block_size(max(options.top_k, 1))
+            inputs = len(options.selected_positions(n_tokens)) * d + (n_tokens * d if options.prompt_spectrum else 0)
+            krylov_rows = (MAX_ITERATIONS + 1) * block * inputs
+        if options.layers is not None and layer_method is ExplainMethod.MATRIX_FREE:
+            # up-to-layer, layer-alone and the two blocks of one layer at a time
+            layer_rows = (MAX_ITERATIONS + 1) * block_size(max(options.layers.top_k, 1)) * 4 * self.hidden_size
+            krylov_rows = max(krylov_rows, layer_rows)
         if options.ordinary_contrast:
             graphs += 2  # the ordinary twin keeps its softmax's graph too: counted as two
             batch = max(batch, chunk)
@@ -239,6 +253,7 @@ class ModelContext:
             jacobians=jacobians,
             double_backward=double_backward,
             position_rows=position_rows,
+            krylov_rows=krylov_rows,
         )
 
 

@@ -94,13 +94,17 @@ def _orthonormal(block: torch.Tensor, basis: list[torch.Tensor], tiny: float) ->
     return u[:, keep]
 
 
+#: Krylov iterations at most (each keeps a block of rows of the map's input size: the memory estimate counts them).
+MAX_ITERATIONS = 16
+
+
 def top_singular_triplets(
     maps: BlockMaps,
     k: int,
     *,
     oversample: int | None = None,
     tolerance: float | None = None,
-    max_iterations: int = 16,
+    max_iterations: int = MAX_ITERATIONS,
     target: float | None = None,
     seed: int = 0,
     extra: torch.Tensor | None = None,
