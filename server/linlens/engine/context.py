@@ -128,9 +128,18 @@ class ModelContext:
 
     def predict(self, input_ids: Sequence[int], explained_token_id: int | None = None) -> Prediction:
         """The served model's own, unmodified forward pass: y, the logits, the top token and the explained one."""
+        return self.prediction(self.hidden_states(input_ids)[-1], explained_token_id)
+
+    def hidden_states(self, input_ids: Sequence[int]) -> torch.Tensor:
+        """The served model's final hidden states (after the final norm) at every position, (n, d), no graph: one
+        forward serves the predictions after every prefix (causality), as an explained generation reads them."""
         ids = torch.tensor([int(t) for t in input_ids], dtype=torch.long, device=self.device)
         with torch.no_grad():
-            y_model = self.model.base_model(input_ids=ids[None], use_cache=False).last_hidden_state[0, -1]
+            return self.model.base_model(input_ids=ids[None], use_cache=False).last_hidden_state[0]
+
+    def prediction(self, y_model: torch.Tensor, explained_token_id: int | None = None) -> Prediction:
+        """The prediction read off the served model's y at one position: the logits, the top and explained token."""
+        with torch.no_grad():
             logits = self.decoder.lm_head @ y_model
             shown = logits.float()
             if self.softcap is not None:
