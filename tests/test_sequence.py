@@ -16,6 +16,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+import torch
 from tiny_models import AFFINE, FAMILIES, sample_ids, save_tiny_model
 
 from linlens.contract import Explanation
@@ -118,9 +119,7 @@ def _check(
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_step_equals_its_standalone_explanation(loaded: dict[str, LoadedModel], family: str) -> None:
     """Default options (top 3 at the last position, AUTO) and a contrast target, float64, every family."""
-    options = ExplainOptions(
-        precision=Precision.FLOAT64, targets=(AttributionTarget(token_id=7, contrast_token_id=9),)
-    )
+    options = ExplainOptions(precision=Precision.FLOAT64, targets=(AttributionTarget(token_id=7, contrast_token_id=9),))
     _check(loaded[family], sample_ids(), LENGTHS, options, 1e-12)
 
 
@@ -178,3 +177,15 @@ def test_smollm2_steps_in_float32(smollm2: LoadedModel) -> None:
     ids = smollm2.tokenizer("The bridge out of Marin is the longest bridge in the")["input_ids"]
     prompt = 7
     _check(smollm2, ids, (prompt, prompt + 1, prompt + 2, len(ids) - 1), ExplainOptions(), 1e-5, SERVED)
+
+
+def test_memory_estimate_counts_every_steps_attributions(loaded: dict[str, LoadedModel]) -> None:
+    """A shared pass keeps the longest prefix's graphs, as its own explanation would, but batches one attribution
+    cotangent per step and target (up to the VJP chunk): admission's estimate counts that batch."""
+    explainer = loaded["llama"].explainer
+    options = ExplainOptions(precision=Precision.FLOAT64, targets=(AttributionTarget(token_id=7),))
+    one = explainer.memory_estimate(10, options)
+    many = explainer.memory_estimate(10, options, steps=6)
+    chunk = explainer.context.vjp_chunk(10, torch.float64)
+    assert one.vjps == 2 and many.vjps == min(chunk, 12) and many.graph == one.graph
+    assert many.total > one.total

@@ -184,19 +184,28 @@ class ModelContext:
             hidden=self.hidden_size, layer_weights=self._layer_weights, chain_chunk=self.vjp_chunk(1, dtype)
         )
 
-    def memory_estimate(self, n_tokens: int, options: ExplainOptions, plan: ExplanationPlan) -> jac.MemoryEstimate:
+    def memory_estimate(
+        self, n_tokens: int, options: ExplainOptions, plan: ExplanationPlan, *, steps: int = 1
+    ) -> jac.MemoryEstimate:
         """What an explanation of ``n_tokens`` tokens with ``options`` needs at most (jacobian.explanation_memory):
         which graphs, batches and Jacobians these options keep alive with the methods that will run (``method`` for
         the spectra, ``layer_method`` for the layer maps, from the ``plan``; a matrix-free solve keeps a second,
         double-backward graph and batches of Krylov products instead of Jacobians; on the last position's own graph
         a Jacobian is d x d and a batch's activations one position's), in the order explain_output and
-        analyze_layers hold them."""
+        analyze_layers hold them).
+
+        ``steps``: the explained steps of one generation, whose longest prefix is ``n_tokens``. Read off one shared
+        pass (:mod:`linlens.engine.sequence`) they keep that prefix's forward graph and double-backward graph, as its
+        own explanation would, and release both before the steps' spectra (which hold one position graph at a time);
+        what differs is the attributions' batch: one cotangent per step and target, up to the VJP chunk."""
         method, layer_method, krylov_batch = plan.method, plan.layer_method, plan.krylov_block
         dtype = DTYPES[options.precision]
         chunk = options.vjp_chunk_size or self.vjp_chunk(n_tokens, dtype)
         # The forward graph and the double-backward graph of the reconstruction's JVP (kept by a matrix-free solve).
         graphs, jacobians = 2, 0
         batch = 1 + len(options.targets)  # the attributions: one cotangent per target
+        if steps > 1:  # a shared pass's attributions: one per step and target, in chunks (engine/sequence.py)
+            batch = max(batch, min(chunk, steps * batch))
         if plan.on_position_graph:
             # The last position's own graph, counted as a whole graph (it is one position's): its batches and its
             # d x d Jacobian are a sliver of the whole prompt's.

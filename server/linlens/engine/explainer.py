@@ -97,12 +97,13 @@ class Explainer:
                     "layers.top_k", f"is {options.layers.top_k}, above the model's hidden size {self.hidden_size}"
                 )
 
-    def memory_estimate(self, n_tokens: int, options: ExplainOptions) -> jac.MemoryEstimate:
+    def memory_estimate(self, n_tokens: int, options: ExplainOptions, *, steps: int = 1) -> jac.MemoryEstimate:
         """An upper bound of the memory an explanation of ``n_tokens`` tokens with ``options`` needs beyond the
         model (forward graph, batched VJPs, Jacobians). The server refuses a request above its budget with this
-        before any work starts; ``vjp_chunk_size`` counts towards it."""
+        before any work starts; ``vjp_chunk_size`` counts towards it. ``steps``: the explained steps of a generation
+        whose longest prefix has ``n_tokens`` tokens (:meth:`explain_steps`)."""
         shape = self.context.shape(DTYPES[options.precision])
-        return self.context.memory_estimate(n_tokens, options, plan(options, n_tokens, shape))
+        return self.context.memory_estimate(n_tokens, options, plan(options, n_tokens, shape), steps=steps)
 
     def explain(
         self,
