@@ -81,13 +81,23 @@ def assert_same(got: Explanation, want: Explanation, tol: float, served: float =
     assert abs(r.relative_error_vs_detached - s.relative_error_vs_detached) <= tol
     assert abs(r.relative_error_vs_model - s.relative_error_vs_model) <= served
     assert abs(r.max_abs_logit_error - s.max_abs_logit_error) <= served * max(abs(want.explained.logit), 1.0)
-    assert got.method == want.method and (got.vjp_count, got.jvp_count) == (want.vjp_count, want.jvp_count)
+    assert got.method == want.method
+    if got.method is ExplainMethod.MATRIX_FREE:
+        # The steps' solves run in lockstep: a map's count is its share of each pass's rows, and the passes are
+        # as many as the slowest map needs.
+        assert 0.75 * want.vjp_count <= got.vjp_count <= 1.5 * want.vjp_count
+        assert 0.75 * want.jvp_count <= got.jvp_count <= 1.5 * want.jvp_count
+    else:
+        assert (got.vjp_count, got.jvp_count) == (want.vjp_count, want.jvp_count)
     assert len(got.spectra) == len(want.spectra)
     for p, q in zip(got.spectra, want.spectra, strict=True):
         assert p.position == q.position and p.token_id == q.token_id
         _close(p.singular_values, q.singular_values, tol, "singular values")
         _close(p.captured_share, q.captured_share, tol, "captured shares")
-        _close(p.stable_rank, q.stable_rank, tol, "stable rank")
+        if q.singular_values_complete:
+            _close(p.stable_rank, q.stable_rank, tol, "stable rank")
+        else:  # an estimate (Hutchinson probes: the lockstep solve draws other probes): within its error bars
+            assert abs(p.stable_rank - q.stable_rank) <= 3 * (p.stable_rank_error + q.stable_rank_error) + tol
         for c, e in zip(p.components, q.components, strict=True):
             _close(c.value, e.value, tol, "singular value")
             # Singular vectors move by rounding / (gap to the next value): held to VECTORS, not to the values' tol.

@@ -38,6 +38,7 @@ from transformers import DynamicCache
 from linlens.contract import (
     Attribution,
     AttributionTarget,
+    ExplainMethod,
     ExplainOptions,
     Explanation,
     PositionSpectrum,
@@ -46,11 +47,13 @@ from linlens.contract import (
 )
 from linlens.engine import jacobian as jac
 from linlens.engine.context import DTYPES, ModelContext, Prediction
-from linlens.engine.explanation import _last_position, _Tally, numpy, relative
+from linlens.engine.explanation import _position_spectra, _Tally, numpy, relative
 from linlens.engine.forward import ExplanationPass
 from linlens.engine.freeze import CoefficientTape, recording, replaying
+from linlens.engine.last_position import LastPositionSpectrum
 from linlens.engine.plan import plan
 from linlens.engine.position_graph import PositionGraph, build_position_graph, detached_prefix
+from linlens.engine.step_spectra import build_batched_position_graph, step_spectra
 
 #: The (phase, done, total) progress callback of the step at an index of the lengths, or None.
 StepProgress = Callable[[int], jac.OnPhaseProgress | None]
@@ -63,7 +66,7 @@ def shares_pass(context: ModelContext, options: ExplainOptions, lengths: Sequenc
         return False
     shape = context.shape(DTYPES[options.precision])
     plans = [plan(options, n, shape) for n in lengths]
-    return all(p.method is None or p.on_position_graph for p in plans)
+    return all(p.method is None or p.on_position_graph for p in plans) and len({p.method for p in plans}) == 1
 
 
 @dataclass(frozen=True)
@@ -234,15 +237,39 @@ class StepPass(ExplanationPass):
         return self._position
 
 
-def explain_step(
-    shared: SequencePass,
-    index: int,
-    *,
-    should_stop: jac.ShouldStop | None = None,
-    on_progress: jac.OnPhaseProgress | None = None,
-) -> Explanation:
-    """Step ``index``'s explanation: its attributions and reconstruction from the shared phases (their time split
-    evenly over the steps), its last-position spectrum on its own position graph."""
+@dataclass(frozen=True)
+class StepSpectra:
+    """Every step's last-position spectrum (:mod:`linlens.engine.step_spectra`) and what the phase took."""
+
+    found: list[LastPositionSpectrum]
+    #: Seconds building the batched position graph, and computing the spectra (SVDs included).
+    graph_seconds: float
+    seconds: float
+
+
+def shared_spectra(
+    shared: SequencePass, *, should_stop: jac.ShouldStop | None = None, on_progress: jac.OnPhaseProgress | None = None
+) -> StepSpectra | None:
+    """Every step's last-position spectrum, from one batched position graph (None: no spectrum asked for)."""
+    step = shared.step(0)
+    method = step.plan.method
+    if method is None:
+        return None
+    prefixes = [n - 1 for n in shared.lengths]
+    xs = shared.x.detach()[torch.tensor(prefixes, device=shared.x.device)]
+    graph = build_batched_position_graph(shared.twin, xs, shared.cache, prefixes)
+    started = time.perf_counter()
+    chunk = shared.options.vjp_chunk_size or shared.context.vjp_chunk(len(prefixes), shared.dtype)
+    found = step_spectra(
+        graph, shared.ys, shared.options.top_k, method, chunk=chunk, should_stop=should_stop, on_progress=on_progress
+    )
+    return StepSpectra(found, graph.seconds, time.perf_counter() - started)
+
+
+def explain_step(shared: SequencePass, index: int, spectra: StepSpectra | None) -> Explanation:
+    """Step ``index``'s explanation: its attributions and reconstruction from the shared phases, its last-position
+    spectrum from ``spectra`` (:func:`shared_spectra`; None only when no spectrum is asked for). The shared phases'
+    time is split evenly over the steps."""
     context, options = shared.context, shared.options
     parts = shared.result(index)
     prediction, y = parts.prediction, parts.y
@@ -281,9 +308,22 @@ def explain_step(
     )
     step = shared.step(index)
     method = step.plan.method
-    spectra: tuple[PositionSpectrum, ...] = ()
+    results: tuple[PositionSpectrum, ...] = ()
     if method is not None:
-        spectra = _last_position(step, method, tally, should_stop, on_progress)
+        if spectra is None:
+            raise ValueError("the options ask for a spectrum: compute every step's with shared_spectra first")
+        found = spectra.found[index]
+        svd_total = sum(f.svd_seconds for f in spectra.found)
+        phase = "svd" if method is ExplainMethod.MATRIX_FREE else "jacobian"
+        tally.timings["forward_ms"] += spectra.graph_seconds * 1000.0 / count
+        tally.timings[f"{phase}_ms"] = (spectra.seconds - svd_total) * 1000.0 / count
+        tally.timings["svd_ms"] = tally.timings.get("svd_ms", 0.0) + found.svd_seconds * 1000.0
+        tally.vjps += found.vjps
+        tally.jvps += found.jvps
+        errors = None if found.complete else [found.stable_rank_error]
+        results = _position_spectra(
+            step, [step.n - 1], [found.spectrum], [found.residuals], tally, complete=found.complete, errors=errors
+        )
     return Explanation(
         input_ids=step.input_ids,
         input_tokens=context.decoder.texts(list(step.input_ids)),
@@ -294,7 +334,7 @@ def explain_step(
         has_bias=context.has_bias,
         reconstruction=reconstruction,
         attributions=tuple(attributions),
-        spectra=spectra,
+        spectra=results,
         truncated_relative_error=(),
         jacobians=None,
         ordinary=None,
@@ -320,11 +360,14 @@ def explain_steps(
     """Every step's explanation in order, each as soon as it is ready (the shared phases run before the first);
     ``should_stop`` is polled between steps and inside each, ``on_progress(index)`` gives a step's progress."""
     shared = SequencePass(context, ids, lengths, options, should_stop=should_stop)
+    # The spectra of every step at once, reported as the first step's progress.
+    spectra = shared_spectra(
+        shared, should_stop=should_stop, on_progress=on_progress(0) if on_progress is not None else None
+    )
     for index in range(len(shared.lengths)):
         if should_stop is not None and should_stop():
             raise jac.ExplanationCancelled("the explained generation was stopped")
-        progress = on_progress(index) if on_progress is not None else None
-        yield explain_step(shared, index, should_stop=should_stop, on_progress=progress)
+        yield explain_step(shared, index, spectra)
 
 
 __all__ = ["SequencePass", "StepPass", "StepProgress", "explain_step", "explain_steps", "shares_pass"]
