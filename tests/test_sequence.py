@@ -28,6 +28,7 @@ from linlens.engine import (
     Precision,
 )
 from linlens.engine.sequence import SequencePass, shares_pass
+from linlens.engine.step_spectra import build_batched_position_graph
 from linlens.models import LoadedModel, load_model
 
 #: The prompt's length; the steps explain the tokens after prefixes of these lengths (of the 11 sample tokens).
@@ -191,11 +192,43 @@ def test_smollm2_steps_in_float32(smollm2: LoadedModel) -> None:
 
 def test_memory_estimate_counts_every_steps_attributions(loaded: dict[str, LoadedModel]) -> None:
     """A shared pass keeps the longest prefix's graphs, as its own explanation would, but batches one attribution
-    cotangent per step and target (up to the VJP chunk): admission's estimate counts that batch."""
+    cotangent per step and target (up to the VJP chunk), and the steps' spectra run on one batched position graph
+    with every step's prefix of keys and values: admission's estimate counts both."""
     explainer = loaded["llama"].explainer
-    options = ExplainOptions(precision=Precision.FLOAT64, targets=(AttributionTarget(token_id=7),))
+    targets = (AttributionTarget(token_id=7),)
+    options = ExplainOptions(precision=Precision.FLOAT64, top_k=0, targets=targets)
     one = explainer.memory_estimate(10, options)
     many = explainer.memory_estimate(10, options, steps=6)
     chunk = explainer.context.vjp_chunk(10, torch.float64)
     assert one.vjps == 2 and many.vjps == min(chunk, 12) and many.graph == one.graph
     assert many.total > one.total
+    spectra = ExplainOptions(precision=Precision.FLOAT64, top_k=3, targets=targets)
+    alone, steps = explainer.memory_estimate(10, spectra), explainer.memory_estimate(10, spectra, steps=6)
+    context = explainer.context
+    padded = 6 * context.num_layers * 2 * 10 * context.hidden_size * 8
+    assert steps.graph == alone.graph + padded and steps.vjps >= alone.vjps
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batched_position_graph_is_every_steps_own(loaded: dict[str, LoadedModel], family: str) -> None:
+    """Row k of the batched position graph is step k's own position graph: the same y and J_k within 1e-12, and
+    no row reaches another row's input (padding masked, nothing mixes rows)."""
+    model = loaded[family]
+    lengths = (1, 4, 5, 8, 10)
+    shared = SequencePass(model.explainer.context, sample_ids(), lengths, ExplainOptions(precision=Precision.FLOAT64))
+    prefixes = [n - 1 for n in lengths]
+    graph = build_batched_position_graph(shared.twin, shared.x.detach()[prefixes], shared.cache, prefixes)
+    count, d = graph.y.shape
+    eye = torch.eye(d, dtype=graph.y.dtype)
+    for row in range(count):
+        own = shared.step(row).position_graph()
+        (want,) = torch.autograd.grad(own.y, own.x, grad_outputs=eye, is_grads_batched=True)
+        cotangents = torch.zeros((d, count, d), dtype=graph.y.dtype)
+        cotangents[:, row] = eye
+        (got,) = torch.autograd.grad(
+            graph.y, graph.x, grad_outputs=cotangents, is_grads_batched=True, retain_graph=True
+        )
+        _close(graph.y[row].detach(), own.y.detach(), 1e-12, f"y of step {row}")
+        _close(got[:, row], want, 1e-12, f"J of step {row}")
+        others = torch.cat([got[:, :row], got[:, row + 1 :]], dim=1)
+        assert float(others.abs().max()) == 0.0

@@ -9,9 +9,9 @@ and cached here. It is safe to use from several threads at once, also while othe
 from __future__ import annotations
 
 import copy
+import dataclasses
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,7 +29,7 @@ from linlens.engine.plan import ExplanationPlan, ModelShape
 DTYPES = {Precision.FLOAT32: torch.float32, Precision.FLOAT64: torch.float64, Precision.BFLOAT16: torch.bfloat16}
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Prediction:
     """What the served model itself computed for a token sequence."""
 
@@ -197,7 +197,9 @@ class ModelContext:
         ``steps``: the explained steps of one generation, whose longest prefix is ``n_tokens``. Read off one shared
         pass (:mod:`linlens.engine.sequence`) they keep that prefix's forward graph and double-backward graph, as its
         own explanation would, and release both before the steps' spectra (which hold one position graph at a time);
-        what differs is the attributions' batch: one cotangent per step and target, up to the VJP chunk."""
+        what differs is the attributions' batch (one cotangent per step and target, up to the VJP chunk) and, with
+        a last-position spectrum, the steps' batched position graph (engine/step_spectra.py): its batches and every
+        step's padded prefix of keys and values."""
         method, layer_method, krylov_batch = plan.method, plan.layer_method, plan.krylov_block
         dtype = DTYPES[options.precision]
         chunk = options.vjp_chunk_size or self.vjp_chunk(n_tokens, dtype)
@@ -231,12 +233,20 @@ class ModelContext:
             elif options.layers.needs_jacobians:
                 graphs += 1  # a layer map's double-backward graph
                 batch = max(batch, min(chunk, krylov_batch))
-        return jac.explanation_memory(
+        padded = 0
+        if steps > 1 and plan.on_position_graph and method is not None:
+            # The steps' spectra run on one batched position graph (engine/step_spectra.py): at most n_tokens rows,
+            # so within the whole graph counted above, but each carrying a Krylov block (or a chunk of FULL rows),
+            # and every step's prefix of keys and values, padded to the longest (at most hidden wide).
+            batch = max(batch, min(chunk, krylov_batch) if method is ExplainMethod.MATRIX_FREE else chunk)
+            padded = steps * self.num_layers * 2 * n_tokens * self.hidden_size * torch.empty((), dtype=dtype).itemsize
+        estimate = jac.explanation_memory(
             **self._geometry(n_tokens, dtype),
             graphs=graphs,
             batch_vjps=batch,
             jacobians=jacobians,
         )
+        return dataclasses.replace(estimate, graph=estimate.graph + padded) if padded else estimate
 
 
 __all__ = ["DTYPES", "ModelContext", "Prediction"]

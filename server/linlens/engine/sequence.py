@@ -15,10 +15,11 @@ attribution and reconstruction passes), a :class:`SequencePass` runs, over the l
   of :mod:`linlens.engine.products`, for all steps together);
 - for models with bias terms, every step's constant c_k from one replay of the frozen system at input zero.
 
-The last position's spectra stay per step, each on its own position graph (:mod:`linlens.engine.position_graph`):
-the token at n_k - 1 alone on the shared cache cropped to positions < n_k - 1, detached. They reuse the whole-output
-explanation's own code (:func:`linlens.engine.explanation._last_position`) through a :class:`StepPass`, a view of
-the shared pass as one step's :class:`~linlens.engine.forward.ExplanationPass`.
+The last position's spectra of all steps come from one batched position graph (:mod:`linlens.engine.step_spectra`):
+each step's token at n_k - 1 on the shared cache cropped to its prefix (detached), the K steps as rows of one batch,
+so every pass of products serves every step. Each step is then decoded by the whole-output explanation's own code
+(:func:`linlens.engine.explanation._position_spectra`) through a :class:`StepPass`, a view of the shared pass as one
+step's :class:`~linlens.engine.forward.ExplanationPass` (whose own position graph serves the tests as a reference).
 
 What this module does not share (a layer analysis, spectra of other positions or of the whole prompt, raw Jacobians,
 the ordinary contrast) runs as it always did, one whole explanation per step: :func:`shares_pass` says which.
