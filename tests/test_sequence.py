@@ -5,9 +5,11 @@ computes on its own: float64 within 1e-12 on every family's tiny model (sliding 
 tokens, where the family has one), float32 within 1e-5 on SmolLM2. The served model's own numbers (its y, the
 logits, and the errors measured against them) come from one forward of the served model over the longest prefix,
 so they agree to the served model's precision (float32 here: 1e-5). Breakages these tests were seen to catch (each
-made once on purpose): the step's cache not cropped to its prefix (spectra), the attribution rows not cropped or
-taken from a neighbouring step (attributions), the constant read at the wrong position (affine families'
-reconstruction), and the served model's y read at the step's explained position instead of the one before it.
+made once on purpose): the step's cache not cropped to its prefix (spectra), the attribution rows taken from a
+neighbouring step (attributions), the constant read at the wrong position (affine families' constant), the served
+model's y read at the step's explained position instead of the one before it (predicted token), the batched position
+graph without its attention mask (padding attended: y and spectra) and with every row at the padded position instead
+of its own (y).
 """
 
 from __future__ import annotations
