@@ -21,7 +21,7 @@ import pytest
 import torch
 from tiny_models import AFFINE, FAMILIES, sample_ids, save_tiny_model
 
-from linlens.contract import Explanation
+from linlens.contract import Explanation, OptionError
 from linlens.engine import (
     AttributionTarget,
     ExplainMethod,
@@ -234,3 +234,16 @@ def test_batched_position_graph_is_every_steps_own(loaded: dict[str, LoadedModel
         _close(got[:, row], want, 1e-12, f"J of step {row}")
         others = torch.cat([got[:, :row], got[:, row + 1 :]], dim=1)
         assert float(others.abs().max()) == 0.0
+
+
+def test_steps_out_of_order_are_explained_one_by_one(loaded: dict[str, LoadedModel]) -> None:
+    """Prefix lengths that do not increase cannot share a pass: each step is explained on its own, in the order
+    given; a length without its explained token is refused."""
+    model = loaded["llama"]
+    options = ExplainOptions(precision=Precision.FLOAT64, top_k=0)
+    ids = sample_ids()
+    got = list(model.explainer.explain_steps(ids, (6, 4), options))
+    for n, explanation in zip((6, 4), got, strict=True):
+        assert_same(explanation, _standalone(model, ids, n, options), 1e-12, TINY_SERVED)
+    with pytest.raises(OptionError, match="lengths"):
+        list(model.explainer.explain_steps(ids, (4, len(ids)), options))

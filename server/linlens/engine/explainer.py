@@ -168,7 +168,9 @@ class Explainer:
         if not lengths:
             return
         self.validate(list(ids)[: max(lengths) + 1], options)
-        if shares_pass(self.context, options, lengths):
+        if not all(1 <= n < len(ids) for n in lengths):
+            raise OptionError("lengths", f"prefix lengths {list(lengths)} must lie within 1..{len(ids) - 1}")
+        if list(lengths) == sorted(set(lengths)) and shares_pass(self.context, options, lengths):
             steps = explain_steps(self.context, ids, lengths, options, should_stop=should_stop, on_progress=on_progress)
             for index, explanation in enumerate(steps):
                 if on_event is not None:
