@@ -277,6 +277,7 @@ def main() -> None:
     parser.add_argument("--wide", action="store_true", help="(d) a random Llama with hidden size 4096, 2 layers")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
     parser.add_argument("--no-generation", action="store_true", help="(units) skip the explained generation")
+    parser.add_argument("--only-generation", action="store_true", help="(units) the explained generation rows alone")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -295,7 +296,7 @@ def main() -> None:
         else:
             loaded = load_model(args.model)
             prompts = {n: _prompt_of(loaded.tokenizer, n) for n in lengths}
-            table = unit_costs(loaded, prompts, args.repeats, args.model, not args.no_generation)
+            table = unit_costs(loaded, prompts, args.repeats, args.model, not args.no_generation, args.only_generation)
         print(table)
         if args.markdown:
             with open(args.markdown, "a", encoding="utf-8") as handle:

@@ -8,15 +8,18 @@ its gradient cost. Each request is timed as the engine serves it (``Explainer.ex
 - the default ``Explain`` (top 3 at the last position; AUTO picks the method, reported with its product counts);
 - ``--layers all`` (every layer's up-to-layer map, layer top_k 1) at the shortest length;
 - a 12-token greedy generation with every step explained (default options, then top_k 0), against the same
-  generation unexplained (``model.generate`` with its KV cache): each step's explanation is ``explain`` of the
-  prefix, as the service runs it.
+  generation unexplained (``model.generate`` with its KV cache): the steps explained as the service runs them
+  (``Explainer.explain_steps``, one pass shared by every step), and each step's prefix explained from scratch (as
+  before) for comparison; ``--only-generation`` runs these rows alone.
 
     python scripts/bench_engine.py --part units --model smollm2-135m --tokens 7,128,1024 --threads 1
     python scripts/bench_engine.py --part units --wide --tokens 7 --threads 1
+    python scripts/bench_engine.py --part units --tokens 7 --threads 1 --only-generation
 """
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from collections.abc import Callable
@@ -47,8 +50,10 @@ def _unit(model: Any, ids: list[int]) -> Callable[[], None]:
     return run
 
 
-def _generation(loaded: Any, ids: list[int], explain: ExplainOptions | None) -> Callable[[], None]:
-    """A greedy generation of GENERATED tokens, each step explained with ``explain`` (None: unexplained)."""
+def _generation(loaded: Any, ids: list[int], explain: ExplainOptions | None, shared: bool = True) -> Callable[[], None]:
+    """A greedy generation of GENERATED tokens, each step explained with ``explain`` (None: unexplained): as the
+    service runs it (``Explainer.explain_steps``: one pass shared by every step), or with ``shared`` False as it ran
+    before (``explain`` of each prefix from scratch), for the comparison in the same run."""
     model, explainer = loaded.model, loaded.explainer
 
     def run() -> None:
@@ -58,14 +63,27 @@ def _generation(loaded: Any, ids: list[int], explain: ExplainOptions | None) -> 
             )
         if explain is not None:
             tokens = [int(t) for t in out[0]]
-            for step in range(GENERATED):
-                explainer.explain(tokens[: len(ids) + step], explain)
+            lengths = [len(ids) + step for step in range(GENERATED)]
+            if shared:
+                for _ in explainer.explain_steps(tokens, lengths, explain):
+                    pass
+            else:
+                for n in lengths:
+                    explainer.explain(tokens[:n], dataclasses.replace(explain, explained_token_id=tokens[n]))
 
     return run
 
 
-def unit_costs(loaded: Any, prompts: dict[int, list[int]], repeats: int, label: str, generation: bool) -> str:
-    """The table of docs/engine.md ("In units of the plain forward + backward")."""
+def unit_costs(
+    loaded: Any,
+    prompts: dict[int, list[int]],
+    repeats: int,
+    label: str,
+    generation: bool,
+    only_generation: bool = False,
+) -> str:
+    """The table of docs/engine.md ("In units of the plain forward + backward"); ``only_generation``: its
+    generation rows alone."""
     rows = [
         f"#### {label}: explanations in units of the plain forward + backward (threads {torch.get_num_threads()})",
         "",
@@ -74,7 +92,7 @@ def unit_costs(loaded: Any, prompts: dict[int, list[int]], repeats: int, label: 
     ]
     explainer = loaded.explainer
     shortest = min(prompts)
-    for length, ids in prompts.items():
+    for length, ids in prompts.items() if not only_generation else ():
         unit = _median_seconds(_unit(loaded.model, ids), repeats)
         requests = [("Explain(top_k=0)", ExplainOptions(top_k=0)), ("default Explain", ExplainOptions())]
         if length == shortest:
@@ -93,16 +111,17 @@ def unit_costs(loaded: Any, prompts: dict[int, list[int]], repeats: int, label: 
                 f"| {name} | {length} | {unit * 1e3:.0f} | {seconds * 1e3:.0f} | {seconds / unit:.2f} | {method} |"
             )
             print(rows[-1], flush=True)
-    if generation:
+    if generation or only_generation:
         ids = prompts[shortest]
         plain = _median_seconds(_generation(loaded, ids, None), repeats)
         for name, options in (("default options", ExplainOptions()), ("top_k 0", ExplainOptions(top_k=0))):
-            seconds = _median_seconds(_generation(loaded, ids, options), max(1, repeats // 2))
-            rows.append(
-                f"| {GENERATED}-token generation, every step explained ({name}) | {shortest} | "
-                f"unexplained {plain * 1e3:.0f} | {seconds * 1e3:.0f} | {seconds / plain:.1f}x the unexplained | |"
-            )
-            print(rows[-1], flush=True)
+            for how, shared in (("one shared pass", True), ("each step from scratch", False)):
+                seconds = _median_seconds(_generation(loaded, ids, options, shared), max(1, repeats // 2))
+                rows.append(
+                    f"| {GENERATED}-token generation, every step explained ({name}; {how}) | {shortest} | "
+                    f"unexplained {plain * 1e3:.0f} | {seconds * 1e3:.0f} | {seconds / plain:.1f}x the unexplained | |"
+                )
+                print(rows[-1], flush=True)
     return "\n".join(rows)
 
 

@@ -246,6 +246,12 @@ def test_stream_delivers_tokens_before_generation_ends(client: Client, smollm2: 
     assert [e.step for e in explanations] == [0, 3]
     assert explanations[1].explained.token_id == tokens[3].token_id
     assert list(explanations[1].input_ids) == prompt_ids + [t.token_id for t in tokens[:3]]
+    # the steps are read off one shared pass (engine/sequence.py): each is its prefix's own explanation
+    alone = smollm2.explainer.explain(
+        list(explanations[1].input_ids), ExplainOptions(top_k=0, explained_token_id=tokens[3].token_id)
+    )
+    shared, own = explanations[1].attributions[0].per_token, alone.attributions[0].per_token
+    assert float(np.linalg.norm(shared - own) / np.linalg.norm(own)) < 1e-5
     done = arrivals[-1][1]
     assert isinstance(done, GenerationDone)
     assert done.text == "".join(t.text for t in tokens) and done.usage.explained_steps == 2

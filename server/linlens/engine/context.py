@@ -9,9 +9,9 @@ and cached here. It is safe to use from several threads at once, also while othe
 from __future__ import annotations
 
 import copy
+import dataclasses
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,7 +31,7 @@ from linlens.engine.plan import ExplanationPlan, ModelShape, block_size
 DTYPES = {Precision.FLOAT32: torch.float32, Precision.FLOAT64: torch.float64, Precision.BFLOAT16: torch.bfloat16}
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Prediction:
     """What the served model itself computed for a token sequence."""
 
@@ -134,9 +134,18 @@ class ModelContext:
 
     def predict(self, input_ids: Sequence[int], explained_token_id: int | None = None) -> Prediction:
         """The served model's own, unmodified forward pass: y, the logits, the top token and the explained one."""
+        return self.prediction(self.hidden_states(input_ids)[-1], explained_token_id)
+
+    def hidden_states(self, input_ids: Sequence[int]) -> torch.Tensor:
+        """The served model's final hidden states (after the final norm) at every position, (n, d), no graph: one
+        forward serves the predictions after every prefix (causality), as an explained generation reads them."""
         ids = torch.tensor([int(t) for t in input_ids], dtype=torch.long, device=self.device)
         with torch.no_grad():
-            y_model = self.model.base_model(input_ids=ids[None], use_cache=False).last_hidden_state[0, -1]
+            return self.model.base_model(input_ids=ids[None], use_cache=False).last_hidden_state[0]
+
+    def prediction(self, y_model: torch.Tensor, explained_token_id: int | None = None) -> Prediction:
+        """The prediction read off the served model's y at one position: the logits, the top and explained token."""
+        with torch.no_grad():
             logits = self.decoder.lm_head @ y_model
             shown = logits.float()
             if self.softcap is not None:
@@ -184,7 +193,9 @@ class ModelContext:
             prefix_row_bytes=(self._attention_width + self._kv_width) * torch.empty((), dtype=dtype).element_size(),
         )
 
-    def memory_estimate(self, n_tokens: int, options: ExplainOptions, plan: ExplanationPlan) -> jac.MemoryEstimate:
+    def memory_estimate(
+        self, n_tokens: int, options: ExplainOptions, plan: ExplanationPlan, *, steps: int = 1
+    ) -> jac.MemoryEstimate:
         """What an explanation of ``n_tokens`` tokens with ``options`` needs at most (jacobian.explanation_memory):
         which graphs, batches and Jacobians these options keep alive with the paths that will run (``method`` for
         the spectra, ``layer_method`` for the layer maps, from the ``plan``), in the order explain_output and
@@ -198,12 +209,21 @@ class ModelContext:
           of a Krylov block on the kept double-backward graph;
         - the ordinary contrast, a second (undetached) twin graph and the full Jacobian;
         - the layer analysis: one cotangent per block, and a layer map's Jacobians (FULL) or its double-backward
-          graph (MATRIX_FREE)."""
+          graph (MATRIX_FREE).
+
+        ``steps``: the explained steps of one generation, whose longest prefix is ``n_tokens``. Read off one shared
+        pass (:mod:`linlens.engine.sequence`) they keep that prefix's forward graph and double-backward graph, as its
+        own explanation would, and release both before the steps' spectra (which hold one position graph at a time);
+        what differs is the attributions' batch (one cotangent per step and target, up to the VJP chunk) and, with
+        a last-position spectrum, the steps' batched position graph (engine/step_spectra.py): its batches and every
+        step's padded prefix of keys and values."""
         method, layer_method, krylov_batch = plan.method, plan.layer_method, plan.krylov_block
         dtype = DTYPES[options.precision]
         chunk = options.vjp_chunk_size or self.vjp_chunk(n_tokens, dtype)
         graphs, double_backward, jacobians = 1, 1, 0
         batch = 1 + len(options.targets)  # the attributions: one cotangent per target
+        if steps > 1:  # a shared pass's attributions: one per step and target, in chunks (engine/sequence.py)
+            batch = max(batch, min(chunk, steps * batch))
         position_rows: int | None = None
         if method is not None and plan.on_position_graph:
             position_rows = plan.chain_chunk if method is ExplainMethod.FULL else min(plan.chain_chunk, krylov_batch)
@@ -240,13 +260,20 @@ class ModelContext:
             elif options.layers.needs_jacobians:
                 double_backward += 1  # a layer map's double-backward graph
                 batch = max(batch, min(chunk, krylov_batch))
+        padded = 0
+        if steps > 1 and plan.on_position_graph and method is not None:
+            # The steps' spectra run on one batched position graph (engine/step_spectra.py): one row per step, each
+            # carrying a Krylov block (or a chunk of FULL rows), and every step's prefix of keys and values, padded
+            # to the longest (at most hidden wide).
+            batch = max(batch, min(chunk, krylov_batch) if method is ExplainMethod.MATRIX_FREE else chunk)
+            padded = steps * self.num_layers * 2 * n_tokens * self.hidden_size * torch.empty((), dtype=dtype).itemsize
         geometry = jac.Geometry(
             **self._geometry(n_tokens, dtype),
             attention_width=self._attention_width,
             kv_width=self._kv_width,
             vocab=self.vocab_size,
         )
-        return jac.explanation_memory(
+        estimate = jac.explanation_memory(
             geometry,
             graphs=graphs,
             batch_vjps=batch,
@@ -255,6 +282,7 @@ class ModelContext:
             position_rows=position_rows,
             krylov_rows=krylov_rows,
         )
+        return dataclasses.replace(estimate, position=estimate.position + padded) if padded else estimate
 
 
 __all__ = ["DTYPES", "ModelContext", "Prediction"]

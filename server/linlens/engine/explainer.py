@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from transformers import PreTrainedModel
@@ -32,6 +32,7 @@ from linlens.engine.explanation import explain_output
 from linlens.engine.forward import ExplanationPass
 from linlens.engine.layers import analyze_layers
 from linlens.engine.plan import plan
+from linlens.engine.sequence import StepProgress, explain_steps, shares_pass
 
 #: What an explanation hands to ``on_event`` as it goes: the whole-output explanation first, then (with a layer
 #: analysis) the layers x tokens matrix and each selected layer's result.
@@ -96,12 +97,13 @@ class Explainer:
                     "layers.top_k", f"is {options.layers.top_k}, above the model's hidden size {self.hidden_size}"
                 )
 
-    def memory_estimate(self, n_tokens: int, options: ExplainOptions) -> jac.MemoryEstimate:
+    def memory_estimate(self, n_tokens: int, options: ExplainOptions, *, steps: int = 1) -> jac.MemoryEstimate:
         """An upper bound of the memory an explanation of ``n_tokens`` tokens with ``options`` needs beyond the
         model (forward graph, batched VJPs, Jacobians). The server refuses a request above its budget with this
-        before any work starts; ``vjp_chunk_size`` counts towards it."""
+        before any work starts; ``vjp_chunk_size`` counts towards it. ``steps``: the explained steps of a generation
+        whose longest prefix has ``n_tokens`` tokens (:meth:`explain_steps`)."""
         shape = self.context.shape(DTYPES[options.precision])
-        return self.context.memory_estimate(n_tokens, options, plan(options, n_tokens, shape))
+        return self.context.memory_estimate(n_tokens, options, plan(options, n_tokens, shape), steps=steps)
 
     def explain(
         self,
@@ -142,6 +144,52 @@ class Explainer:
         spent = Timings(layers_ms=(time.perf_counter() - started) * 1000.0)
         timings = explanation.timings + dataclasses.replace(spent, total_ms=spent.layers_ms)
         return dataclasses.replace(explanation, layer_attributions=matrix, layers=tuple(layers), timings=timings)
+
+    def explain_steps(
+        self,
+        ids: Sequence[int],
+        lengths: Sequence[int],
+        options: ExplainOptions | None = None,
+        *,
+        should_stop: jac.ShouldStop | None = None,
+        on_progress: StepProgress | None = None,
+        on_event: Callable[[int, ExplanationEvent], None] | None = None,
+    ) -> Iterator[Explanation]:
+        """Explain the token ``ids[n]`` after each prefix ``ids[:n]`` for the increasing prefix lengths ``lengths``
+        (an explained generation's steps), yielding each step's explanation in order as soon as it is ready.
+
+        Each equals ``explain(ids[:n], options with explained_token_id=ids[n])`` to rounding. Where the options
+        allow it (:func:`linlens.engine.sequence.shares_pass`), the steps share one pass over the longest prefix
+        (:mod:`linlens.engine.sequence`) instead of redoing the prefix's work at every step. ``on_progress(index)``
+        gives the progress callback of step ``index``; ``on_event(index, event)`` sees each step's parts as they
+        are computed, as ``explain``'s ``on_event`` does.
+        """
+        options = options or ExplainOptions()
+        if not lengths:
+            return
+        self.validate(list(ids)[: max(lengths) + 1], options)
+        if not all(1 <= n < len(ids) for n in lengths):
+            raise OptionError("lengths", f"prefix lengths {list(lengths)} must lie within 1..{len(ids) - 1}")
+        if list(lengths) == sorted(set(lengths)) and shares_pass(self.context, options, lengths):
+            steps = explain_steps(self.context, ids, lengths, options, should_stop=should_stop, on_progress=on_progress)
+            for index, explanation in enumerate(steps):
+                if on_event is not None:
+                    on_event(index, explanation)
+                yield explanation
+            return
+        for index, n in enumerate(lengths):
+
+            def forward(event: ExplanationEvent, index: int = index) -> None:
+                if on_event is not None:
+                    on_event(index, event)
+
+            yield self.explain(
+                list(ids)[:n],
+                dataclasses.replace(options, explained_token_id=int(ids[n])),
+                should_stop=should_stop,
+                on_progress=on_progress(index) if on_progress is not None else None,
+                on_event=forward,
+            )
 
 
 __all__ = ["Explainer", "ExplanationEvent", "check_token_id"]

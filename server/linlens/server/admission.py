@@ -152,7 +152,9 @@ def explain_options(
             options = dataclasses.replace(options, explained_token_id=None)
         loaded.explainer.validate(prompt_ids, options)
         _check_limits(options, steps, loaded, config, max_new_tokens)
-        options = _fit_memory(options, field, len(prompt_ids) + _last_step(steps, max_new_tokens), loaded, config)
+        explained = len(steps) if steps is not None else int(max_new_tokens or 1)
+        n_tokens = len(prompt_ids) + _last_step(steps, max_new_tokens)
+        options = _fit_memory(options, field, n_tokens, loaded, config, explained)
     except OptionError as error:
         raise invalid(str(error.under(field))) from None
     return options, steps
@@ -228,7 +230,7 @@ def _last_step(steps: tuple[int, ...] | None, max_new_tokens: int | None) -> int
 
 
 def _fit_memory(
-    options: ExplainOptions, field: str, n_tokens: int, loaded: LoadedModel, config: ServerConfig
+    options: ExplainOptions, field: str, n_tokens: int, loaded: LoadedModel, config: ServerConfig, steps: int = 1
 ) -> ExplainOptions:
     """The options to run under ``max_explanation_memory_mb``, by the engine's estimate, before any work starts.
 
@@ -236,12 +238,12 @@ def _fit_memory(
     outputs to the certified tolerance, without the Jacobians). Otherwise RpcFailure RESOURCE_EXHAUSTED with the
     estimate and the ways to make it smaller: the same request can never fit this server, so a retry is pointless.
     """
-    estimate = loaded.explainer.memory_estimate(n_tokens, options)
+    estimate = loaded.explainer.memory_estimate(n_tokens, options, steps=steps)
     if estimate.total <= config.max_explanation_memory_bytes:
         return options
     if options.method is ExplainMethod.AUTO and not options.include_jacobians:
         free = dataclasses.replace(options, method=ExplainMethod.MATRIX_FREE)
-        if loaded.explainer.memory_estimate(n_tokens, free).total <= config.max_explanation_memory_bytes:
+        if loaded.explainer.memory_estimate(n_tokens, free, steps=steps).total <= config.max_explanation_memory_bytes:
             return free
     chunk = f", a smaller {field}.vjp_chunk_size" if options.vjp_chunk_size else ""
     raise RpcFailure(

@@ -218,28 +218,30 @@ def run_generation(
         metrics.add_generated_tokens(loaded.name, len(run.tokens))
     explanations: list[Explanation] = []
     timings = Timings(generation_ms=run.seconds * 1000.0)
-    for step in work.steps_for(len(run.tokens)):
+    steps = work.steps_for(len(run.tokens))
+    if steps:
         assert work.explain is not None  # steps_for is empty without it
-        options = dataclasses.replace(work.explain, explained_token_id=run.tokens[step].token_id)
-        ids = work.prompt_ids + [t.token_id for t in run.tokens[:step]]
+        # One pass over the longest prefix serves every step (engine/sequence.py): step s explains the generated
+        # token s after the prompt and the tokens before it.
+        ids = work.prompt_ids + [t.token_id for t in run.tokens[: max(steps) + 1]]
 
-        def forward(event: ExplanationEvent, step: int = step) -> None:
+        def forward(index: int, event: ExplanationEvent) -> None:
             if emit is not None:
-                emit(at_step(event, step))
+                emit(at_step(event, steps[index]))
 
-        explanation = explanation_at_step(
-            loaded.explainer.explain(
-                ids,
-                options,
-                should_stop=should_stop,
-                on_progress=progress_reporter(on_progress, step),
-                on_event=forward,
-            ),
-            step,
+        explained = loaded.explainer.explain_steps(
+            ids,
+            [len(work.prompt_ids) + step for step in steps],
+            work.explain,
+            should_stop=should_stop,
+            on_progress=lambda index: progress_reporter(on_progress, steps[index]),
+            on_event=forward,
         )
-        observe_explanation(metrics, loaded.name, explanation)
-        explanations.append(explanation)
-        timings = timings + dataclasses.replace(explanation.timings, total_ms=0.0)
+        for step, result in zip(steps, explained, strict=True):
+            explanation = explanation_at_step(result, step)
+            observe_explanation(metrics, loaded.name, explanation)
+            explanations.append(explanation)
+            timings = timings + dataclasses.replace(explanation.timings, total_ms=0.0)
     return Generation(
         model=loaded.name,
         text=run.text,
