@@ -172,3 +172,24 @@ def test_every_result_and_option_message_is_covered() -> None:
     envelopes = {"ExplainStreamResponse", "GetModelResponse", "ListModelsResponse"}
     missing = set(pb.DESCRIPTOR.message_types_by_name) - reached - requests - inputs - envelopes
     assert not missing, f"messages no mapping covers: {sorted(missing)}"
+
+
+def test_decoding_errors_name_the_field_by_its_path() -> None:
+    """An OptionError from a nested message names its place: a repeated entry by index, the layer options under
+    ``layers``, the steering concept under ``concept_prompt`` (what the servers' INVALID_ARGUMENT details say)."""
+    from linlens.contract.options import ExplainOptions, LayerAnalysisOptions, OptionError
+
+    message = pb.ExplainOptions()
+    message.targets.add(token_id=5)
+    message.targets.add(token_id=-3)
+    with pytest.raises(OptionError, match=r"^targets\[1\]\.token_id "):
+        wire.explain_options_from_proto(message)
+    with pytest.raises(OptionError, match=r"^layers\.every "):
+        wire.explain_options_from_proto(pb.ExplainOptions(layers=pb.LayerAnalysisOptions(every=2, layers=[1])))
+    with pytest.raises(OptionError, match=r"^layers\.top_k "):
+        layers = LayerAnalysisOptions(top_k=1)
+        object.__setattr__(layers, "top_k", -1)  # past the dataclass's own rule: the wire's unsigned check
+        wire.explain_options_to_proto(ExplainOptions(layers=layers))
+    steering = pb.Steering(concept_prompt=pb.ConceptSpec(prompt=pb.Input(chat=pb.ChatConversation())))
+    with pytest.raises(OptionError, match=r"^concept_prompt\.prompt "):
+        wire.steering_from_proto(steering)

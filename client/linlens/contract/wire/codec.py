@@ -227,7 +227,15 @@ def _decode(message: Message, f: _Field) -> Any:
         if field.message_type.name == "Tensor":
             return array_from_tensor(value)
         codec = codec_of(field.message_type)
-        return tuple(codec.from_proto(v) for v in value) if f.repeated else codec.from_proto(value)
+        if not f.repeated:
+            return codec.from_proto(value)
+        items = []
+        for index, item in enumerate(value):
+            try:
+                items.append(codec.from_proto(item))
+            except OptionError as error:  # named as the entry it is, e.g. targets[2].token_id
+                raise error.under(f"{f.name}[{index}]") from None
+        return tuple(items)
     if field.enum_type is not None:
         table = ENUMS[field.enum_type.full_name]
         if f.repeated:
