@@ -213,6 +213,7 @@ class StepPass(ExplanationPass):
         n = shared.lengths[index]
         self.context = shared.context
         self.options = shared.options
+        self.decoder = shared.context.decoder.for_request(shared.options)
         self.input_ids = shared.ids[:n]
         self.ids = torch.tensor(self.input_ids, dtype=torch.long, device=shared.context.device)
         self.n = n
