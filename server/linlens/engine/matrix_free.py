@@ -84,19 +84,25 @@ class Report:
     extra_images: torch.Tensor | None = None
 
 
-def _orthonormal(block: torch.Tensor, basis: list[torch.Tensor], tiny: float) -> torch.Tensor:
+def _orthonormal(block: torch.Tensor, basis: list[torch.Tensor], tiny: float, reference: float = 0.0) -> torch.Tensor:
     """The part of ``block`` (out, b) outside span(basis), orthonormalised. Directions whose remaining size is below
-    ``tiny`` times the block's own (rounding, or a space that is already complete) are dropped."""
+    ``tiny`` times the block's own, or ``reference``'s if larger (the map's norm, for a block of unit vectors
+    through it: a null direction's image is rounding, however small the block), are dropped."""
     if block.shape[1] == 0:
         return block
-    scale = float(torch.linalg.matrix_norm(block, ord=2))
+    scale = max(float(torch.linalg.matrix_norm(block, ord=2)), reference)
     for _ in range(2):  # twice is enough (Kahan-Parlett) for full reorthogonalisation
         for q in basis:
             block = block - q @ (q.T @ block)
     u, s, _ = torch.linalg.svd(block, full_matrices=False)
     room = block.shape[0] - sum(q.shape[1] for q in basis)
     keep = (s > tiny * max(scale, 1e-300)) & (torch.arange(s.numel(), device=s.device) < room)
-    return u[:, keep]
+    u = u[:, keep]
+    if basis and u.shape[1]:  # a kept direction barely above the threshold carries the projection's rounding
+        for q in basis:
+            u = u - q @ (q.T @ u)
+        u = torch.linalg.qr(u).Q
+    return u
 
 
 def top_singular_triplets(
@@ -183,7 +189,8 @@ def top_singular_triplets(
         # The growth pass applies A to the new part of the right space span(Z_0..Z_j), orthonormalised (P_j): the
         # same next block as A Z_j (A Z_i for i < j lies in span(Q) already), and well-conditioned products from
         # which A v is read for any v in the right space.
-        fresh = [_orthonormal(rows[p][-1].T, right[p], tiny) for p in range(P)]
+        norms = [float(r[1][0]) for r in ritz]  # ||A|| as far as known: the scale of A P_j and of A^T Q_j
+        fresh = [_orthonormal(rows[p][-1].T, right[p], tiny, norms[p]) for p in range(P)]
         width = max(f.shape[1] for f in fresh)
         tangents = torch.zeros((P, width, n_in), dtype=dtype, device=maps.device)
         for p, f in enumerate(fresh):
@@ -203,7 +210,7 @@ def top_singular_triplets(
         elif float(left.max()) <= target:
             triplets = _certify(ritz, k, None, apply_transposed, residual_left=left)
             break
-        newest = [_orthonormal(grown[p, : right[p][-1].shape[1]].T, bases[p], tiny) for p in range(P)]
+        newest = [_orthonormal(grown[p, : right[p][-1].shape[1]].T, bases[p], tiny, norms[p]) for p in range(P)]
         if all(q.shape[1] == 0 for q in newest):  # an invariant subspace: the answer is exact already
             triplets = _certify(ritz, k, apply, apply_transposed)
             break
