@@ -159,7 +159,9 @@ def test_smollm2_default_request_matrix_free(smollm2: LoadedModel) -> None:
     ids = [int(t) for t in smollm2.tokenizer("The bridge out of Marin is the")["input_ids"]]
     free = smollm2.explainer.explain(ids, ExplainOptions(top_k=3))  # auto: matrix-free on a 576-wide model
     full = smollm2.explainer.explain(ids, ExplainOptions(top_k=3, method=ExplainMethod.FULL))
-    assert free.method is ExplainMethod.MATRIX_FREE and free.vjp_count + free.jvp_count < full.vjp_count / 3
+    # 198 products in 12 passes (84 VJPs + 114 JVPs; the left certificates ride in a growth block of 16, where they
+    # took a pass of 3 JVPs before: the same 12 passes, 13 more rows) against the full method's 577
+    assert free.method is ExplainMethod.MATRIX_FREE and free.vjp_count + free.jvp_count < full.vjp_count / 2.5
     (a,), (b,) = full.spectra, free.spectra
     for x, y in zip(a.components, b.components, strict=True):
         assert [t.text for t in x.left_tokens] == [t.text for t in y.left_tokens]

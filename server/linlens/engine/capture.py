@@ -27,6 +27,11 @@ class Capture:
     layer_outputs: dict[int, torch.Tensor] = field(default_factory=dict)
     attention: dict[int, torch.Tensor] = field(default_factory=dict)
     mlp: dict[int, torch.Tensor] = field(default_factory=dict)
+    #: Cut the graph at every layer input: each layer then reads a fresh leaf (``layer_inputs``) holding the value
+    #: of what entered it (kept, still connected, in ``entered``), so that products with one layer's own map cost
+    #: one layer (:mod:`linlens.engine.layer_chain`).
+    cut: bool = False
+    entered: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 _ACTIVE: contextvars.ContextVar[Capture | None] = contextvars.ContextVar("linlens_capture", default=None)
@@ -76,10 +81,22 @@ def install_capture_hooks(twin: nn.Module, family: Family) -> None:
         multiplier = float(getattr(twin.config, family.residual_multiplier))
     for index, layer in enumerate(decoder_layers(twin, family)):
 
-        def on_input(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], index: int = index) -> None:
+        def on_input(
+            _: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], index: int = index
+        ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
             capture = _ACTIVE.get()
-            if capture is not None:
-                capture.layer_inputs[index] = args[0] if args else kwargs["hidden_states"]
+            if capture is None:
+                return None
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if not capture.cut:
+                capture.layer_inputs[index] = hidden
+                return None
+            capture.entered[index] = hidden
+            leaf = hidden.detach().requires_grad_(True)
+            capture.layer_inputs[index] = leaf
+            if args:
+                return (leaf, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": leaf}
 
         def on_output(slot: str, scale: float = 1.0, index: int = index) -> Any:
             def hook(_: nn.Module, __: Any, output: Any) -> None:

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -36,12 +37,14 @@ from linlens.contract import (
     SingularComponent,
 )
 from linlens.engine import jacobian as jac
+from linlens.engine import layer_chain
 from linlens.engine.capture import Capture
 from linlens.engine.explanation import numpy, relative, singular_components
 from linlens.engine.final_norm import FrozenFinalNorm
 from linlens.engine.forward import ExplanationPass
-from linlens.engine.matrix_free import BlockMaps, Cancelled, top_singular_triplets
+from linlens.engine.matrix_free import BlockMaps, Cancelled, Triplets, top_singular_triplets
 from linlens.engine.plan import matrix_free_products
+from linlens.engine.position_graph import build_position_graph
 from linlens.engine.products import GraphProducts
 from linlens.engine.spectra import Spectrum, decompose, exact_residuals, from_triplets
 
@@ -147,12 +150,25 @@ def analyze_layers(
 
     offsets = p.block_constants
     images: Capture | None = None
-    if method is ExplainMethod.MATRIX_FREE and (options.up_to_layer or options.component_spectra):
+    chained: dict[int, _Chained] = {}
+    pending: Iterator[_Chained] | None = None
+    wants_maps = options.up_to_layer or options.component_spectra
+    shape = context.shape(p.dtype)
+    if (
+        method is ExplainMethod.MATRIX_FREE
+        and wants_maps
+        and layer_chain.materialises(d, count, shape.layer_weights, matrix_free_products(k), maps_per_layer)
+    ):
+        # Every layer's maps of x_n, materialised one layer at a time on the cut position graph, and every map's
+        # reconstruction image from one multi-output JVP on the whole graph.
+        images = _whole_images(p, layers, options)
+        pending = _chained(p, layers, options, norm, images, k, offsets, should_stop)
+    elif method is ExplainMethod.MATRIX_FREE and wants_maps:
         # M x for every layer output and block term at once: one forward-mode JVP through the frozen system.
         images = Capture()
         p.frozen_jvp(x.detach(), images)
     # The last position's own graph (it recorded its residual stream) serves the maps of x_n: up-to-layer and blocks.
-    chain = p.position_graph() if images is not None else None
+    chain = p.position_graph() if images is not None and pending is None else None
     for layer in layers:
         if should_stop is not None and should_stop():
             raise jac.ExplanationCancelled("the layer analysis was stopped")
@@ -163,7 +179,23 @@ def analyze_layers(
         layer_input = capture.layer_inputs[layer]
         spectra: list[LinearMapSpectrum | None] = [None, None]
         blocks: tuple[tuple[str, torch.Tensor], ...] = (("attention", terms[layer]), ("mlp", terms[count + layer]))
-        if method is ExplainMethod.MATRIX_FREE:
+        if pending is not None:
+            while layer not in chained:
+                ready = next(pending)
+                chained[ready.layer] = ready
+            got = chained.pop(layer)
+            up_to, spectra = got.up_to, [got.blocks.get("attention"), got.blocks.get("mlp")]
+            products = got.rows
+            if options.layer_alone:
+                counter = _Counter(progress(done))
+                alone = _free_spectrum(p, out, layer_input, None, out.detach(), norm, options, k, "logit-lens", counter)
+                if context.has_bias:
+                    alone = dataclasses.replace(alone, reconstruction_error=float("nan"))
+                products += counter.count
+            done += products
+            if on_progress is not None:
+                on_progress("layers", min(done, total_products), total_products)
+        elif method is ExplainMethod.MATRIX_FREE:
             counter = _Counter(progress(done))
             if options.up_to_layer:
                 shifted = out.detach() - offsets[("layer", layer)] if offsets else out.detach()
@@ -365,3 +397,143 @@ def _full_spectrum(
         term_norm=spectrum.term_norm,
         reconstruction_error=relative(rebuilt - out, out),
     )
+
+
+@dataclass(frozen=True)
+class _Chained:
+    """One layer's spectra from the materialised chain."""
+
+    layer: int
+    up_to: LinearMapSpectrum | None
+    blocks: dict[str, LinearMapSpectrum]
+    rows: int
+
+
+def _whole_images(p: ExplanationPass, layers: Sequence[int], options: LayerAnalysisOptions) -> Capture:
+    """M x over every position for each selected layer output and block term at the last position: one JVP along x
+    of all of them at once on the whole graph (the double-backward trick of GraphProducts on their concatenation),
+    for the reconstruction checks."""
+    kinds = (["layer_outputs"] if options.up_to_layer else []) + (
+        ["attention", "mlp"] if options.component_spectra else []
+    )
+    outputs = [getattr(p.capture, kind)[layer][0, -1] for layer in layers for kind in kinds]
+    graph = GraphProducts(torch.cat(outputs), p.x, chunk=1)
+    (image,) = graph.jvp(p.x.detach()[None])
+    graph.release()
+    images = Capture()
+    d = p.context.hidden_size
+    for slot, (layer, kind) in enumerate((layer, kind) for layer in layers for kind in kinds):
+        getattr(images, kind)[layer] = image[slot * d : (slot + 1) * d][None, None]
+    return images
+
+
+def _chained(
+    p: ExplanationPass,
+    layers: Sequence[int],
+    options: LayerAnalysisOptions,
+    norm: FrozenFinalNorm,
+    images: Capture,
+    k: int,
+    offsets: dict[tuple[str, int], torch.Tensor],
+    should_stop: jac.ShouldStop | None,
+) -> Iterator[_Chained]:
+    """The selected layers' spectra from the materialised chain (:mod:`linlens.engine.layer_chain`), in layer
+    order. Their singular vectors are decoded together at the end: decoding reads the whole LM head and embedding
+    matrix per call (tens of ms for SmolLM2), so one call for every layer costs what one layer's did."""
+    graph = build_position_graph(p.twin, p.x.detach()[-1], p.prefix, record_layers=True, cut_layers=True)
+    x_n = graph.x.detach()
+    wanted = set(layers)
+    chunk = max(p.plan.chain_chunk, 1) * p.context.num_layers
+    found: list[tuple[int, str, LinearMapSpectrum, Spectrum, tuple[torch.Tensor, torch.Tensor]]] = []
+    rows: dict[int, int] = {}
+    for maps in layer_chain.walk(
+        graph, last=max(layers), blocks=options.component_spectra, chunk=chunk, should_stop=should_stop
+    ):
+        if maps.layer not in wanted:
+            continue
+        rows[maps.layer] = maps.rows
+        matrices = [("up_to", maps.up_to)] if options.up_to_layer else []
+        for kind, matrix in [*matrices, *maps.blocks.items()]:
+            slot = "layer_outputs" if kind == "up_to" else kind
+            output = getattr(p.capture, slot)[maps.layer][0, -1].detach()
+            key = ("layer" if kind == "up_to" else kind, maps.layer)
+            linear_part = output - offsets[key] if offsets else output
+            image = getattr(images, slot)[maps.layer][0, -1]
+            found.append((maps.layer, kind, *_explicit_spectrum(matrix, x_n, image, linear_part, options, k)))
+    components = _decode_all(p, [(spectrum, residuals) for *_, spectrum, residuals in found], norm, options)
+    results: dict[int, dict[str, LinearMapSpectrum]] = {layer: {} for layer in rows}
+    for (layer, kind, partial, _, _), decoded in zip(found, components, strict=True):
+        results[layer][kind] = dataclasses.replace(partial, components=decoded)
+    for layer in sorted(rows):
+        spectra = results[layer]
+        up_to = spectra.pop("up_to", None)
+        yield _Chained(layer, up_to, spectra, rows[layer])
+
+
+def _decode_all(
+    p: ExplanationPass,
+    spectra: list[tuple[Spectrum, tuple[torch.Tensor, torch.Tensor]]],
+    norm: FrozenFinalNorm,
+    options: LayerAnalysisOptions,
+) -> list[tuple[SingularComponent, ...]]:
+    """:func:`_decode` ("embeddings" reading) of many spectra in one pass over the LM head and the embeddings."""
+    k = options.top_k
+    if k == 0 or not spectra:
+        return [() for _ in spectra]
+    decoder, count = p.context.decoder, options.tokens_per_vector
+    widths = [min(k, spectrum.left.shape[-1]) for spectrum, _ in spectra]
+    left = decoder.output_tokens(
+        norm.columns(torch.cat([s.left[:, :w] for (s, _), w in zip(spectra, widths, strict=True)], 1)), count
+    )
+    rights = torch.cat([s.right[:, :w] for (s, _), w in zip(spectra, widths, strict=True)], 1)
+    right = decoder.input_tokens(rights, count)
+    decoded, start = [], 0
+    for (spectrum, residuals), width in zip(spectra, widths, strict=True):
+        stop = start + width
+        decoded.append(singular_components(spectrum, width, left[start:stop], right[start:stop], residuals))
+        start = stop
+    return decoded
+
+
+def _explicit_spectrum(
+    matrix: torch.Tensor,
+    x_n: torch.Tensor,
+    image: torch.Tensor,
+    linear_part: torch.Tensor,
+    options: LayerAnalysisOptions,
+    k: int,
+) -> tuple[LinearMapSpectrum, Spectrum, tuple[torch.Tensor, torch.Tensor]]:
+    """The top-k of a materialised d x d map of x_n, by the same block Krylov as any map but on products with the
+    matrix (microseconds each), so its certificates come from fresh products; ||M||_F is exact, so the stable
+    rank's error is only that of s_1. Returns the result without its decoded components, the spectrum and its
+    certificates (for :func:`_decode_all`)."""
+    maps = BlockMaps(
+        count=1,
+        in_dim=int(matrix.shape[1]),
+        out_dim=int(matrix.shape[0]),
+        apply=lambda v: v @ matrix.T,
+        apply_transposed=lambda u: u @ matrix,
+        dtype=matrix.dtype,
+        device=matrix.device,
+    )
+    (found,), _ = top_singular_triplets(maps, k)
+    found = _exact_frobenius(found, matrix)
+    spectrum = from_triplets(found, (matrix @ x_n)[None], linear_part, k)
+    # ||M||_F is exact; what is left is s_1's own error, at most its residual times s_1 (and rounding)
+    top = max(float(found.residual_left[0]), float(found.residual_right[0]))
+    error = spectrum.stable_rank * max(2.0 * top, 100 * torch.finfo(matrix.dtype).eps)
+    result = LinearMapSpectrum(
+        components=(),
+        singular_values=numpy(spectrum.values),
+        captured_share=tuple(float(v) for v in spectrum.captured_share[: max(options.top_k, 1)]),
+        stable_rank=spectrum.stable_rank,
+        term_norm=spectrum.term_norm,
+        reconstruction_error=relative(image - linear_part, linear_part),
+        singular_values_complete=False,
+        stable_rank_error=error,
+    )
+    return result, spectrum, (found.residual_left, found.residual_right)
+
+
+def _exact_frobenius(found: Triplets, matrix: torch.Tensor) -> Triplets:
+    return dataclasses.replace(found, frobenius_sq=float((matrix.double() ** 2).sum()), frobenius_sq_error=0.0)

@@ -10,11 +10,16 @@ The method is block Lanczos bidiagonalisation with full reorthogonalisation, whi
 power iteration, so a small gap after sigma_k costs little): start from A Omega for a seeded Gaussian block Omega of
 b = k + p columns, then alternate Z_j = A^T Q_j and Q_{j+1} = orth(A Z_j minus its part in Q_0..Q_j). With Q the
 orthonormal basis of the left Krylov space, B = Q^T A is exactly the stacked Z_j, so the Rayleigh-Ritz triplets come
-from a small SVD of B at no further cost: (2 + 2q) b products for q iterations, whatever d is. The iterations stop when
-the top-k values stop moving, and each triplet then gets a certificate from fresh products:
+from a small SVD of B at no further cost: (1 + 2q) b products for q iterations, whatever d is. Each answer carries
+its certificates:
 
-    residual_left  = ||A v - s u|| / s      (k more JVPs; the real test of the left space)
-    residual_right = ||A^T u - s v|| / s    (k more VJPs)
+    residual_left  = ||A v - s u|| / s      (the real test of the left space: v lies in span(Z_0..Z_j), so A v is a
+                                             combination of the growth pass's products A Z_j, taken anyway)
+    residual_right = ||A^T u - s v|| / s    (k fresh VJPs, once the left ones pass: zero by the SVD's own identity
+                                             if read off B, so it is never read off B)
+
+and the iterations stop as soon as every left certificate is below its target: the cost is passes, so the check
+rides in a pass that is needed anyway, and the only pass of its own is the narrow one of the right certificates.
 
 so a matrix-free answer is as checkable as a full SVD. ||A||_F^2, which needs the whole matrix, is estimated from the
 start block (Hutchinson: E ||A w||^2 = ||A||_F^2 for a standard Gaussian w) with its standard error.
@@ -79,19 +84,25 @@ class Report:
     extra_images: torch.Tensor | None = None
 
 
-def _orthonormal(block: torch.Tensor, basis: list[torch.Tensor], tiny: float) -> torch.Tensor:
+def _orthonormal(block: torch.Tensor, basis: list[torch.Tensor], tiny: float, reference: float = 0.0) -> torch.Tensor:
     """The part of ``block`` (out, b) outside span(basis), orthonormalised. Directions whose remaining size is below
-    ``tiny`` times the block's own (rounding, or a space that is already complete) are dropped."""
+    ``tiny`` times the block's own, or ``reference``'s if larger (the map's norm, for a block of unit vectors
+    through it: a null direction's image is rounding, however small the block), are dropped."""
     if block.shape[1] == 0:
         return block
-    scale = float(torch.linalg.matrix_norm(block, ord=2))
+    scale = max(float(torch.linalg.matrix_norm(block, ord=2)), reference)
     for _ in range(2):  # twice is enough (Kahan-Parlett) for full reorthogonalisation
         for q in basis:
             block = block - q @ (q.T @ block)
     u, s, _ = torch.linalg.svd(block, full_matrices=False)
     room = block.shape[0] - sum(q.shape[1] for q in basis)
     keep = (s > tiny * max(scale, 1e-300)) & (torch.arange(s.numel(), device=s.device) < room)
-    return u[:, keep]
+    u = u[:, keep]
+    if basis and u.shape[1]:  # a kept direction barely above the threshold carries the projection's rounding
+        for q in basis:
+            u = u - q @ (q.T @ u)
+        u = torch.linalg.qr(u).Q
+    return u
 
 
 #: Krylov iterations at most (each keeps a block of rows of the map's input size: the memory estimate counts them).
@@ -103,7 +114,6 @@ def top_singular_triplets(
     k: int,
     *,
     oversample: int | None = None,
-    tolerance: float | None = None,
     max_iterations: int = MAX_ITERATIONS,
     target: float | None = None,
     seed: int = 0,
@@ -113,12 +123,12 @@ def top_singular_triplets(
 ) -> tuple[list[Triplets], Report]:
     """The top ``k`` singular triplets of every map in ``maps`` (see the module docstring).
 
-    The iterations stop once the top-k values move by less than ``tolerance`` (relative; default 1e-12 in float64,
-    1e-6 otherwise) and every certificate's left residual is below ``target`` (default 1e-10 in float64, 1e-5
-    otherwise: near what rounding allows), or after ``max_iterations``; the certificates returned are those of the
-    answer returned. The same ``seed`` gives the same answer. ``on_products`` receives the size of each batch done.
-    ``extra`` (P, e, in_dim) are more vectors to apply each map to in the start pass (``Report.extra_images``): an
-    image the caller needs anyway (J x for captured shares) costs no pass of its own.
+    The iterations stop once every left certificate of the current answer is below ``target`` (default 1e-10 in
+    float64, 1e-5 otherwise: near what rounding allows; a triplet with residual r has its value within r s of a true
+    singular value, so a settled certificate settles the values too), or after ``max_iterations``; the certificates
+    returned are those of the answer returned. The same ``seed`` gives the same answer. ``on_products`` receives the
+    size of each batch done. ``extra`` (P, e, in_dim) are more vectors to apply each map to in the start pass
+    (``Report.extra_images``): an image the caller needs anyway (J x for captured shares) costs no pass of its own.
     """
     if k < 1:
         raise ValueError("k must be at least 1")
@@ -126,7 +136,6 @@ def top_singular_triplets(
     k = min(k, n_in, n_out)
     block = min(k + (oversample if oversample is not None else max(5, k)), n_in, n_out)
     eps = torch.finfo(dtype).eps
-    tolerance = tolerance if tolerance is not None else (1e-12 if dtype == torch.float64 else 1e-6)
     target = target if target is not None else (1e-10 if dtype == torch.float64 else 1e-5)
     tiny = 100 * eps
     done = {"jvps": 0, "vjps": 0}
@@ -161,8 +170,9 @@ def top_singular_triplets(
 
     bases: list[list[torch.Tensor]] = [[] for _ in range(P)]  # per map: orthonormal blocks Q_j (out, b_j)
     rows: list[list[torch.Tensor]] = [[] for _ in range(P)]  # per map: Z_j^T = Q_j^T A, (b_j, in)
+    right: list[list[torch.Tensor]] = [[] for _ in range(P)]  # per map: orthonormal blocks P_j of the right space
+    images: list[list[torch.Tensor]] = [[] for _ in range(P)]  # per map: A P_j, (out, b_j), from the growth passes
     newest = [_orthonormal(start[p].T, [], tiny) for p in range(P)]
-    previous: torch.Tensor | None = None
     iterations = 0
     triplets: list[Triplets] = []
     while True:
@@ -175,26 +185,41 @@ def top_singular_triplets(
             bases[p].append(q)
             rows[p].append(transposed[p, : q.shape[1]])
         ritz = [_ritz(bases[p], rows[p], k) for p in range(P)]
-        values = torch.stack([r[1][:k] for r in ritz])  # (P, k)
-        settled = previous is not None and bool(
-            ((values - previous).abs() <= tolerance * values[:, :1].abs().clamp_min(1e-300)).all()
-        )
         full = all(sum(q.shape[1] for q in bases[p]) >= min(n_in, n_out) for p in range(P))
-        previous = values
-        if settled or full or iterations >= max_iterations:
+        if full or iterations >= max_iterations:
             triplets = _certify(ritz, k, apply, apply_transposed)
-            worst = max(float(t.residual_left.max()) for t in triplets)
-            if worst <= target or full or iterations >= max_iterations:
-                # ||A||_F only for the answer returned: b more JVPs, not spent on checks that fail
-                triplets = _with_frobenius(triplets, *_frobenius(bases, rows, probe_images, maps))
-                break
+            break
         iterations += 1
-        grown = apply(transposed)  # (P, width, out): A (A^T Q_j)
-        newest = [_orthonormal(grown[p, : bases[p][-1].shape[1]].T, bases[p], tiny) for p in range(P)]
+        # The growth pass applies A to the new part of the right space span(Z_0..Z_j), orthonormalised (P_j): the
+        # same next block as A Z_j (A Z_i for i < j lies in span(Q) already), and well-conditioned products from
+        # which A v is read for any v in the right space.
+        norms = [float(r[1][0]) for r in ritz]  # ||A|| as far as known: the scale of A P_j and of A^T Q_j
+        fresh = [_orthonormal(rows[p][-1].T, right[p], tiny, norms[p]) for p in range(P)]
+        width = max(f.shape[1] for f in fresh)
+        tangents = torch.zeros((P, width, n_in), dtype=dtype, device=maps.device)
+        for p, f in enumerate(fresh):
+            tangents[p, : f.shape[1]] = f.T
+        grown = apply(tangents) if width else tangents.new_zeros((P, 0, n_out))  # (P, width, out)
+        for p, f in enumerate(fresh):
+            right[p].append(f)
+            images[p].append(grown[p, : f.shape[1]].T)
+        # The left certificates of this answer ride in the growth pass: its right vectors lie in span(P_0..P_j), so
+        # A v is a combination of the products A P_i taken so far (see _left_from_images); only when they all pass
+        # does the answer stop, after one narrow pass for its right certificates.
+        left = _left_from_images(ritz, right, images, k)
+        if left is None:  # a map with fewer than k directions: certify with fresh products, as a full SVD would
+            triplets = _certify(ritz, k, apply, apply_transposed)
+            if max(float(t.residual_left.max()) for t in triplets) <= target:
+                break
+        elif float(left.max()) <= target:
+            triplets = _certify(ritz, k, None, apply_transposed, residual_left=left)
+            break
+        newest = [_orthonormal(grown[p, : right[p][-1].shape[1]].T, bases[p], tiny, norms[p]) for p in range(P)]
         if all(q.shape[1] == 0 for q in newest):  # an invariant subspace: the answer is exact already
             triplets = _certify(ritz, k, apply, apply_transposed)
-            triplets = _with_frobenius(triplets, *_frobenius(bases, rows, probe_images, maps))
             break
+    # ||A||_F only for the answer returned
+    triplets = _with_frobenius(triplets, *_frobenius(bases, rows, probe_images, maps))
     return triplets, Report(iterations=iterations, jvps=done["jvps"], vjps=done["vjps"], extra_images=extra_images)
 
 
@@ -255,20 +280,49 @@ def _frobenius(
     return estimate, torch.maximum(error, floor * estimate)
 
 
+def _left_from_images(
+    ritz: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    right: list[list[torch.Tensor]],
+    images: list[list[torch.Tensor]],
+    k: int,
+) -> torch.Tensor | None:
+    """(P, k) left residuals ||A v - s u|| / s of the Ritz triplets, from the growth products alone.
+
+    The right vectors lie in span(Z_0..Z_j) = span(P_0..P_j) (orthonormal), so A v = [A P_0 ... A P_j] (P^T v), a
+    combination with coefficients of norm 1 of the products the growth passes took. It is as honest as a fresh JVP
+    of v: each A P_i carries the rounding of one product, and nothing in the combination cancels it (unlike
+    A^T u = B^T w, the SVD's own identity, which :func:`_certify` therefore always takes fresh). None when some s is
+    too small to divide by (a map with fewer than k directions): those get fresh products."""
+    residuals = []
+    for (left, values, vectors), own_right, own_images in zip(ritz, right, images, strict=True):
+        s = values[:k]
+        if float(s.min()) <= 1e3 * torch.finfo(s.dtype).eps * max(float(s[0]), 1e-300):
+            return None
+        basis = torch.cat(own_right, dim=1)  # (in, m)
+        image = torch.cat(own_images, dim=1) @ (basis.T @ vectors)  # (out, k): A v
+        residuals.append((image - left * s).norm(dim=0) / s)
+    return torch.stack(residuals)
+
+
 def _certify(
     ritz: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
     k: int,
-    apply: Products,
+    apply: Products | None,
     apply_transposed: Products,
+    *,
+    residual_left: torch.Tensor | None = None,
 ) -> list[Triplets]:
-    """Residual certificates from fresh products: k JVPs and k VJPs per map."""
+    """Residual certificates from fresh products: k JVPs (unless ``residual_left`` (P, k) came from the growth
+    products already) and k VJPs per map."""
     left = torch.stack([r[0] for r in ritz])  # (P, out, k)
     values = torch.stack([r[1][:k] for r in ritz])  # (P, k)
     right = torch.stack([r[2] for r in ritz])  # (P, in, k)
-    image = apply(right.transpose(1, 2))  # (P, k, out): A v
-    back = apply_transposed(left.transpose(1, 2))  # (P, k, in): A^T u
     scale = values.clamp_min(1e-300)
-    residual_left = (image - values[..., None] * left.transpose(1, 2)).norm(dim=-1) / scale
+    if residual_left is None:
+        assert apply is not None
+        image = apply(right.transpose(1, 2))  # (P, k, out): A v
+        residual_left = (image - values[..., None] * left.transpose(1, 2)).norm(dim=-1) / scale
+    back = apply_transposed(left.transpose(1, 2))  # (P, k, in): A^T u
     residual_right = (back - values[..., None] * right.transpose(1, 2)).norm(dim=-1) / scale
     return [
         Triplets(

@@ -58,18 +58,25 @@ class PositionGraph:
 
 
 def build_position_graph(
-    twin: PreTrainedModel, x_last: torch.Tensor, prefix: list[KeyValues], *, record_layers: bool
+    twin: PreTrainedModel,
+    x_last: torch.Tensor,
+    prefix: list[KeyValues],
+    *,
+    record_layers: bool,
+    cut_layers: bool = False,
 ) -> PositionGraph:
     """Run the last position (input embedding ``x_last``, (d,)) alone through ``twin`` on the frozen ``prefix``.
 
-    ``record_layers`` records its residual stream (for the layer analysis at the last position).
+    ``record_layers`` records its residual stream (for the layer analysis at the last position); ``cut_layers``
+    also cuts the graph at every layer's input (:attr:`Capture.cut`), so that ``y`` no longer reaches ``x`` and
+    each layer's own map is a graph of its own.
     """
     started = time.perf_counter()
     position = prefix[0][0].shape[-2] if prefix else 0
     cache = DynamicCache(ddp_cache_data=[(k, v) for k, v in prefix]) if prefix else DynamicCache()
     x = x_last.detach().clone().requires_grad_(True)
-    capture = Capture()
-    layers = capturing(capture) if record_layers else contextlib.nullcontext()
+    capture = Capture(cut=cut_layers)
+    layers = capturing(capture) if record_layers or cut_layers else contextlib.nullcontext()
     positions = torch.tensor([[position]], device=x.device)
     with layers, torch.enable_grad():
         out = twin.base_model(

@@ -1,0 +1,75 @@
+"""Every layer's maps of x_n materialised on the cut position graph (engine/layer_chain.py) are the whole graph's.
+
+The reference is always the whole prompt's graph (the explanation pass's own, d VJPs per map), never the chain
+itself. The tiny models have a sliding window (4) shorter than the prompt (11 tokens) where the family has one.
+Breakage this test was seen to catch (made once on purpose): each layer's own map used without the product of the
+maps before it (the up-to-layer comparison fails at layer 1).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import FAMILIES, sample_ids, save_tiny_model
+
+from linlens.engine import ExplainOptions, LayerAnalysisOptions, Precision, layer_chain
+from linlens.engine import jacobian as jac
+from linlens.engine.forward import ExplanationPass
+from linlens.engine.plan import matrix_free_products
+from linlens.engine.position_graph import build_position_graph
+from linlens.models import LoadedModel, load_model
+
+#: The issue's bound in float64; measured worst below 1e-14 over the families.
+AGREES = 1e-12
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory: pytest.TempPathFactory) -> dict[str, LoadedModel]:
+    root = tmp_path_factory.mktemp("tiny-chain")
+    return {family: load_model(str(save_tiny_model(family, root / family))) for family in FAMILIES}
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_chain_maps_are_the_whole_graphs(loaded: dict[str, LoadedModel], family: str) -> None:
+    """Up-to-layer, layer-alone and both block maps at the last position, every layer, float64."""
+    options = ExplainOptions(precision=Precision.FLOAT64, layers=LayerAnalysisOptions())
+    p = ExplanationPass(loaded[family].explainer.context, sample_ids(), options)
+    d, count = p.context.hidden_size, p.context.num_layers
+    graph = build_position_graph(p.twin, p.x.detach()[-1], p.prefix, record_layers=True, cut_layers=True)
+    walked = list(layer_chain.walk(graph, last=count - 1, blocks=True, chunk=d))
+    assert [m.layer for m in walked] == list(range(count))
+    for maps in walked:
+        layer = maps.layer
+        assert maps.rows == 3 * d
+        out = p.capture.layer_outputs[layer][0, -1]
+        up_to, alone = jac.full_jacobians(out, [p.x, p.capture.layer_inputs[layer]], chunk=d, retain_graph=True)
+        assert _relative(maps.up_to, up_to[:, -1]) < AGREES, (layer, "up_to")
+        assert _relative(maps.alone, alone[:, 0, -1]) < AGREES, (layer, "alone")
+        for kind in layer_chain.BLOCKS:
+            term = getattr(p.capture, kind)[layer][0, -1]
+            full = jac.full_jacobian(term, p.x, chunk=d, retain_graph=True)[:, -1]
+            assert _relative(maps.blocks[kind], full) < AGREES, (layer, kind)
+
+
+def test_walk_needs_a_cut_graph(loaded: dict[str, LoadedModel]) -> None:
+    options = ExplainOptions(precision=Precision.FLOAT64, layers=LayerAnalysisOptions())
+    p = ExplanationPass(loaded["llama"].explainer.context, sample_ids(), options)
+    uncut = build_position_graph(p.twin, p.x.detach()[-1], p.prefix, record_layers=True)
+    with pytest.raises(ValueError, match="cut_layers"):
+        next(layer_chain.walk(uncut, last=0, blocks=False, chunk=8))
+    cut = build_position_graph(p.twin, p.x.detach()[-1], p.prefix, record_layers=True, cut_layers=True)
+    assert all(leaf.is_leaf and leaf.requires_grad for leaf in cut.capture.layer_inputs.values())
+    # the cut graph's output no longer reaches x_n: every layer's map is a graph of its own
+    (reached,) = torch.autograd.grad(cut.y.sum(), cut.x, allow_unused=True)
+    assert reached is None
+
+
+def test_materialising_is_chosen_by_cost() -> None:
+    """SmolLM2's shape materialises (d = 576, 30 layers, 106M decoder weights); a 4096-wide model solves."""
+    rows = matrix_free_products(1)
+    assert layer_chain.materialises(576, 30, 106_000_000, rows, 1)
+    assert not layer_chain.materialises(4096, 2, 405_000_000, rows, 1)
