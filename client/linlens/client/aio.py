@@ -10,42 +10,19 @@ from typing import Any, TypeVar, Unpack, cast
 import grpc
 import grpc.aio
 
+from linlens import contract as lc
+from linlens.client import _calls as calls
 from linlens.client._base import USE_DEFAULT, ClientBase, MetadataLike
-from linlens.client._calls import (
-    Call,
-    StreamState,
-    concept_call,
-    explain_call,
-    explain_outcome,
-    explain_stream_call,
-    generate_call,
-    generate_stream_call,
-    get_model_call,
-    health_call,
-    list_models_call,
-    stream_without_result,
-)
 from linlens.client.errors import DeadlineExceededError, UnavailableError
 from linlens.client.health import HealthStatus, OnWait, ReadinessWait
 from linlens.client.retry import NO_RETRY, Attempts, RetryPolicy
-from linlens.contract import (
-    ConceptSpec,
-    ConceptVector,
-    ExplainOptions,
-    ExplainResult,
-    ExplanationProgress,
-    Generation,
-    ModelInfo,
-    StreamEvent,
-)
-from linlens.contract.requests import GenerateArgs, InputArgs
 from linlens.contract.wire import stream_event_from_proto
 
 E = TypeVar("E")
 R = TypeVar("R")
 
 
-class AsyncServerStream(StreamState[E], AsyncIterator[E]):
+class AsyncServerStream(calls.StreamState[E], AsyncIterator[E]):
     """The decoded events of one server-streaming call: ``async for event in stream``. See ServerStream."""
 
     def __aiter__(self) -> AsyncServerStream[E]:
@@ -79,7 +56,7 @@ class AsyncServerStream(StreamState[E], AsyncIterator[E]):
         self.cancel()
 
 
-class AsyncGenerationStream(AsyncServerStream[StreamEvent]):
+class AsyncGenerationStream(AsyncServerStream[lc.StreamEvent]):
     """The events of one GenerateStream call: ``async for event in stream``. See GenerationStream."""
 
     def __init__(self, start: Callable[[float | None], Any], attempts: Attempts) -> None:
@@ -93,7 +70,11 @@ class AsyncClient(ClientBase):
     _transport = grpc.aio
 
     async def _unary(
-        self, call: Call[R], timeout: float | None, metadata: MetadataLike | None, retry: RetryPolicy | None = None
+        self,
+        call: calls.Call[R],
+        timeout: float | None,
+        metadata: MetadataLike | None,
+        retry: RetryPolicy | None = None,
     ) -> R:
         method, attempts, merged = self._rpc(call), self._attempts(timeout, retry), self._metadata(metadata)
         while True:
@@ -112,10 +93,10 @@ class AsyncClient(ClientBase):
         *,
         timeout: float | None = USE_DEFAULT,
         metadata: MetadataLike | None = None,
-        **kwargs: Unpack[GenerateArgs],
-    ) -> Generation:
+        **kwargs: Unpack[lc.GenerateArgs],
+    ) -> lc.Generation:
         """See Client.generate."""
-        return await self._unary(generate_call(prompt, kwargs), timeout, metadata)
+        return await self._unary(calls.generate_call(prompt, kwargs), timeout, metadata)
 
     def generate_stream(
         self,
@@ -123,60 +104,60 @@ class AsyncClient(ClientBase):
         *,
         timeout: float | None = USE_DEFAULT,
         metadata: MetadataLike | None = None,
-        **kwargs: Unpack[GenerateArgs],
+        **kwargs: Unpack[lc.GenerateArgs],
     ) -> AsyncGenerationStream:
         """See Client.generate_stream; iterate the result with ``async for``."""
-        start = self._starter(generate_stream_call(prompt, kwargs), metadata)
+        start = self._starter(calls.generate_stream_call(prompt, kwargs), metadata)
         return AsyncGenerationStream(start, self._attempts(timeout))
 
     async def explain(
         self,
         prompt: str | None = None,
         *,
-        options: ExplainOptions | None = None,
-        on_progress: Callable[[ExplanationProgress], None] | None = None,
+        options: lc.ExplainOptions | None = None,
+        on_progress: Callable[[lc.ExplanationProgress], None] | None = None,
         timeout: float | None = USE_DEFAULT,
         metadata: MetadataLike | None = None,
-        **kwargs: Unpack[InputArgs],
-    ) -> ExplainResult:
+        **kwargs: Unpack[lc.InputArgs],
+    ) -> lc.ExplainResult:
         """See Client.explain."""
         if on_progress is None:
-            return await self._unary(explain_call(prompt, options, kwargs), timeout, metadata)
-        call = explain_stream_call(prompt, options, kwargs)
+            return await self._unary(calls.explain_call(prompt, options, kwargs), timeout, metadata)
+        call = calls.explain_stream_call(prompt, options, kwargs)
         async with AsyncServerStream(self._starter(call, metadata), self._attempts(timeout), call.decode) as events:
             async for event in events:
-                if (result := explain_outcome(event, on_progress)) is not None:
+                if (result := calls.explain_outcome(event, on_progress)) is not None:
                     return result
-        raise stream_without_result()
+        raise calls.stream_without_result()
 
     async def compute_concept(
         self,
-        concept: ConceptSpec | str,
+        concept: lc.ConceptSpec | str,
         *,
         tokens_per_vector: int | None = None,
         model: str | None = None,
         timeout: float | None = USE_DEFAULT,
         metadata: MetadataLike | None = None,
-    ) -> ConceptVector:
+    ) -> lc.ConceptVector:
         """See Client.compute_concept."""
-        return await self._unary(concept_call(concept, tokens_per_vector, model), timeout, metadata)
+        return await self._unary(calls.concept_call(concept, tokens_per_vector, model), timeout, metadata)
 
     async def list_models(
         self, *, timeout: float | None = USE_DEFAULT, metadata: MetadataLike | None = None
-    ) -> list[ModelInfo]:
+    ) -> list[lc.ModelInfo]:
         """See Client.list_models."""
-        return await self._unary(list_models_call(), timeout, metadata)
+        return await self._unary(calls.list_models_call(), timeout, metadata)
 
     async def get_model(
         self, name: str = "", *, timeout: float | None = USE_DEFAULT, metadata: MetadataLike | None = None
-    ) -> ModelInfo:
+    ) -> lc.ModelInfo:
         """See Client.get_model."""
         return await self._get_model(name, timeout, metadata, self.retry)
 
     async def _get_model(
         self, name: str, timeout: float | None, metadata: MetadataLike | None, retry: RetryPolicy
-    ) -> ModelInfo:
-        return await self._unary(get_model_call(name), timeout, metadata, retry)
+    ) -> lc.ModelInfo:
+        return await self._unary(calls.get_model_call(name), timeout, metadata, retry)
 
     async def health(
         self,
@@ -187,7 +168,7 @@ class AsyncClient(ClientBase):
         metadata: MetadataLike | None = None,
     ) -> HealthStatus:
         """See Client.health."""
-        return cast(HealthStatus, await self._unary(health_call(model, service), timeout, metadata, NO_RETRY))
+        return cast(HealthStatus, await self._unary(calls.health_call(model, service), timeout, metadata, NO_RETRY))
 
     async def wait_until_ready(
         self,
@@ -196,7 +177,7 @@ class AsyncClient(ClientBase):
         model: str | None = None,
         connect_timeout: float | None = None,
         on_wait: OnWait | None = None,
-    ) -> ModelInfo:
+    ) -> lc.ModelInfo:
         """See Client.wait_until_ready."""
         wait = ReadinessWait(self.target, model, timeout, on_wait)
         try:

@@ -9,42 +9,19 @@ from typing import Any, TypeVar, Unpack, cast
 
 import grpc
 
+from linlens import contract as lc
+from linlens.client import _calls as calls
 from linlens.client._base import USE_DEFAULT, ClientBase, MetadataLike
-from linlens.client._calls import (
-    Call,
-    StreamState,
-    concept_call,
-    explain_call,
-    explain_outcome,
-    explain_stream_call,
-    generate_call,
-    generate_stream_call,
-    get_model_call,
-    health_call,
-    list_models_call,
-    stream_without_result,
-)
 from linlens.client.errors import DeadlineExceededError, UnavailableError
 from linlens.client.health import HealthStatus, OnWait, ReadinessWait
 from linlens.client.retry import NO_RETRY, Attempts, RetryPolicy
-from linlens.contract import (
-    ConceptSpec,
-    ConceptVector,
-    ExplainOptions,
-    ExplainResult,
-    ExplanationProgress,
-    Generation,
-    ModelInfo,
-    StreamEvent,
-)
-from linlens.contract.requests import GenerateArgs, InputArgs
 from linlens.contract.wire import stream_event_from_proto
 
 E = TypeVar("E")
 R = TypeVar("R")
 
 
-class ServerStream(StreamState[E], Iterator[E]):
+class ServerStream(calls.StreamState[E], Iterator[E]):
     """The decoded events of one server-streaming call, as they arrive.
 
     ``cancel()`` (or leaving a ``with`` block) stops the server's work. A failure before the first event is retried
@@ -89,7 +66,7 @@ class ServerStream(StreamState[E], Iterator[E]):
         self.cancel()
 
 
-class GenerationStream(ServerStream[StreamEvent]):
+class GenerationStream(ServerStream[lc.StreamEvent]):
     """The events of one GenerateStream call, as they arrive: GeneratedToken, Explanation, LayerAttributions and
     LayerResult (ExplainOptions.layers), ExplanationProgress while an explanation runs, and last GenerationDone."""
 
@@ -104,7 +81,11 @@ class Client(ClientBase):
     """
 
     def _unary(
-        self, call: Call[R], timeout: float | None, metadata: MetadataLike | None, retry: RetryPolicy | None = None
+        self,
+        call: calls.Call[R],
+        timeout: float | None,
+        metadata: MetadataLike | None,
+        retry: RetryPolicy | None = None,
     ) -> R:
         method, attempts, merged = self._rpc(call), self._attempts(timeout, retry), self._metadata(metadata)
         while True:
@@ -125,14 +106,14 @@ class Client(ClientBase):
         *,
         timeout: float | None = USE_DEFAULT,
         metadata: MetadataLike | None = None,
-        **kwargs: Unpack[GenerateArgs],
-    ) -> Generation:
+        **kwargs: Unpack[lc.GenerateArgs],
+    ) -> lc.Generation:
         """Generate a continuation of exactly one of ``prompt``, ``token_ids`` or chat ``messages``.
 
         ``temperature`` 0/None is greedy decoding; ``explain=True`` explains the first generated token with default
         options, an ExplainOptions chooses steps and what to compute. See GenerateArgs for every keyword.
         """
-        return self._unary(generate_call(prompt, kwargs), timeout, metadata)
+        return self._unary(calls.generate_call(prompt, kwargs), timeout, metadata)
 
     def generate_stream(
         self,
@@ -140,67 +121,67 @@ class Client(ClientBase):
         *,
         timeout: float | None = USE_DEFAULT,
         metadata: MetadataLike | None = None,
-        **kwargs: Unpack[GenerateArgs],
+        **kwargs: Unpack[lc.GenerateArgs],
     ) -> GenerationStream:
         """Like ``generate``, but yields each token, explanation and layer result as soon as the server has it, then
         a GenerationDone. The stream can be cancelled and used as a context manager; ``collect_stream`` assembles it
         into the Generation ``generate`` would have returned."""
-        start = self._starter(generate_stream_call(prompt, kwargs), metadata)
+        start = self._starter(calls.generate_stream_call(prompt, kwargs), metadata)
         return GenerationStream(start, self._attempts(timeout))
 
     def explain(
         self,
         prompt: str | None = None,
         *,
-        options: ExplainOptions | None = None,
-        on_progress: Callable[[ExplanationProgress], None] | None = None,
+        options: lc.ExplainOptions | None = None,
+        on_progress: Callable[[lc.ExplanationProgress], None] | None = None,
         timeout: float | None = USE_DEFAULT,
         metadata: MetadataLike | None = None,
-        **kwargs: Unpack[InputArgs],
-    ) -> ExplainResult:
+        **kwargs: Unpack[lc.InputArgs],
+    ) -> lc.ExplainResult:
         """Explain the model's next-token prediction after the input (no sampling, nothing generated).
 
         With ``on_progress``, the call streams (ExplainStream) and reports how far the products have got as they go.
         """
         if on_progress is None:
-            return self._unary(explain_call(prompt, options, kwargs), timeout, metadata)
-        call = explain_stream_call(prompt, options, kwargs)
+            return self._unary(calls.explain_call(prompt, options, kwargs), timeout, metadata)
+        call = calls.explain_stream_call(prompt, options, kwargs)
         with ServerStream(self._starter(call, metadata), self._attempts(timeout), call.decode) as events:
             for event in events:
-                if (result := explain_outcome(event, on_progress)) is not None:
+                if (result := calls.explain_outcome(event, on_progress)) is not None:
                     return result
-        raise stream_without_result()
+        raise calls.stream_without_result()
 
     def compute_concept(
         self,
-        concept: ConceptSpec | str,
+        concept: lc.ConceptSpec | str,
         *,
         tokens_per_vector: int | None = None,
         model: str | None = None,
         timeout: float | None = USE_DEFAULT,
         metadata: MetadataLike | None = None,
-    ) -> ConceptVector:
+    ) -> lc.ConceptVector:
         """The concept vector ``concept`` names (a ConceptSpec, or the concept prompt's text for the top left
         singular vector of its output map), with its singular value and decoded tokens. Cache it and steer with
         ``generate(..., steering=Steering(vector=concept.vector))`` without computing it again."""
-        return self._unary(concept_call(concept, tokens_per_vector, model), timeout, metadata)
+        return self._unary(calls.concept_call(concept, tokens_per_vector, model), timeout, metadata)
 
     def list_models(
         self, *, timeout: float | None = USE_DEFAULT, metadata: MetadataLike | None = None
-    ) -> list[ModelInfo]:
+    ) -> list[lc.ModelInfo]:
         """Every model the server can serve, loaded or not; the default one has ``is_default`` set."""
-        return self._unary(list_models_call(), timeout, metadata)
+        return self._unary(calls.list_models_call(), timeout, metadata)
 
     def get_model(
         self, name: str = "", *, timeout: float | None = USE_DEFAULT, metadata: MetadataLike | None = None
-    ) -> ModelInfo:
+    ) -> lc.ModelInfo:
         """One model's description ("" = the default model), also while it loads; NotFoundError for an unknown name."""
         return self._get_model(name, timeout, metadata, self.retry)
 
     def _get_model(
         self, name: str, timeout: float | None, metadata: MetadataLike | None, retry: RetryPolicy
-    ) -> ModelInfo:
-        return self._unary(get_model_call(name), timeout, metadata, retry)
+    ) -> lc.ModelInfo:
+        return self._unary(calls.get_model_call(name), timeout, metadata, retry)
 
     def health(
         self,
@@ -214,7 +195,7 @@ class Client(ClientBase):
 
         Not retried: a health probe should report the present, not wait for a better one.
         """
-        return cast(HealthStatus, self._unary(health_call(model, service), timeout, metadata, NO_RETRY))
+        return cast(HealthStatus, self._unary(calls.health_call(model, service), timeout, metadata, NO_RETRY))
 
     def wait_until_ready(
         self,
@@ -223,7 +204,7 @@ class Client(ClientBase):
         model: str | None = None,
         connect_timeout: float | None = None,
         on_wait: OnWait | None = None,
-    ) -> ModelInfo:
+    ) -> lc.ModelInfo:
         """Block until ``model`` (default: the server's default model) can take requests, and return its ModelInfo.
 
         That is: the server answers, the model has loaded and its grpc.health.v1 entry says SERVING. A first start
