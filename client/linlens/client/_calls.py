@@ -15,16 +15,7 @@ import grpc
 
 from linlens.client.errors import LinlensError, UnavailableError, from_rpc_error
 from linlens.client.retry import Attempts
-from linlens.contract import (
-    ConceptSpec,
-    ConceptVector,
-    ExplainOptions,
-    ExplainResult,
-    ExplanationProgress,
-    Generation,
-    ModelInfo,
-    StreamEvent,
-)
+from linlens.contract.options import ConceptSpec, ExplainOptions
 from linlens.contract.requests import (
     GenerateArgs,
     InputArgs,
@@ -33,6 +24,14 @@ from linlens.contract.requests import (
     explain_stream_request,
     generate_request,
     generate_stream_request,
+)
+from linlens.contract.results import (
+    ConceptVector,
+    ExplainResult,
+    ExplanationProgress,
+    Generation,
+    ModelInfo,
+    StreamEvent,
 )
 from linlens.contract.wire import (
     concept_vector_from_proto,
