@@ -146,6 +146,19 @@ class ClientBase:
         """The attempts of one call given ``timeout`` (or USE_DEFAULT), under ``retry`` (default: the client's)."""
         return Attempts(self.retry if retry is None else retry, self._deadline(timeout))
 
+    def _sender(
+        self, call: Call[Any], timeout: float | None, metadata: MetadataLike | None, retry: RetryPolicy
+    ) -> tuple[Callable[[], Any], Attempts]:
+        """A function that sends ``call`` once with the time left, and the attempts that pace its retries."""
+        method, attempts, merged = self._rpc(call), self._attempts(timeout, retry), self._metadata(metadata)
+
+        def send() -> Any:
+            return method(
+                call.request, timeout=attempts.remaining(), metadata=merged, wait_for_ready=self.wait_for_ready
+            )
+
+        return send, attempts
+
     def _starter(self, call: Call[Any], metadata: MetadataLike | None) -> Callable[[float | None], Any]:
         """A function that opens ``call``'s server stream with the time left (what a stream retries with)."""
         method = self._rpc(call)

@@ -70,22 +70,14 @@ class AsyncClient(ClientBase):
     _transport = grpc.aio
 
     async def _unary(
-        self,
-        call: calls.Call[R],
-        timeout: float | None,
-        metadata: MetadataLike | None,
-        retry: RetryPolicy | None = None,
+        self, call: calls.Call[R], timeout: float | None, metadata: MetadataLike | None, retry: RetryPolicy
     ) -> R:
-        method, attempts, merged = self._rpc(call), self._attempts(timeout, retry), self._metadata(metadata)
+        send, attempts = self._sender(call, timeout, metadata, retry)
         while True:
             try:
-                response = await method(
-                    call.request, timeout=attempts.remaining(), metadata=merged, wait_for_ready=self.wait_for_ready
-                )
+                return call.decode(await send())
             except grpc.RpcError as error:
                 await asyncio.sleep(attempts.backoff_after(error))
-            else:
-                return call.decode(response)
 
     async def generate(
         self,
@@ -96,7 +88,7 @@ class AsyncClient(ClientBase):
         **kwargs: Unpack[lc.GenerateArgs],
     ) -> lc.Generation:
         """See Client.generate."""
-        return await self._unary(calls.generate_call(prompt, kwargs), timeout, metadata)
+        return await self._unary(calls.generate_call(prompt, kwargs), timeout, metadata, self.retry)
 
     def generate_stream(
         self,
@@ -122,7 +114,7 @@ class AsyncClient(ClientBase):
     ) -> lc.ExplainResult:
         """See Client.explain."""
         if on_progress is None:
-            return await self._unary(calls.explain_call(prompt, options, kwargs), timeout, metadata)
+            return await self._unary(calls.explain_call(prompt, options, kwargs), timeout, metadata, self.retry)
         call = calls.explain_stream_call(prompt, options, kwargs)
         async with AsyncServerStream(self._starter(call, metadata), self._attempts(timeout), call.decode) as events:
             async for event in events:
@@ -140,13 +132,13 @@ class AsyncClient(ClientBase):
         metadata: MetadataLike | None = None,
     ) -> lc.ConceptVector:
         """See Client.compute_concept."""
-        return await self._unary(calls.concept_call(concept, tokens_per_vector, model), timeout, metadata)
+        return await self._unary(calls.concept_call(concept, tokens_per_vector, model), timeout, metadata, self.retry)
 
     async def list_models(
         self, *, timeout: float | None = USE_DEFAULT, metadata: MetadataLike | None = None
     ) -> list[lc.ModelInfo]:
         """See Client.list_models."""
-        return await self._unary(calls.list_models_call(), timeout, metadata)
+        return await self._unary(calls.list_models_call(), timeout, metadata, self.retry)
 
     async def get_model(
         self, name: str = "", *, timeout: float | None = USE_DEFAULT, metadata: MetadataLike | None = None

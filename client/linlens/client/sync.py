@@ -81,22 +81,14 @@ class Client(ClientBase):
     """
 
     def _unary(
-        self,
-        call: calls.Call[R],
-        timeout: float | None,
-        metadata: MetadataLike | None,
-        retry: RetryPolicy | None = None,
+        self, call: calls.Call[R], timeout: float | None, metadata: MetadataLike | None, retry: RetryPolicy
     ) -> R:
-        method, attempts, merged = self._rpc(call), self._attempts(timeout, retry), self._metadata(metadata)
+        send, attempts = self._sender(call, timeout, metadata, retry)
         while True:
             try:
-                response = method(
-                    call.request, timeout=attempts.remaining(), metadata=merged, wait_for_ready=self.wait_for_ready
-                )
+                return call.decode(send())
             except grpc.RpcError as error:
                 time.sleep(attempts.backoff_after(error))
-            else:
-                return call.decode(response)
 
     # -- API ----------------------------------------------------------------------------------------------------
 
@@ -113,7 +105,7 @@ class Client(ClientBase):
         ``temperature`` 0/None is greedy decoding; ``explain=True`` explains the first generated token with default
         options, an ExplainOptions chooses steps and what to compute. See GenerateArgs for every keyword.
         """
-        return self._unary(calls.generate_call(prompt, kwargs), timeout, metadata)
+        return self._unary(calls.generate_call(prompt, kwargs), timeout, metadata, self.retry)
 
     def generate_stream(
         self,
@@ -144,7 +136,7 @@ class Client(ClientBase):
         With ``on_progress``, the call streams (ExplainStream) and reports how far the products have got as they go.
         """
         if on_progress is None:
-            return self._unary(calls.explain_call(prompt, options, kwargs), timeout, metadata)
+            return self._unary(calls.explain_call(prompt, options, kwargs), timeout, metadata, self.retry)
         call = calls.explain_stream_call(prompt, options, kwargs)
         with ServerStream(self._starter(call, metadata), self._attempts(timeout), call.decode) as events:
             for event in events:
@@ -164,13 +156,13 @@ class Client(ClientBase):
         """The concept vector ``concept`` names (a ConceptSpec, or the concept prompt's text for the top left
         singular vector of its output map), with its singular value and decoded tokens. Cache it and steer with
         ``generate(..., steering=Steering(vector=concept.vector))`` without computing it again."""
-        return self._unary(calls.concept_call(concept, tokens_per_vector, model), timeout, metadata)
+        return self._unary(calls.concept_call(concept, tokens_per_vector, model), timeout, metadata, self.retry)
 
     def list_models(
         self, *, timeout: float | None = USE_DEFAULT, metadata: MetadataLike | None = None
     ) -> list[lc.ModelInfo]:
         """Every model the server can serve, loaded or not; the default one has ``is_default`` set."""
-        return self._unary(calls.list_models_call(), timeout, metadata)
+        return self._unary(calls.list_models_call(), timeout, metadata, self.retry)
 
     def get_model(
         self, name: str = "", *, timeout: float | None = USE_DEFAULT, metadata: MetadataLike | None = None
