@@ -234,14 +234,19 @@ def add_reports(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--png", metavar="FILE", help="a PNG image (needs pip install 'linlens[viz]')")
 
 
+def _add_enum(group: Any, flag: str, dest: str, default: enum.Enum, help_text: str) -> None:
+    """A flag whose choices are the values of ``default``'s enum (one rule for every enum-valued flag)."""
+    group.add_argument(flag, dest=dest, choices=[m.value for m in type(default)], default=default.value, help=help_text)
+
+
 def add_concept(group: Any, prefix: str = "") -> None:
     """--map, --map-layer, --rank, --side (``prefix`` steer- for generate's --steer concept prompt)."""
-    group.add_argument(
+    _add_enum(
+        group,
         f"--{prefix}map",
-        dest="map",
-        choices=[m.value for m in ConceptMap],
-        default=ConceptSpec.map.value,
-        help="the map: the whole model's J (output) or a layer's up-to-layer map (layer)",
+        "map",
+        ConceptSpec.map,
+        "the map: the whole model's J (output) or a layer's up-to-layer map (layer)",
     )
     group.add_argument(
         f"--{prefix}map-layer", dest="map_layer", type=int, default=None, help="the layer of --map layer"
@@ -249,10 +254,4 @@ def add_concept(group: Any, prefix: str = "") -> None:
     group.add_argument(
         f"--{prefix}rank", dest="rank", type=int, default=ConceptSpec.rank, help="which singular triplet (1 = top)"
     )
-    group.add_argument(
-        f"--{prefix}side",
-        dest="side",
-        choices=[s.value for s in SingularSide],
-        default=ConceptSpec.side.value,
-        help="which vector",
-    )
+    _add_enum(group, f"--{prefix}side", "side", ConceptSpec.side, "which vector")

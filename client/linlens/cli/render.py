@@ -6,17 +6,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from linlens.contract import (
-    Explanation,
-    Generation,
-    GenerationDone,
-    LayerAttributions,
-    LayerResult,
-    LinearMapSpectrum,
-    ModelInfo,
-    PositionSpectrum,
-    SingularComponent,
-)
+from linlens.contract import Explanation, Generation, GenerationDone, LayerAttributions, LayerResult
+from linlens.contract.results import LinearMapSpectrum, ModelInfo, PositionSpectrum, SingularComponent
 
 
 def _bar(value: float, scale: float, width: int = 24) -> str:

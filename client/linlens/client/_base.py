@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeAlias
 
 import grpc
 
-from linlens.client.retry import DEFAULT_RETRY, RetryPolicy
+from linlens.client._calls import HEALTH, Call
+from linlens.client.health import HEALTH_CHECK_METHOD, decode_health_response, encode_health_request
+from linlens.client.retry import DEFAULT_RETRY, Attempts, RetryPolicy
+from linlens.v1 import linlens_pb2_grpc as pb_grpc
 
 #: Metadata as callers may pass it: a mapping or (key, value) pairs.
 MetadataLike: TypeAlias = Mapping[str, str] | Sequence[tuple[str, str]]
@@ -121,8 +124,50 @@ class ClientBase:
         ]
         self._channel: Any = self._open_channel(credentials, channel_options)
 
+    #: The transport module (grpc or grpc.aio): the one thing, besides ``async def``, the two clients differ in.
+    _transport: Any = grpc
+
     def _open_channel(self, credentials: grpc.ChannelCredentials | None, options: list[tuple[str, int | str]]) -> Any:
-        raise NotImplementedError
+        if credentials is not None:
+            channel = self._transport.secure_channel(self.target, credentials, options=options)
+        else:
+            channel = self._transport.insecure_channel(self.target, options=options)
+        self._stub: Any = pb_grpc.LinlensServiceStub(channel)
+        self._health: Any = channel.unary_unary(
+            HEALTH_CHECK_METHOD, request_serializer=encode_health_request, response_deserializer=decode_health_response
+        )
+        return channel
+
+    def _rpc(self, call: Call[Any]) -> Any:
+        """The channel's callable for ``call``'s method."""
+        return self._health if call.method == HEALTH else getattr(self._stub, call.method)
+
+    def _attempts(self, timeout: float | None, retry: RetryPolicy | None = None) -> Attempts:
+        """The attempts of one call given ``timeout`` (or USE_DEFAULT), under ``retry`` (default: the client's)."""
+        return Attempts(self.retry if retry is None else retry, self._deadline(timeout))
+
+    def _sender(
+        self, call: Call[Any], timeout: float | None, metadata: MetadataLike | None, retry: RetryPolicy
+    ) -> tuple[Callable[[], Any], Attempts]:
+        """A function that sends ``call`` once with the time left, and the attempts that pace its retries."""
+        method, attempts, merged = self._rpc(call), self._attempts(timeout, retry), self._metadata(metadata)
+
+        def send() -> Any:
+            return method(
+                call.request, timeout=attempts.remaining(), metadata=merged, wait_for_ready=self.wait_for_ready
+            )
+
+        return send, attempts
+
+    def _starter(self, call: Call[Any], metadata: MetadataLike | None) -> Callable[[float | None], Any]:
+        """A function that opens ``call``'s server stream with the time left (what a stream retries with)."""
+        method = self._rpc(call)
+        merged = self._metadata(metadata)
+
+        def start(remaining: float | None) -> Any:
+            return method(call.request, timeout=remaining, metadata=merged, wait_for_ready=self.wait_for_ready)
+
+        return start
 
     def _deadline(self, timeout: float | None) -> float | None:
         """The monotonic time a call given ``timeout`` (or USE_DEFAULT) must finish by, or None."""

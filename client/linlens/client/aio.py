@@ -10,62 +10,20 @@ from typing import Any, TypeVar, Unpack, cast
 import grpc
 import grpc.aio
 
+from linlens import contract as lc
+from linlens.client import _calls as calls
 from linlens.client._base import USE_DEFAULT, ClientBase, MetadataLike
-from linlens.client.errors import DeadlineExceededError, LinlensError, UnavailableError, from_rpc_error
-from linlens.client.health import (
-    HEALTH_CHECK_METHOD,
-    HealthStatus,
-    OnWait,
-    ReadinessWait,
-    decode_health_response,
-    encode_health_request,
-)
+from linlens.client.errors import DeadlineExceededError, UnavailableError
+from linlens.client.health import HealthStatus, OnWait, ReadinessWait
 from linlens.client.retry import NO_RETRY, Attempts, RetryPolicy
-from linlens.contract import (
-    ConceptSpec,
-    ConceptVector,
-    ExplainOptions,
-    ExplainResult,
-    ExplanationProgress,
-    Generation,
-    ModelInfo,
-    StreamEvent,
-)
-from linlens.contract.requests import (
-    GenerateArgs,
-    InputArgs,
-    compute_concept_request,
-    explain_request,
-    explain_stream_request,
-    generate_request,
-    generate_stream_request,
-)
-from linlens.contract.wire import (
-    concept_vector_from_proto,
-    explain_result_from_proto,
-    explain_stream_event_from_proto,
-    generation_from_proto,
-    model_info_from_proto,
-    stream_event_from_proto,
-)
-from linlens.v1 import linlens_pb2 as pb
-from linlens.v1 import linlens_pb2_grpc as pb_grpc
+from linlens.contract.wire import stream_event_from_proto
 
 E = TypeVar("E")
+R = TypeVar("R")
 
 
-class AsyncServerStream(AsyncIterator[E]):
+class AsyncServerStream(calls.StreamState[E], AsyncIterator[E]):
     """The decoded events of one server-streaming call: ``async for event in stream``. See ServerStream."""
-
-    def __init__(
-        self, start: Callable[[float | None], Any], attempts: Attempts, decode: Callable[[Any], E | None]
-    ) -> None:
-        self._start = start
-        self._decode = decode
-        self._attempts = attempts
-        self._call: Any = None
-        self._received = False
-        self._finished = False
 
     def __aiter__(self) -> AsyncServerStream[E]:
         return self
@@ -79,29 +37,15 @@ class AsyncServerStream(AsyncIterator[E]):
             try:
                 message = await self._call.read()
             except grpc.RpcError as error:
-                try:
-                    if self._received:
-                        raise from_rpc_error(error) from error
-                    wait = self._attempts.backoff_after(error)
-                except LinlensError:
-                    self._finished = True
-                    raise
-                await asyncio.sleep(wait)
+                await asyncio.sleep(self._retry_wait(error))
                 self._call = None
                 continue
             if message is grpc.aio.EOF:
                 self._finished = True
                 raise StopAsyncIteration
-            self._received = True
-            event = self._decode(message)
+            event = self._event(message)
             if event is not None:
                 return event
-
-    def cancel(self) -> None:
-        """Stop the stream; the server stops generating and explaining."""
-        self._finished = True
-        if self._call is not None:
-            self._call.cancel()
 
     async def __aenter__(self) -> AsyncServerStream[E]:
         return self
@@ -112,7 +56,7 @@ class AsyncServerStream(AsyncIterator[E]):
         self.cancel()
 
 
-class AsyncGenerationStream(AsyncServerStream[StreamEvent]):
+class AsyncGenerationStream(AsyncServerStream[lc.StreamEvent]):
     """The events of one GenerateStream call: ``async for event in stream``. See GenerationStream."""
 
     def __init__(self, start: Callable[[float | None], Any], attempts: Attempts) -> None:
@@ -123,27 +67,15 @@ class AsyncClient(ClientBase):
     """An asyncio linlens client; create it inside a running event loop and ``await close()`` it (or use
     ``async with``). Arguments and methods mean what they mean for Client."""
 
-    def _open_channel(self, credentials: grpc.ChannelCredentials | None, options: list[tuple[str, int | str]]) -> Any:
-        if credentials is not None:
-            channel = grpc.aio.secure_channel(self.target, credentials, options=options)
-        else:
-            channel = grpc.aio.insecure_channel(self.target, options=options)
-        self._stub: Any = pb_grpc.LinlensServiceStub(channel)
-        self._health: Any = channel.unary_unary(
-            HEALTH_CHECK_METHOD, request_serializer=encode_health_request, response_deserializer=decode_health_response
-        )
-        return channel
+    _transport = grpc.aio
 
     async def _unary(
-        self, method: Any, request: object, timeout: float | None, metadata: MetadataLike | None, retry: RetryPolicy
-    ) -> Any:
-        attempts = Attempts(retry, self._deadline(timeout))
-        merged = self._metadata(metadata)
+        self, call: calls.Call[R], timeout: float | None, metadata: MetadataLike | None, retry: RetryPolicy
+    ) -> R:
+        send, attempts = self._sender(call, timeout, metadata, retry)
         while True:
             try:
-                return await method(
-                    request, timeout=attempts.remaining(), metadata=merged, wait_for_ready=self.wait_for_ready
-                )
+                return call.decode(await send())
             except grpc.RpcError as error:
                 await asyncio.sleep(attempts.backoff_after(error))
 
@@ -153,11 +85,10 @@ class AsyncClient(ClientBase):
         *,
         timeout: float | None = USE_DEFAULT,
         metadata: MetadataLike | None = None,
-        **kwargs: Unpack[GenerateArgs],
-    ) -> Generation:
+        **kwargs: Unpack[lc.GenerateArgs],
+    ) -> lc.Generation:
         """See Client.generate."""
-        request = generate_request(prompt, kwargs)
-        return generation_from_proto(await self._unary(self._stub.Generate, request, timeout, metadata, self.retry))
+        return await self._unary(calls.generate_call(prompt, kwargs), timeout, metadata, self.retry)
 
     def generate_stream(
         self,
@@ -165,86 +96,60 @@ class AsyncClient(ClientBase):
         *,
         timeout: float | None = USE_DEFAULT,
         metadata: MetadataLike | None = None,
-        **kwargs: Unpack[GenerateArgs],
+        **kwargs: Unpack[lc.GenerateArgs],
     ) -> AsyncGenerationStream:
         """See Client.generate_stream; iterate the result with ``async for``."""
-        request = generate_stream_request(prompt, kwargs)
-        merged = self._metadata(metadata)
-
-        def start(remaining: float | None) -> Any:
-            return self._stub.GenerateStream(
-                request, timeout=remaining, metadata=merged, wait_for_ready=self.wait_for_ready
-            )
-
-        return AsyncGenerationStream(start, Attempts(self.retry, self._deadline(timeout)))
+        start = self._starter(calls.generate_stream_call(prompt, kwargs), metadata)
+        return AsyncGenerationStream(start, self._attempts(timeout))
 
     async def explain(
         self,
         prompt: str | None = None,
         *,
-        options: ExplainOptions | None = None,
-        on_progress: Callable[[ExplanationProgress], None] | None = None,
+        options: lc.ExplainOptions | None = None,
+        on_progress: Callable[[lc.ExplanationProgress], None] | None = None,
         timeout: float | None = USE_DEFAULT,
         metadata: MetadataLike | None = None,
-        **kwargs: Unpack[InputArgs],
-    ) -> ExplainResult:
+        **kwargs: Unpack[lc.InputArgs],
+    ) -> lc.ExplainResult:
         """See Client.explain."""
         if on_progress is None:
-            request = explain_request(prompt, options, kwargs)
-            response = await self._unary(self._stub.Explain, request, timeout, metadata, self.retry)
-            return explain_result_from_proto(response)
-        stream_request = explain_stream_request(prompt, options, kwargs)
-        merged = self._metadata(metadata)
-
-        def start(remaining: float | None) -> Any:
-            return self._stub.ExplainStream(
-                stream_request, timeout=remaining, metadata=merged, wait_for_ready=self.wait_for_ready
-            )
-
-        attempts = Attempts(self.retry, self._deadline(timeout))
-        stream: AsyncServerStream[ExplanationProgress | ExplainResult] = AsyncServerStream(
-            start, attempts, explain_stream_event_from_proto
-        )
-        async with stream as events:
+            return await self._unary(calls.explain_call(prompt, options, kwargs), timeout, metadata, self.retry)
+        call = calls.explain_stream_call(prompt, options, kwargs)
+        async with AsyncServerStream(self._starter(call, metadata), self._attempts(timeout), call.decode) as events:
             async for event in events:
-                if isinstance(event, ExplanationProgress):
-                    on_progress(event)
-                else:
-                    return event
-        raise UnavailableError(grpc.StatusCode.UNAVAILABLE, "the explanation stream ended without its result")
+                if (result := calls.explain_outcome(event, on_progress)) is not None:
+                    return result
+        raise calls.stream_without_result()
 
     async def compute_concept(
         self,
-        concept: ConceptSpec | str,
+        concept: lc.ConceptSpec | str,
         *,
         tokens_per_vector: int | None = None,
         model: str | None = None,
         timeout: float | None = USE_DEFAULT,
         metadata: MetadataLike | None = None,
-    ) -> ConceptVector:
+    ) -> lc.ConceptVector:
         """See Client.compute_concept."""
-        request = compute_concept_request(concept, tokens_per_vector=tokens_per_vector, model=model)
-        response = await self._unary(self._stub.ComputeConcept, request, timeout, metadata, self.retry)
-        return concept_vector_from_proto(response)
+        return await self._unary(calls.concept_call(concept, tokens_per_vector, model), timeout, metadata, self.retry)
 
     async def list_models(
         self, *, timeout: float | None = USE_DEFAULT, metadata: MetadataLike | None = None
-    ) -> list[ModelInfo]:
+    ) -> list[lc.ModelInfo]:
         """See Client.list_models."""
-        response = await self._unary(self._stub.ListModels, pb.ListModelsRequest(), timeout, metadata, self.retry)
-        return [model_info_from_proto(m) for m in cast(pb.ListModelsResponse, response).models]
+        return await self._unary(calls.list_models_call(), timeout, metadata, self.retry)
 
     async def get_model(
         self, name: str = "", *, timeout: float | None = USE_DEFAULT, metadata: MetadataLike | None = None
-    ) -> ModelInfo:
+    ) -> lc.ModelInfo:
         """See Client.get_model."""
         return await self._get_model(name, timeout, metadata, self.retry)
 
     async def _get_model(
         self, name: str, timeout: float | None, metadata: MetadataLike | None, retry: RetryPolicy
-    ) -> ModelInfo:
-        response = await self._unary(self._stub.GetModel, pb.GetModelRequest(name=name), timeout, metadata, retry)
-        return model_info_from_proto(cast(pb.GetModelResponse, response).model)
+    ) -> lc.ModelInfo:
+        return await self._unary(calls.get_model_call(name), timeout, metadata, retry)
 
     async def health(
         self,
@@ -255,8 +160,7 @@ class AsyncClient(ClientBase):
         metadata: MetadataLike | None = None,
     ) -> HealthStatus:
         """See Client.health."""
-        name = service if service is not None else (model or "")
-        return cast(HealthStatus, await self._unary(self._health, name, timeout, metadata, NO_RETRY))
+        return cast(HealthStatus, await self._unary(calls.health_call(model, service), timeout, metadata, NO_RETRY))
 
     async def wait_until_ready(
         self,
@@ -265,7 +169,7 @@ class AsyncClient(ClientBase):
         model: str | None = None,
         connect_timeout: float | None = None,
         on_wait: OnWait | None = None,
-    ) -> ModelInfo:
+    ) -> lc.ModelInfo:
         """See Client.wait_until_ready."""
         wait = ReadinessWait(self.target, model, timeout, on_wait)
         try:

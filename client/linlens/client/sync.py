@@ -9,51 +9,19 @@ from typing import Any, TypeVar, Unpack, cast
 
 import grpc
 
+from linlens import contract as lc
+from linlens.client import _calls as calls
 from linlens.client._base import USE_DEFAULT, ClientBase, MetadataLike
-from linlens.client.errors import DeadlineExceededError, LinlensError, UnavailableError, from_rpc_error
-from linlens.client.health import (
-    HEALTH_CHECK_METHOD,
-    HealthStatus,
-    OnWait,
-    ReadinessWait,
-    decode_health_response,
-    encode_health_request,
-)
+from linlens.client.errors import DeadlineExceededError, UnavailableError
+from linlens.client.health import HealthStatus, OnWait, ReadinessWait
 from linlens.client.retry import NO_RETRY, Attempts, RetryPolicy
-from linlens.contract import (
-    ConceptSpec,
-    ConceptVector,
-    ExplainOptions,
-    ExplainResult,
-    ExplanationProgress,
-    Generation,
-    ModelInfo,
-    StreamEvent,
-)
-from linlens.contract.requests import (
-    GenerateArgs,
-    InputArgs,
-    compute_concept_request,
-    explain_request,
-    explain_stream_request,
-    generate_request,
-    generate_stream_request,
-)
-from linlens.contract.wire import (
-    concept_vector_from_proto,
-    explain_result_from_proto,
-    explain_stream_event_from_proto,
-    generation_from_proto,
-    model_info_from_proto,
-    stream_event_from_proto,
-)
-from linlens.v1 import linlens_pb2 as pb
-from linlens.v1 import linlens_pb2_grpc as pb_grpc
+from linlens.contract.wire import stream_event_from_proto
 
 E = TypeVar("E")
+R = TypeVar("R")
 
 
-class ServerStream(Iterator[E]):
+class ServerStream(calls.StreamState[E], Iterator[E]):
     """The decoded events of one server-streaming call, as they arrive.
 
     ``cancel()`` (or leaving a ``with`` block) stops the server's work. A failure before the first event is retried
@@ -63,12 +31,7 @@ class ServerStream(Iterator[E]):
     def __init__(
         self, start: Callable[[float | None], Any], attempts: Attempts, decode: Callable[[Any], E | None]
     ) -> None:
-        self._start = start
-        self._decode = decode
-        self._attempts = attempts
-        self._call: Any = None
-        self._received = False
-        self._finished = False
+        super().__init__(start, attempts, decode)
         self._open()
 
     def _open(self) -> None:
@@ -87,26 +50,12 @@ class ServerStream(Iterator[E]):
                 self._finished = True
                 raise
             except grpc.RpcError as error:
-                try:
-                    if self._received:
-                        raise from_rpc_error(error) from error
-                    wait = self._attempts.backoff_after(error)
-                except LinlensError:
-                    self._finished = True
-                    raise
-                time.sleep(wait)
+                time.sleep(self._retry_wait(error))
                 self._open()
                 continue
-            self._received = True
-            event = self._decode(message)
+            event = self._event(message)
             if event is not None:
                 return event
-
-    def cancel(self) -> None:
-        """Stop the stream; the server stops generating and explaining."""
-        self._finished = True
-        if self._call is not None:
-            self._call.cancel()
 
     def __enter__(self) -> ServerStream[E]:
         return self
@@ -117,7 +66,7 @@ class ServerStream(Iterator[E]):
         self.cancel()
 
 
-class GenerationStream(ServerStream[StreamEvent]):
+class GenerationStream(ServerStream[lc.StreamEvent]):
     """The events of one GenerateStream call, as they arrive: GeneratedToken, Explanation, LayerAttributions and
     LayerResult (ExplainOptions.layers), ExplanationProgress while an explanation runs, and last GenerationDone."""
 
@@ -131,27 +80,13 @@ class Client(ClientBase):
     ``Client()`` connects to ``$LINLENS_SERVER`` or localhost:50051; see ClientBase for the other settings.
     """
 
-    def _open_channel(self, credentials: grpc.ChannelCredentials | None, options: list[tuple[str, int | str]]) -> Any:
-        if credentials is not None:
-            channel = grpc.secure_channel(self.target, credentials, options=options)
-        else:
-            channel = grpc.insecure_channel(self.target, options=options)
-        self._stub: Any = pb_grpc.LinlensServiceStub(channel)
-        self._health: Any = channel.unary_unary(
-            HEALTH_CHECK_METHOD, request_serializer=encode_health_request, response_deserializer=decode_health_response
-        )
-        return channel
-
     def _unary(
-        self, method: Any, request: object, timeout: float | None, metadata: MetadataLike | None, retry: RetryPolicy
-    ) -> Any:
-        attempts = Attempts(retry, self._deadline(timeout))
-        merged = self._metadata(metadata)
+        self, call: calls.Call[R], timeout: float | None, metadata: MetadataLike | None, retry: RetryPolicy
+    ) -> R:
+        send, attempts = self._sender(call, timeout, metadata, retry)
         while True:
             try:
-                return method(
-                    request, timeout=attempts.remaining(), metadata=merged, wait_for_ready=self.wait_for_ready
-                )
+                return call.decode(send())
             except grpc.RpcError as error:
                 time.sleep(attempts.backoff_after(error))
 
@@ -163,15 +98,14 @@ class Client(ClientBase):
         *,
         timeout: float | None = USE_DEFAULT,
         metadata: MetadataLike | None = None,
-        **kwargs: Unpack[GenerateArgs],
-    ) -> Generation:
+        **kwargs: Unpack[lc.GenerateArgs],
+    ) -> lc.Generation:
         """Generate a continuation of exactly one of ``prompt``, ``token_ids`` or chat ``messages``.
 
         ``temperature`` 0/None is greedy decoding; ``explain=True`` explains the first generated token with default
         options, an ExplainOptions chooses steps and what to compute. See GenerateArgs for every keyword.
         """
-        request = generate_request(prompt, kwargs)
-        return generation_from_proto(self._unary(self._stub.Generate, request, timeout, metadata, self.retry))
+        return self._unary(calls.generate_call(prompt, kwargs), timeout, metadata, self.retry)
 
     def generate_stream(
         self,
@@ -179,91 +113,67 @@ class Client(ClientBase):
         *,
         timeout: float | None = USE_DEFAULT,
         metadata: MetadataLike | None = None,
-        **kwargs: Unpack[GenerateArgs],
+        **kwargs: Unpack[lc.GenerateArgs],
     ) -> GenerationStream:
         """Like ``generate``, but yields each token, explanation and layer result as soon as the server has it, then
         a GenerationDone. The stream can be cancelled and used as a context manager; ``collect_stream`` assembles it
         into the Generation ``generate`` would have returned."""
-        request = generate_stream_request(prompt, kwargs)
-        merged = self._metadata(metadata)
-
-        def start(remaining: float | None) -> Any:
-            return self._stub.GenerateStream(
-                request, timeout=remaining, metadata=merged, wait_for_ready=self.wait_for_ready
-            )
-
-        return GenerationStream(start, Attempts(self.retry, self._deadline(timeout)))
+        start = self._starter(calls.generate_stream_call(prompt, kwargs), metadata)
+        return GenerationStream(start, self._attempts(timeout))
 
     def explain(
         self,
         prompt: str | None = None,
         *,
-        options: ExplainOptions | None = None,
-        on_progress: Callable[[ExplanationProgress], None] | None = None,
+        options: lc.ExplainOptions | None = None,
+        on_progress: Callable[[lc.ExplanationProgress], None] | None = None,
         timeout: float | None = USE_DEFAULT,
         metadata: MetadataLike | None = None,
-        **kwargs: Unpack[InputArgs],
-    ) -> ExplainResult:
+        **kwargs: Unpack[lc.InputArgs],
+    ) -> lc.ExplainResult:
         """Explain the model's next-token prediction after the input (no sampling, nothing generated).
 
         With ``on_progress``, the call streams (ExplainStream) and reports how far the products have got as they go.
         """
         if on_progress is None:
-            request = explain_request(prompt, options, kwargs)
-            return explain_result_from_proto(self._unary(self._stub.Explain, request, timeout, metadata, self.retry))
-        stream_request = explain_stream_request(prompt, options, kwargs)
-        merged = self._metadata(metadata)
-
-        def start(remaining: float | None) -> Any:
-            return self._stub.ExplainStream(
-                stream_request, timeout=remaining, metadata=merged, wait_for_ready=self.wait_for_ready
-            )
-
-        attempts = Attempts(self.retry, self._deadline(timeout))
-        stream: ServerStream[ExplanationProgress | ExplainResult] = ServerStream(
-            start, attempts, explain_stream_event_from_proto
-        )
-        with stream as events:
+            return self._unary(calls.explain_call(prompt, options, kwargs), timeout, metadata, self.retry)
+        call = calls.explain_stream_call(prompt, options, kwargs)
+        with ServerStream(self._starter(call, metadata), self._attempts(timeout), call.decode) as events:
             for event in events:
-                if isinstance(event, ExplanationProgress):
-                    on_progress(event)
-                else:
-                    return event
-        raise UnavailableError(grpc.StatusCode.UNAVAILABLE, "the explanation stream ended without its result")
+                if (result := calls.explain_outcome(event, on_progress)) is not None:
+                    return result
+        raise calls.stream_without_result()
 
     def compute_concept(
         self,
-        concept: ConceptSpec | str,
+        concept: lc.ConceptSpec | str,
         *,
         tokens_per_vector: int | None = None,
         model: str | None = None,
         timeout: float | None = USE_DEFAULT,
         metadata: MetadataLike | None = None,
-    ) -> ConceptVector:
+    ) -> lc.ConceptVector:
         """The concept vector ``concept`` names (a ConceptSpec, or the concept prompt's text for the top left
         singular vector of its output map), with its singular value and decoded tokens. Cache it and steer with
         ``generate(..., steering=Steering(vector=concept.vector))`` without computing it again."""
-        request = compute_concept_request(concept, tokens_per_vector=tokens_per_vector, model=model)
-        return concept_vector_from_proto(self._unary(self._stub.ComputeConcept, request, timeout, metadata, self.retry))
+        return self._unary(calls.concept_call(concept, tokens_per_vector, model), timeout, metadata, self.retry)
 
     def list_models(
         self, *, timeout: float | None = USE_DEFAULT, metadata: MetadataLike | None = None
-    ) -> list[ModelInfo]:
+    ) -> list[lc.ModelInfo]:
         """Every model the server can serve, loaded or not; the default one has ``is_default`` set."""
-        response = self._unary(self._stub.ListModels, pb.ListModelsRequest(), timeout, metadata, self.retry)
-        return [model_info_from_proto(m) for m in cast(pb.ListModelsResponse, response).models]
+        return self._unary(calls.list_models_call(), timeout, metadata, self.retry)
 
     def get_model(
         self, name: str = "", *, timeout: float | None = USE_DEFAULT, metadata: MetadataLike | None = None
-    ) -> ModelInfo:
+    ) -> lc.ModelInfo:
         """One model's description ("" = the default model), also while it loads; NotFoundError for an unknown name."""
         return self._get_model(name, timeout, metadata, self.retry)
 
     def _get_model(
         self, name: str, timeout: float | None, metadata: MetadataLike | None, retry: RetryPolicy
-    ) -> ModelInfo:
-        response = self._unary(self._stub.GetModel, pb.GetModelRequest(name=name), timeout, metadata, retry)
-        return model_info_from_proto(cast(pb.GetModelResponse, response).model)
+    ) -> lc.ModelInfo:
+        return self._unary(calls.get_model_call(name), timeout, metadata, retry)
 
     def health(
         self,
@@ -277,8 +187,7 @@ class Client(ClientBase):
 
         Not retried: a health probe should report the present, not wait for a better one.
         """
-        name = service if service is not None else (model or "")
-        return cast(HealthStatus, self._unary(self._health, name, timeout, metadata, NO_RETRY))
+        return cast(HealthStatus, self._unary(calls.health_call(model, service), timeout, metadata, NO_RETRY))
 
     def wait_until_ready(
         self,
@@ -287,7 +196,7 @@ class Client(ClientBase):
         model: str | None = None,
         connect_timeout: float | None = None,
         on_wait: OnWait | None = None,
-    ) -> ModelInfo:
+    ) -> lc.ModelInfo:
         """Block until ``model`` (default: the server's default model) can take requests, and return its ModelInfo.
 
         That is: the server answers, the model has loaded and its grpc.health.v1 entry says SERVING. A first start

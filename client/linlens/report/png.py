@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from linlens.contract.results import LayerAttributions, LayerResult, PositionSpectrum, TokenScore
+from linlens.report import content
 from linlens.report.colors import (
     ACCENT_RGB,
     ATTENTION_RGB,
@@ -37,18 +38,7 @@ from linlens.report.colors import (
     signed_ratio,
     unit,
 )
-from linlens.report.content import (
-    AttributionRow,
-    Emergence,
-    ExplanationView,
-    Report,
-    Reportable,
-    build,
-    certificate_text,
-    explained_rank,
-    stable_rank_text,
-    token_label,
-)
+from linlens.report.content import Emergence, Report, Reportable, token_label
 from linlens.report.extra import require_viz
 
 if TYPE_CHECKING:
@@ -192,7 +182,7 @@ def _chip_layout(tokens: Sequence[str], width: float) -> list[list[tuple[int, fl
     return lines
 
 
-def tokens_block(row: AttributionRow) -> Block:
+def tokens_block(row: content.AttributionRow) -> Block:
     """One attribution: its head line, then the input tokens as chips shaded on the diverging scale."""
     left = RIGHT_IN
     usable = WIDTH_IN - left - RIGHT_IN
@@ -271,12 +261,9 @@ def spectrum_block(spectrum: PositionSpectrum) -> Block:
 
     def draw(page: Page, top: float) -> None:
         ax = page.axes(top + 0.35, min(2.5, height) - 0.85, LEFT_IN, chart_w)
-        _spectrum_axes(
-            ax,
-            spectrum.singular_values,
-            len(spectrum.components),
-            f"J_{spectrum.position} of {token_label(spectrum.token_text)}: stable rank {stable_rank_text(spectrum)}",
-        )
+        stable_rank = content.stable_rank_text(spectrum)
+        title = f"J_{spectrum.position} of {token_label(spectrum.token_text)}: stable rank {stable_rank}"
+        _spectrum_axes(ax, spectrum.singular_values, len(spectrum.components), title)
         text_left = LEFT_IN + chart_w + 0.35
         text_w = WIDTH_IN - text_left - RIGHT_IN
         canvas = page.canvas(top, height, text_left, text_w)
@@ -288,7 +275,7 @@ def spectrum_block(spectrum: PositionSpectrum) -> Block:
             canvas.text(
                 0,
                 y,
-                f"#{component.rank}  σ = {component.value:.4g}  ({certificate_text(component)})",
+                f"#{component.rank}  σ = {component.value:.4g}  ({content.certificate_text(component)})",
                 fontsize=8.5,
                 weight="bold",
                 va="top",
@@ -449,7 +436,7 @@ def layer_table_block(layers: Sequence[LayerResult], token_id: int) -> Block:
         start = f"{result.layer:>5} {result.attention.logit:+9.3f} {result.mlp.logit:+9.3f}"
         if up is None:
             return start + "   (no up-to-layer map)"
-        rank = explained_rank(up, token_id)
+        rank = content.explained_rank(up, token_id)
         tokens = ", ".join(token_label(s.text) for s in up.components[0].left_tokens) if up.components else "-"
         text = f"{start} {up.stable_rank:7.2f} {up.captured_share[0] if up.captured_share else float('nan'):7.3f} "
         text += f"{'-' if rank is None else '#' + str(rank):>5}  {tokens}"
@@ -469,7 +456,7 @@ def layer_table_block(layers: Sequence[LayerResult], token_id: int) -> Block:
 # --- figures -------------------------------------------------------------------------------------------------------
 
 
-def section_blocks(view: ExplanationView) -> list[Block]:
+def section_blocks(view: content.ExplanationView) -> list[Block]:
     """Everything one explanation's section of the report shows."""
     blocks = [text_block([(view.heading, 12.5, "bold"), *_facts_lines(view.facts, 9)])]
     blocks.extend(tokens_block(row) for row in view.attributions)
@@ -499,7 +486,7 @@ def report_blocks(report: Report) -> list[Block]:
 
 def report_figure(result: Reportable | Report, *, step: int | None = None) -> Figure:
     """The whole report as one figure (a Generation's explained steps one under the other, or only ``step``)."""
-    report = result if isinstance(result, Report) else build(result)
+    report = result if isinstance(result, Report) else content.build(result)
     if step is not None:
         chosen = tuple(view for view in report.sections if view.explanation.step == step)
         if not chosen:

@@ -53,12 +53,12 @@ from linlens.contract.wire import (
     stream_event_to_proto,
 )
 from linlens.models import DEFAULT_MODEL
-from linlens.server.admission import prepare_concept, prepare_explain, prepare_generation
+from linlens.server.admission import GenerationWork, prepare_concept, prepare_explain, prepare_generation
 from linlens.server.config import ServerConfig
 from linlens.server.hosting import ModelHost
 from linlens.server.scheduler import CancelToken
 from linlens.server.status import RpcFailure, failure_for
-from linlens.server.work import OnProgress, run_concept, run_explain, run_generation
+from linlens.server.work import Emit, OnProgress, run_concept, run_explain, run_generation
 
 T = TypeVar("T")
 
@@ -79,6 +79,20 @@ def _rethrown(call: Callable[[], T]) -> T:
         raise
     except Exception as exc:
         raise _sdk_error(exc) from exc
+
+
+def _run_generation(
+    work: GenerationWork, token: CancelToken, emit: Emit | None = None, on_progress: OnProgress | None = None
+) -> Generation:
+    """Run a prepared generation from now, stopped by ``token`` (its deadline or a cancel), as the server would."""
+    return run_generation(
+        work,
+        arrived=time.monotonic(),
+        should_stop=token.should_stop,
+        stop_reason=lambda: token.reason,
+        emit=emit,
+        on_progress=on_progress,
+    )
 
 
 class InProcessClient:
@@ -135,13 +149,7 @@ class InProcessClient:
         def call() -> Generation:
             work = prepare_generation(request, self.host, self.config)
             token = self._token(timeout)
-            generation = run_generation(
-                work,
-                arrived=time.monotonic(),
-                should_stop=token.should_stop,
-                stop_reason=lambda: token.reason,
-                on_progress=self.on_progress,
-            )
+            generation = _run_generation(work, token, on_progress=self.on_progress)
             return generation_from_proto(generation_to_proto(generation))
 
         return _rethrown(call)
@@ -155,14 +163,7 @@ class InProcessClient:
         token = self._token(timeout)
 
         def produce(emit: Callable[[StreamEvent], None]) -> Generation:
-            return run_generation(
-                work,
-                arrived=time.monotonic(),
-                should_stop=token.should_stop,
-                stop_reason=lambda: token.reason,
-                emit=emit,
-                on_progress=emit,
-            )
+            return _run_generation(work, token, emit=emit, on_progress=emit)
 
         return InProcessStream(produce, token)
 

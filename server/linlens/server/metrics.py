@@ -28,8 +28,9 @@ import os
 import resource
 import sys
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
+from typing import Any, Generic, TypeVar
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
@@ -80,6 +81,22 @@ RECONSTRUCTION_ERROR_BUCKETS: tuple[float, ...] = tuple(10.0**e for e in range(-
 
 # Latency buckets in seconds. An explanation of a few tokens takes seconds on a CPU, a long generation minutes,
 # so the request buckets reach 10 minutes; the queue and first-token buckets start at a millisecond.
+_M = TypeVar("_M", Counter, Histogram, Gauge, Info)
+
+
+class _Declare(Generic[_M]):
+    """Declares metrics of one kind: each named under the prefix and registered in the Metrics object's own registry
+    (one rule for all of them, so that a declaration says only what differs: name, help, labels, buckets)."""
+
+    def __init__(self, kind: type[_M], prefix: str, registry: CollectorRegistry) -> None:
+        self.kind: type[_M] = kind
+        self.prefix = prefix
+        self.registry = registry
+
+    def __call__(self, name: str, documentation: str, labels: Sequence[str] = (), **options: Any) -> _M:
+        return self.kind(f"{self.prefix}_{name}", documentation, labels, registry=self.registry, **options)
+
+
 _REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 _QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -177,98 +194,74 @@ class Metrics:
         self._http_thread: threading.Thread | None = None
         self._unknown_phases_logged: set[str] = set()
         p = prefix
-
-        self._requests = Counter(
-            f"{p}_requests",
-            "Finished gRPC requests by method, model and gRPC status code.",
-            ["method", "model", "code"],
-            registry=registry,
+        counter, histogram = _Declare(Counter, p, registry), _Declare(Histogram, p, registry)
+        gauge, info = _Declare(Gauge, p, registry), _Declare(Info, p, registry)
+        self._requests = counter(
+            "requests", "Finished gRPC requests by method, model and gRPC status code.", ["method", "model", "code"]
         )
-        self._request_duration = Histogram(
-            f"{p}_request_duration_seconds",
+        self._request_duration = histogram(
+            "request_duration_seconds",
             "Wall time of a gRPC request from arrival to its last response message, queue wait included.",
             ["method", "model"],
             buckets=_REQUEST_BUCKETS,
-            registry=registry,
         )
-        self._queue_wait = Histogram(
-            f"{p}_queue_wait_seconds",
+        self._queue_wait = histogram(
+            "queue_wait_seconds",
             "Time a request waited in the scheduler queue before a worker started it.",
             ["model"],
             buckets=_QUEUE_BUCKETS,
-            registry=registry,
         )
-        self._batch_size = Histogram(
-            f"{p}_generation_batch_size",
+        self._batch_size = histogram(
+            "generation_batch_size",
             "Requests decoded together in one batched generation step (observed once per step).",
             ["model"],
             buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64),
-            registry=registry,
         )
-        self._join_wait = Histogram(
-            f"{p}_batch_join_wait_seconds",
+        self._join_wait = histogram(
+            "batch_join_wait_seconds",
             "Time a generation request waited for a token boundary to join its model's decode batch.",
             ["model"],
             buckets=_QUEUE_BUCKETS,
-            registry=registry,
         )
-        self._ttft = Histogram(
-            f"{p}_time_to_first_token_seconds",
+        self._ttft = histogram(
+            "time_to_first_token_seconds",
             "Time from a request's arrival to its first generated token.",
             ["model"],
             buckets=_TTFT_BUCKETS,
-            registry=registry,
         )
-        self._generated_tokens = Counter(
-            f"{p}_generated_tokens",
-            "Tokens generated (sampled or greedy) across all requests.",
-            ["model"],
-            registry=registry,
+        self._generated_tokens = counter(
+            "generated_tokens", "Tokens generated (sampled or greedy) across all requests.", ["model"]
         )
-        self._phase_duration = Histogram(
-            f"{p}_explanation_phase_duration_seconds",
+        self._phase_duration = histogram(
+            "explanation_phase_duration_seconds",
             "Time spent in each explanation phase (forward, jacobian, attribution, svd, decode, ordinary, layers).",
             ["model", "phase"],
             buckets=_PHASE_BUCKETS,
-            registry=registry,
         )
-        self._reconstruction_error = Histogram(
-            f"{p}_reconstruction_relative_error",
+        self._reconstruction_error = histogram(
+            "reconstruction_relative_error",
             "Relative reconstruction error ||sum_i J_i x_i - y|| / ||y|| of each explanation; sits at the float "
             "floor (~1e-7 float32, ~1e-15 float64) and only drifts up when a model or the engine is broken.",
             ["model"],
             buckets=RECONSTRUCTION_ERROR_BUCKETS,
-            registry=registry,
         )
-        self._reconstruction_nonfinite = Counter(
-            f"{p}_reconstruction_nonfinite",
+        self._reconstruction_nonfinite = counter(
+            "reconstruction_nonfinite",
             "Explanations whose reconstruction error was NaN or infinite (kept out of the histogram, whose sum a "
             "single NaN would poison for the life of the process).",
             ["model"],
-            registry=registry,
         )
-        self._inflight = Gauge(
-            f"{p}_inflight_requests",
-            "gRPC requests currently being handled, by method.",
-            ["method"],
-            registry=registry,
-        )
-        self._queued = Gauge(
-            f"{p}_queued_requests",
-            "Requests waiting in the scheduler queue for a worker.",
-            registry=registry,
-        )
-        self._model_load_duration = Gauge(
-            f"{p}_model_load_duration_seconds",
+        self._inflight = gauge("inflight_requests", "gRPC requests currently being handled, by method.", ["method"])
+        self._queued = gauge("queued_requests", "Requests waiting in the scheduler queue for a worker.")
+        self._model_load_duration = gauge(
+            "model_load_duration_seconds",
             "Seconds the last load of each model took (conversion, weights, tokenizer).",
             ["model"],
-            registry=registry,
         )
-        self._model_info = Info(
-            f"{p}_model",
+        self._model_info = info(
+            "model",
             "Static facts about each loaded model (family, dtype, device, hidden size, layers, ...).",
             ["model"],
-            registry=registry,
         )
         registry.register(_ResidentMemoryCollector(p))
 
