@@ -39,6 +39,8 @@ from linlens.contract import (
     TokenScore,
 )
 from linlens.engine import jacobian as jac
+from linlens.engine.context import Prediction
+from linlens.engine.decode import TokenDecoder
 from linlens.engine.forward import ExplanationPass
 from linlens.engine.last_position import chain_products, full_spectrum, matrix_free_spectrum
 from linlens.engine.matrix_free import BlockMaps, Cancelled, Triplets, top_singular_triplets
@@ -105,7 +107,7 @@ def explain_output(
     """Explain the prediction of ``p`` (see the module docstring). The layer analysis, if any, is not included."""
     context, options = p.context, p.options
     prediction = p.prediction
-    y_model, logits = prediction.y_model, prediction.logits
+    y_model = prediction.y_model
     d = context.hidden_size
     y = p.y.detach()
     tally = _Tally(timings={"forward_ms": _ms(p.seconds)})
@@ -125,15 +127,10 @@ def explain_output(
         rest = jac.cotangent_products(p.y, p.x, directions[1:], retain_graph=True) if len(targets) > 1 else first[:0]
     products = torch.cat([first, rest])
     per_token = (products * p.x.detach()[None]).sum(dim=-1)  # (T, n)
-    attributions = []
-    for target, direction, row in zip(targets, directions, per_token, strict=True):
-        total = float(direction.to(y_model.dtype) @ y_model)
-        constant_part = float(direction @ p.constant)
-        error = abs(float(row.sum()) + constant_part - total) / max(abs(total), 1e-30)
-        label = context.decoder.text(target.token_id)
-        if target.contrast_token_id is not None:
-            label = f"{label} vs {context.decoder.text(target.contrast_token_id)}"
-        attributions.append(Attribution(target, label, numpy(row), constant_part, total, error))
+    attributions = [
+        attribution(context.decoder, target, direction, row, y_model, p.constant)
+        for target, direction, row in zip(targets, directions, per_token, strict=True)
+    ]
     tally.vjps += len(targets)
     tally.timed("attribution", tick)
 
@@ -144,15 +141,7 @@ def explain_output(
     tally.jvps += 1
     if method is not ExplainMethod.MATRIX_FREE:
         graph.release()
-    logits_linear = p.head @ y_linear
-    linear_id = int(torch.argmax(logits_linear))
-    reconstruction = Reconstruction(
-        relative_error_vs_model=relative(y_linear.double() - y_model.double(), y_model),
-        relative_error_vs_detached=relative(y_linear - y, y),
-        max_abs_logit_error=float((logits_linear.double() - logits.double()).abs().max()),
-        predicts_same_token=linear_id == prediction.predicted.token_id,
-        linear_token_id=linear_id,
-    )
+    reconstruction = reconstructed(y_linear, y, prediction, p.head)
     tally.timed("reconstruction", tick)
 
     # 3. The spectra, by the chosen method: the last position alone on its own graph, else on the whole graph.
@@ -190,27 +179,90 @@ def explain_output(
         tally.vjps += d
         tally.timed("ordinary", tick)
 
+    return assemble(
+        p,
+        reconstruction,
+        attributions,
+        spectra,
+        tally,
+        truncated=truncated,
+        jacobians=jacobians_out,
+        ordinary=ordinary,
+        prompt_spectrum=prompt,
+    )
+
+
+def attribution(
+    decoder: TokenDecoder,
+    target: AttributionTarget,
+    direction: torch.Tensor,
+    row: torch.Tensor,
+    y_model: torch.Tensor,
+    constant: torch.Tensor,
+) -> Attribution:
+    """One target's exact attribution from its per-token row ``direction^T J_i x_i``: the target's total is read off
+    the served model's own y (not the row's sum), so ``error`` is a real check that the row and c make it up."""
+    total = float(direction.to(y_model.dtype) @ y_model)
+    constant_part = float(direction @ constant)
+    error = abs(float(row.sum()) + constant_part - total) / max(abs(total), 1e-30)
+    label = decoder.text(target.token_id)
+    if target.contrast_token_id is not None:
+        label = f"{label} vs {decoder.text(target.contrast_token_id)}"
+    return Attribution(target, label, numpy(row), constant_part, total, error)
+
+
+def reconstructed(
+    y_linear: torch.Tensor, y: torch.Tensor, prediction: Prediction, head: torch.Tensor
+) -> Reconstruction:
+    """How y_linear = J x + c compares with the served model's y and logits and with the detached twin's y."""
+    y_model, logits = prediction.y_model, prediction.logits
+    logits_linear = head @ y_linear
+    linear_id = int(torch.argmax(logits_linear))
+    return Reconstruction(
+        relative_error_vs_model=relative(y_linear.double() - y_model.double(), y_model),
+        relative_error_vs_detached=relative(y_linear - y, y),
+        max_abs_logit_error=float((logits_linear.double() - logits.double()).abs().max()),
+        predicts_same_token=linear_id == prediction.predicted.token_id,
+        linear_token_id=linear_id,
+    )
+
+
+def assemble(
+    p: ExplanationPass,
+    reconstruction: Reconstruction,
+    attributions: list[Attribution],
+    spectra: tuple[PositionSpectrum, ...],
+    tally: _Tally,
+    *,
+    truncated: tuple[float, ...] = (),
+    jacobians: np.ndarray | None = None,
+    ordinary: OrdinaryContrast | None = None,
+    prompt_spectrum: LinearMapSpectrum | None = None,
+) -> Explanation:
+    """The Explanation of pass ``p`` from its parts (one home for the result's shape: a whole explanation and an
+    explained generation's step build it here)."""
+    prediction = p.prediction
     return Explanation(
         input_ids=p.input_ids,
-        input_tokens=context.decoder.texts(list(p.input_ids)),
+        input_tokens=p.context.decoder.texts(list(p.input_ids)),
         predicted=prediction.predicted,
         explained=prediction.explained,
-        y=numpy(y_model.to(p.dtype)),
+        y=numpy(prediction.y_model.to(p.dtype)),
         constant=numpy(p.constant),
-        has_bias=context.has_bias,
+        has_bias=p.context.has_bias,
         reconstruction=reconstruction,
         attributions=tuple(attributions),
         spectra=spectra,
         truncated_relative_error=truncated,
-        jacobians=jacobians_out,
+        jacobians=jacobians,
         ordinary=ordinary,
-        precision=options.precision,
-        gate_mode=options.gate_mode,
+        precision=p.options.precision,
+        gate_mode=p.options.gate_mode,
         timings=Timings(**tally.timings, total_ms=sum(tally.timings.values())),
         vjp_count=tally.vjps,
-        method=method,
+        method=p.plan.method,
         jvp_count=tally.jvps,
-        prompt_spectrum=prompt,
+        prompt_spectrum=prompt_spectrum,
     )
 
 
@@ -519,9 +571,12 @@ def _prompt_spectrum(
 
 
 __all__ = [
+    "assemble",
+    "attribution",
     "explain_output",
     "from_triplets",
     "numpy",
+    "reconstructed",
     "relative",
     "singular_components",
 ]

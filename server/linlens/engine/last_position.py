@@ -22,7 +22,7 @@ import torch
 
 from linlens.contract import ExplainOptions
 from linlens.engine import jacobian as jac
-from linlens.engine.matrix_free import BlockMaps, Cancelled, top_singular_triplets
+from linlens.engine.matrix_free import BlockMaps, Cancelled, Report, Triplets, top_singular_triplets
 from linlens.engine.position_graph import PositionGraph
 from linlens.engine.products import GraphProducts
 from linlens.engine.spectra import Spectrum, decompose, exact_residuals, from_triplets
@@ -122,6 +122,26 @@ def full_spectrum(
     return LastPositionSpectrum(spectrum, residuals, True, 0.0, vjps=d, jvps=0, svd_seconds=seconds)
 
 
+def solve_on_chain(
+    maps: BlockMaps,
+    k: int,
+    extra: torch.Tensor,
+    products: GraphProducts,
+    should_stop: jac.ShouldStop | None,
+    on_products: Callable[[int], None] | None,
+) -> tuple[list[Triplets], Report]:
+    """The top ``k`` of ``maps`` (one or several position graphs' J) by block Krylov with the chain's block, the
+    ``extra`` vectors' images (the exact terms) in the start pass; the products' graph is released either way."""
+    try:
+        return top_singular_triplets(
+            maps, k, oversample=chain_block(k) - k, extra=extra, should_stop=should_stop, on_products=on_products
+        )
+    except Cancelled:
+        raise jac.ExplanationCancelled("explanation cancelled while computing the spectra") from None
+    finally:
+        products.release()
+
+
 def matrix_free_spectrum(
     graph: PositionGraph,
     y: torch.Tensor,
@@ -143,19 +163,8 @@ def matrix_free_spectrum(
         dtype=graph.y.dtype,
         device=graph.y.device,
     )
-    try:
-        (found,), report = top_singular_triplets(
-            maps,
-            k,
-            oversample=chain_block(k) - k,
-            extra=graph.x.detach()[None, None],  # J_n x_n, whose captured shares are reported, in the start pass
-            should_stop=should_stop,
-            on_products=on_products,
-        )
-    except Cancelled:
-        raise jac.ExplanationCancelled("explanation cancelled while computing the spectra") from None
-    finally:
-        products.release()
+    # J_n x_n, whose captured shares are reported, rides in the start pass
+    (found,), report = solve_on_chain(maps, k, graph.x.detach()[None, None], products, should_stop, on_products)
     assert report.extra_images is not None
     term = report.extra_images[0]  # (1, d)
     spectrum = from_triplets(found, term, y, k)

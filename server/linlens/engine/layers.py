@@ -362,16 +362,8 @@ def _free_spectrum(
     graph.release()
     spectrum = from_triplets(found, term[None], linear_part, k)
     error = found.frobenius_sq_error / max(float(found.values[0]) ** 2, 1e-300)
-    return LinearMapSpectrum(
-        components=_decode(p, spectrum, norm, options, right_reading, (found.residual_left, found.residual_right)),
-        singular_values=numpy(spectrum.values),
-        captured_share=tuple(float(v) for v in spectrum.captured_share[: max(options.top_k, 1)]),
-        stable_rank=spectrum.stable_rank,
-        term_norm=spectrum.term_norm,
-        reconstruction_error=relative(image - linear_part, linear_part),
-        singular_values_complete=False,
-        stable_rank_error=error,
-    )
+    components = _decode(p, spectrum, norm, options, right_reading, (found.residual_left, found.residual_right))
+    return _matrix_free_result(spectrum, options, relative(image - linear_part, linear_part), error, components)
 
 
 def _full_spectrum(
@@ -522,17 +514,28 @@ def _explicit_spectrum(
     # ||M||_F is exact; what is left is s_1's own error, at most its residual times s_1 (and rounding)
     top = max(float(found.residual_left[0]), float(found.residual_right[0]))
     error = spectrum.stable_rank * max(2.0 * top, 100 * torch.finfo(matrix.dtype).eps)
-    result = LinearMapSpectrum(
-        components=(),
+    result = _matrix_free_result(spectrum, options, relative(image - linear_part, linear_part), error)
+    return result, spectrum, (found.residual_left, found.residual_right)
+
+
+def _matrix_free_result(
+    spectrum: Spectrum,
+    options: LayerAnalysisOptions,
+    reconstruction_error: float,
+    stable_rank_error: float,
+    components: tuple[SingularComponent, ...] = (),
+) -> LinearMapSpectrum:
+    """A layer map's result from its top-k (a Krylov solve: the values past the top are not all known)."""
+    return LinearMapSpectrum(
+        components=components,
         singular_values=numpy(spectrum.values),
         captured_share=tuple(float(v) for v in spectrum.captured_share[: max(options.top_k, 1)]),
         stable_rank=spectrum.stable_rank,
         term_norm=spectrum.term_norm,
-        reconstruction_error=relative(image - linear_part, linear_part),
+        reconstruction_error=reconstruction_error,
         singular_values_complete=False,
-        stable_rank_error=error,
+        stable_rank_error=stable_rank_error,
     )
-    return result, spectrum, (found.residual_left, found.residual_right)
 
 
 def _exact_frobenius(found: Triplets, matrix: torch.Tensor) -> Triplets:

@@ -37,18 +37,15 @@ import torch
 from transformers import DynamicCache
 
 from linlens.contract import (
-    Attribution,
     AttributionTarget,
     ExplainMethod,
     ExplainOptions,
     Explanation,
     PositionSpectrum,
-    Reconstruction,
-    Timings,
 )
 from linlens.engine import jacobian as jac
 from linlens.engine.context import DTYPES, ModelContext, Prediction
-from linlens.engine.explanation import _position_spectra, _Tally, numpy, relative
+from linlens.engine.explanation import _position_spectra, _Tally, assemble, attribution, reconstructed
 from linlens.engine.forward import ExplanationPass
 from linlens.engine.freeze import CoefficientTape, recording, replaying
 from linlens.engine.last_position import LastPositionSpectrum
@@ -272,10 +269,10 @@ def explain_step(shared: SequencePass, index: int, spectra: StepSpectra | None) 
     """Step ``index``'s explanation: its attributions and reconstruction from the shared phases, its last-position
     spectrum from ``spectra`` (:func:`shared_spectra`; None only when no spectrum is asked for). The shared phases'
     time is split evenly over the steps."""
-    context, options = shared.context, shared.options
+    context = shared.context
     parts = shared.result(index)
     prediction, y = parts.prediction, parts.y
-    y_model, logits = prediction.y_model, prediction.logits
+    y_model = prediction.y_model
     count = len(shared.lengths)
     tally = _Tally(
         timings={
@@ -284,30 +281,22 @@ def explain_step(shared: SequencePass, index: int, spectra: StepSpectra | None) 
             "reconstruction_ms": shared.reconstruction_seconds * 1000.0 / count,
         }
     )
-    attributions = []
-    for row, target in parts.rows:
-        direction = shared.head[target.token_id] - (
-            shared.head[target.contrast_token_id] if target.contrast_token_id is not None else 0
+    attributions = [
+        attribution(
+            context.decoder,
+            target,
+            shared.head[target.token_id]
+            - (shared.head[target.contrast_token_id] if target.contrast_token_id is not None else 0),
+            row,
+            y_model,
+            parts.constant,
         )
-        total = float(direction.to(y_model.dtype) @ y_model)
-        constant_part = float(direction @ parts.constant)
-        error = abs(float(row.sum()) + constant_part - total) / max(abs(total), 1e-30)
-        label = context.decoder.text(target.token_id)
-        if target.contrast_token_id is not None:
-            label = f"{label} vs {context.decoder.text(target.contrast_token_id)}"
-        attributions.append(Attribution(target, label, numpy(row), constant_part, total, error))
+        for row, target in parts.rows
+    ]
     tally.vjps += len(parts.rows)
     y_linear = parts.linear + parts.constant
     tally.jvps += 1
-    logits_linear = shared.head @ y_linear
-    linear_id = int(torch.argmax(logits_linear))
-    reconstruction = Reconstruction(
-        relative_error_vs_model=relative(y_linear.double() - y_model.double(), y_model),
-        relative_error_vs_detached=relative(y_linear - y, y),
-        max_abs_logit_error=float((logits_linear.double() - logits.double()).abs().max()),
-        predicts_same_token=linear_id == prediction.predicted.token_id,
-        linear_token_id=linear_id,
-    )
+    reconstruction = reconstructed(y_linear, y, prediction, shared.head)
     step = shared.step(index)
     method = step.plan.method
     results: tuple[PositionSpectrum, ...] = ()
@@ -326,28 +315,7 @@ def explain_step(shared: SequencePass, index: int, spectra: StepSpectra | None) 
         results = _position_spectra(
             step, [step.n - 1], [found.spectrum], [found.residuals], tally, complete=found.complete, errors=errors
         )
-    return Explanation(
-        input_ids=step.input_ids,
-        input_tokens=context.decoder.texts(list(step.input_ids)),
-        predicted=prediction.predicted,
-        explained=prediction.explained,
-        y=numpy(y_model.to(shared.dtype)),
-        constant=numpy(parts.constant),
-        has_bias=context.has_bias,
-        reconstruction=reconstruction,
-        attributions=tuple(attributions),
-        spectra=results,
-        truncated_relative_error=(),
-        jacobians=None,
-        ordinary=None,
-        precision=options.precision,
-        gate_mode=options.gate_mode,
-        timings=Timings(**tally.timings, total_ms=sum(tally.timings.values())),
-        vjp_count=tally.vjps,
-        method=method,
-        jvp_count=tally.jvps,
-        prompt_spectrum=None,
-    )
+    return assemble(step, reconstruction, attributions, results, tally)
 
 
 def explain_steps(

@@ -27,8 +27,8 @@ from transformers import DynamicCache, PreTrainedModel
 
 from linlens.contract import ExplainMethod
 from linlens.engine import jacobian as jac
-from linlens.engine.last_position import LastPositionSpectrum, chain_block, chain_products
-from linlens.engine.matrix_free import BlockMaps, Cancelled, top_singular_triplets
+from linlens.engine.last_position import LastPositionSpectrum, chain_products, solve_on_chain
+from linlens.engine.matrix_free import BlockMaps
 from linlens.engine.position_graph import KeyValues
 from linlens.engine.products import GraphProducts
 from linlens.engine.spectra import decompose, exact_residuals, from_triplets
@@ -157,19 +157,8 @@ def _matrix_free(
             on_progress("spectra", done, max(expected, done))
 
     report_products: Callable[[int], None] | None = report if on_progress is not None else None
-    try:
-        triplets, solve = top_singular_triplets(
-            maps,
-            k,
-            oversample=chain_block(k) - k,
-            extra=graph.x.detach()[:, None],  # every J_k x_k, whose captured shares are reported, in the start pass
-            should_stop=should_stop,
-            on_products=report_products,
-        )
-    except Cancelled:
-        raise jac.ExplanationCancelled("explanation cancelled while computing the spectra") from None
-    finally:
-        products.release()
+    # every J_k x_k, whose captured shares are reported, rides in the start pass
+    triplets, solve = solve_on_chain(maps, k, graph.x.detach()[:, None], products, should_stop, report_products)
     if on_progress is not None and done < expected:
         on_progress("spectra", done, done)  # the phase is over: its total is what it took
     assert solve.extra_images is not None
