@@ -1117,3 +1117,18 @@ def test_client_package_does_not_import_torch() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_client_and_engine_re_export_the_whole_contract() -> None:
+    """``linlens.contract.__all__`` is the one list of the contract's public names: the SDK (and the engine, for
+    notebooks) re-export every one of them as the very same object, and keep their own names besides."""
+    import linlens.client
+    import linlens.contract
+    import linlens.engine
+
+    for package, own in ((linlens.client, ("Client", "AsyncClient", "LinlensError")), (linlens.engine, ("Explainer",))):
+        missing = [name for name in linlens.contract.__all__ if name not in package.__all__]
+        assert not missing, f"{package.__name__} does not export {missing}"
+        assert all(getattr(package, name) is getattr(linlens.contract, name) for name in linlens.contract.__all__)
+        assert set(own) <= set(package.__all__)
+        assert len(package.__all__) == len(set(package.__all__)), f"{package.__name__} lists a name twice"
