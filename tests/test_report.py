@@ -198,6 +198,14 @@ def test_panels_without_their_data_are_absent(lean: tuple[ExplainResult, Generat
     assert reconstruction is not None
     assert f"relative error {reconstruction.relative_error_vs_model:.2e} vs the model" in document
     assert [r["data-kind"] for r in page.having(**{"class": "attribution"})] == ["explained"]
+    # each attribution row's head states its sum over the tokens, then the attribution's own total and completeness
+    # error (SmolLM2 has no bias terms: no constant)
+    attribution = plain.explanation.attributions[0]
+    assert attribution.constant == 0.0
+    assert (
+        f"Σ tokens {float(np.sum(attribution.per_token, dtype=np.float64)):+.4f} = {attribution.total:+.4f} "
+        f"(completeness error {attribution.completeness_error:.1e})</div>"
+    ) in document
 
     # a generation: its text, then one section per explained step, in order
     gen_page = Elements(to_html(generation))

@@ -43,18 +43,19 @@ Reportable = ExplainResult | Explanation | Generation
 
 @dataclass(frozen=True)
 class AttributionRow:
-    """One row of shaded tokens: an attribution target's exact split over the input tokens."""
+    """One row of shaded tokens: an attribution target's exact split over the input tokens.
 
-    label: str
+    The attribution itself carries the label, the total, the constant and the completeness error (the row does not
+    copy them); the row adds what the report derives: the kind, the tokens, the values as floats and the scale."""
+
+    attribution: Attribution
     #: "explained" (the explained token's logit), "target" (an extra token's logit) or "contrast" (A - B).
     kind: str
     tokens: tuple[str, ...]
+    #: ``attribution.per_token`` as floats, one per token.
     values: tuple[float, ...]
     #: The colour scale's end: the largest |value| of the row (each row has its own scale).
     scale: float
-    total: float
-    constant: float
-    completeness_error: float
 
 
 @dataclass(frozen=True)
@@ -130,14 +131,11 @@ def attribution_rows(exp: Explanation) -> tuple[AttributionRow, ...]:
         finite = [abs(v) for v in values if math.isfinite(v)]
         rows.append(
             AttributionRow(
-                label=attribution.label,
+                attribution=attribution,
                 kind=attribution_kind(attribution, index),
                 tokens=exp.input_tokens,
                 values=values,
                 scale=max(finite, default=0.0),
-                total=float(attribution.total),
-                constant=float(attribution.constant),
-                completeness_error=float(attribution.completeness_error),
             )
         )
     return tuple(rows)

@@ -116,11 +116,12 @@ def _shaded(text: str, value: float, scale: float, title: str, attributes: str, 
 def _attribution(row: AttributionRow) -> str:
     values = np.asarray(row.values, dtype=np.float64)
     what = {"explained": "the explained token's logit", "target": "the logit of", "contrast": "the logit difference"}
+    attribution = row.attribution
     head = (
-        f'<div class="head">Attribution to {what[row.kind]} <code>{_e(row.label)}</code>: '
+        f'<div class="head">Attribution to {what[row.kind]} <code>{_e(attribution.label)}</code>: '
         f"Σ tokens {float(values.sum()):+.4f}"
-        + (f" + constant {row.constant:+.4f}" if row.constant else "")
-        + f" = {row.total:+.4f} (completeness error {row.completeness_error:.1e})</div>"
+        + (f" + constant {float(attribution.constant):+.4f}" if attribution.constant else "")
+        + f" = {float(attribution.total):+.4f} (completeness error {float(attribution.completeness_error):.1e})</div>"
     )
     spans = "".join(
         _shaded(
@@ -133,7 +134,7 @@ def _attribution(row: AttributionRow) -> str:
         for index, (token, value) in enumerate(zip(row.tokens, row.values, strict=True))
     )
     return (
-        f'<div class="attribution" data-kind="{_e(row.kind)}" data-label="{_e(row.label)}">{head}'
+        f'<div class="attribution" data-kind="{_e(row.kind)}" data-label="{_e(attribution.label)}">{head}'
         f'<div class="tokens">{spans}</div>{_legend(row.scale, "logit contribution per token")}</div>'
     )
 

@@ -191,10 +191,11 @@ def tokens_block(row: content.AttributionRow) -> Block:
     height = head_h + len(layout) * _CHIP_LINE + 0.12
     values = np.asarray(row.values, dtype=np.float64)
     what = {"explained": "the explained token", "target": "the logit of", "contrast": "the logit difference"}
+    attribution = row.attribution
     head = (
-        f"attribution to {what[row.kind]} {token_label(row.label)}: Σ tokens {float(values.sum()):+.4f}"
-        + (f" + constant {row.constant:+.4f}" if row.constant else "")
-        + f" = {row.total:+.4f}   (colour scale ±{row.scale:.3g}: red raises, blue lowers)"
+        f"attribution to {what[row.kind]} {token_label(attribution.label)}: Σ tokens {float(values.sum()):+.4f}"
+        + (f" + constant {float(attribution.constant):+.4f}" if attribution.constant else "")
+        + f" = {float(attribution.total):+.4f}   (colour scale ±{row.scale:.3g}: red raises, blue lowers)"
     )
 
     def draw(page: Page, top: float) -> None:
