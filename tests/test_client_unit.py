@@ -1132,3 +1132,22 @@ def test_client_and_engine_re_export_the_whole_contract() -> None:
         assert all(getattr(package, name) is getattr(linlens.contract, name) for name in linlens.contract.__all__)
         assert set(own) <= set(package.__all__)
         assert len(package.__all__) == len(set(package.__all__)), f"{package.__name__} lists a name twice"
+
+
+def test_the_async_client_has_the_blocking_clients_methods_with_the_same_parameters() -> None:
+    """Each public method is declared twice (``def`` and ``async def``: Python cannot share a signature between
+    them without hiding it from ``help()``); this holds the two declarations to the same names, defaults and kinds."""
+    import inspect
+
+    def methods(kind: type) -> dict[str, inspect.Signature]:
+        return {
+            name: inspect.signature(member)
+            for name, member in inspect.getmembers(kind, inspect.isfunction)
+            if not name.startswith("_")
+        }
+
+    blocking, asynchronous = methods(Client), methods(AsyncClient)
+    assert set(blocking) == set(asynchronous)
+    assert {"generate", "generate_stream", "explain", "compute_concept", "health", "wait_until_ready"} <= set(blocking)
+    for name, signature in blocking.items():
+        assert list(signature.parameters.values()) == list(asynchronous[name].parameters.values()), name
