@@ -22,6 +22,12 @@ from linlens.models import LoadedModel, load_model
 #: J_n through the position graph against the full graph's last block: measured worst 1.6e-15 (float64) and 9.3e-7
 #: (float32) over the families; the issue's bounds.
 AGREES = {Precision.FLOAT64: 1e-12, Precision.FLOAT32: 1e-5}
+#: Below this, a float32 certificate and its recomputation are both rounding: SmolLM2's J_n from the position graph
+#: and from the whole graph, both float32, differ by ~1e-6 of sigma_1 along the top direction, and the top
+#: triplet's residuals against either reference scatter between 4e-7 and 1.6e-6 from one prompt or block width to
+#: the next ("Once upon a time there was a": reported 3.6e-7, recomputed 1.56e-6, with the old block of 16 too).
+#: The float32 analogue of the float64 clause "both below 1e-12"; residuals above it must agree within 2x.
+FLOAT32_NOISE = 2e-6
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +121,10 @@ def test_certificates_are_honest_in_float32_on_smollm2(smollm2: LoadedModel) -> 
         left = np.linalg.norm(jn @ v - sigma * u) / sigma
         right = np.linalg.norm(jn.T @ u - sigma * v) / sigma
         for reported, recomputed in ((c.residual_left, left), (c.residual_right, right)):
-            assert 0.5 <= reported / recomputed <= 2.0, (c.rank, reported, recomputed)
+            both_noise = reported < FLOAT32_NOISE and recomputed < FLOAT32_NOISE
+            assert both_noise or 0.5 <= reported / recomputed <= 2.0, (c.rank, reported, recomputed)
+        # the top 3's smaller values are not all at the floor: the comparison above bites on this prompt
+        assert max(c.residual_left for c in spectrum.components) > FLOAT32_NOISE
 
 
 def test_last_position_alone_and_among_all_positions_agree(loaded: dict[str, LoadedModel]) -> None:

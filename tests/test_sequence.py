@@ -96,7 +96,10 @@ def assert_same(got: Explanation, want: Explanation, tol: float, served: float =
     for p, q in zip(got.spectra, want.spectra, strict=True):
         assert p.position == q.position and p.token_id == q.token_id
         _close(p.singular_values, q.singular_values, tol, "singular values")
-        _close(p.captured_share, q.captured_share, tol, "captured shares")
+        # A share (u^T t)^2 / ||t||^2 moves by at most 2 ||du||: a matrix-free answer's shares are held to its
+        # vectors' tolerance (its certificate target bounds the vectors, not the shares, to 1e-12)
+        shares = tol if q.singular_values_complete else max(tol, VECTORS[got.precision])
+        _close(p.captured_share, q.captured_share, shares, "captured shares")
         if q.singular_values_complete:
             _close(p.stable_rank, q.stable_rank, tol, "stable rank")
         else:  # an estimate (Hutchinson probes: the lockstep solve draws other probes): within its error bars

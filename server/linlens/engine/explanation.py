@@ -510,12 +510,20 @@ def _position_spectra(
     errors: list[float] | None,
 ) -> tuple[PositionSpectrum, ...]:
     options, decoder = p.options, p.decoder
+    if not positions:
+        return ()
     tick = time.perf_counter()
+    # every position's vectors in one decode: reading the vocabulary matrix is what it costs
+    ks = [min(options.top_k, spectrum.left.shape[-1]) for spectrum in decomposed]
+    lefts, rights = decoder.both_tokens(
+        torch.cat([s.left[:, :k] for s, k in zip(decomposed, ks, strict=True)], dim=1),
+        torch.cat([s.right[:, :k] for s, k in zip(decomposed, ks, strict=True)], dim=1),
+        options.tokens_per_vector,
+    )
     results = []
     for slot, (position, spectrum) in enumerate(zip(positions, decomposed, strict=True)):
-        k = min(options.top_k, spectrum.left.shape[-1])
-        left_tokens = decoder.output_tokens(spectrum.left[:, :k], options.tokens_per_vector)
-        right_tokens = decoder.input_tokens(spectrum.right[:, :k], options.tokens_per_vector)
+        k, first = ks[slot], sum(ks[:slot])
+        left_tokens, right_tokens = lefts[first : first + k], rights[first : first + k]
         token_id = p.input_ids[position]
         results.append(
             PositionSpectrum(
@@ -551,8 +559,9 @@ def _prompt_spectrum(
     n, d = p.n, p.context.hidden_size
     rights = spectrum.right[:, :k].T.reshape(k, n, d)
     dominant = rights.norm(dim=-1).argmax(dim=-1)  # (k,)
-    left_tokens = decoder.output_tokens(spectrum.left[:, :k], options.tokens_per_vector)
-    right_tokens = decoder.input_tokens(rights[torch.arange(k), dominant].T, options.tokens_per_vector)
+    left_tokens, right_tokens = decoder.both_tokens(
+        spectrum.left[:, :k], rights[torch.arange(k), dominant].T, options.tokens_per_vector
+    )
     components = tuple(
         dataclasses.replace(c, right=numpy(rights[i]))
         for i, c in enumerate(singular_components(spectrum, k, left_tokens, right_tokens, residuals))

@@ -4,9 +4,9 @@ Products with J_n run on :class:`~linlens.engine.position_graph.PositionGraph` (
 prefix's frozen keys and values) instead of the whole prompt's graph. Two methods, as for any map:
 
 - FULL: J_n from d VJPs in batches of ``chunk`` (one batched backward each), then its SVD;
-- MATRIX_FREE: block Krylov (:mod:`linlens.engine.matrix_free`) with a block as wide as a pass costs little more for
-  (:data:`CHAIN_BLOCK`): a pass through one position is bound by reading the weights, so 16 rows cost about what 8
-  cost, and a wider block converges in fewer passes.
+- MATRIX_FREE: block Krylov (:mod:`linlens.engine.matrix_free`) with a narrow block (:func:`chain_block`): a pass
+  through one position costs a floor (reading every layer's weights, and autograd's bookkeeping) plus a little per
+  row, and on SmolLM2 a block of 8 certifies its top 3 in 14 passes of 116 rows where 16 took 12 passes of 196.
 
 Which one runs under AUTO comes from :func:`chain_costs`, a model of what each costs in passes and rows.
 """
@@ -27,18 +27,22 @@ from linlens.engine.position_graph import PositionGraph
 from linlens.engine.products import GraphProducts
 from linlens.engine.spectra import Spectrum, decompose, exact_residuals, from_triplets
 
-#: Krylov block width on the position graph (k + oversampling, at least this).
-CHAIN_BLOCK = 16
-#: What one batched pass over the position graph costs beyond its rows, in rows (weight reads, Python, autograd):
-#: measured on SmolLM2 (float32, one thread) as 32 ms for 8 rows and 66 ms for 32, about 18 ms + 1.5 ms a row.
-PASS_OVERHEAD_ROWS = 12.0
+#: Krylov block width on the position graph, at least (k + oversampling above it). Measured on SmolLM2 (float32, one
+#: thread, the top 3, the same certificate target, one process): 8 took 51 VJPs + 65 JVPs in 14 passes, 568 ms at
+#: 7 tokens and 664 ms at 128; 12 took 75 + 97 in 14 passes, 636 ms at 7; 16 took 83 + 113 in 12 passes, 629 ms at
+#: 7 and 839 ms at 128. A wider block saves a pass or two but pays more in rows than the passes cost, and more so
+#: on a long prompt, where a row's backward also reaches the prefix's values.
+CHAIN_BLOCK = 8
+#: What one batched pass over the position graph costs beyond its rows, in rows: from the two solves above, a pass
+#: costs about 28 ms and a row 1.5 ms (the pass is mostly the weights' read: 30 layers' value, output, up and down
+#: projections, ~28 ms for 8 rows of plain matrix products on one thread, 36 for 16).
+PASS_OVERHEAD_ROWS = 19.0
 #: A double-backward JVP row against a VJP row on the same graph: measured on SmolLM2's position graph (float32, one
-#: thread, 16 rows) as the same matrix products (120 of them, ~120-140 ms either way, under load), and 100 against
-#: 97 ms in issue 17's measurement; the JVP pass's extra nodes cost Python time, not rows.
+#: thread, 8 rows) as the same matrix products (120 of them, 35-36 ms either way), 47 against 49 ms a pass.
 CHAIN_JVP_WEIGHT = 1.0
 #: Growth passes (Krylov iterations) assumed ahead of a matrix-free solve on the position graph with a block of
-#: CHAIN_BLOCK: SmolLM2's top 3 (sigma_3 / sigma_4 = 1.19) certify below 1e-5 after 5.
-CHAIN_ITERATIONS = 5
+#: CHAIN_BLOCK: SmolLM2's top 3 (sigma_3 / sigma_4 = 1.19) certify below 1e-5 after 6.
+CHAIN_ITERATIONS = 6
 
 
 @dataclass(frozen=True)
