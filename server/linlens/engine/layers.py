@@ -36,8 +36,8 @@ from linlens.contract import (
     LinearMapSpectrum,
     SingularComponent,
 )
+from linlens.engine import block_shares, layer_chain
 from linlens.engine import jacobian as jac
-from linlens.engine import layer_chain
 from linlens.engine.capture import Capture
 from linlens.engine.explanation import numpy, relative, singular_components
 from linlens.engine.final_norm import FrozenFinalNorm
@@ -74,16 +74,30 @@ def analyze_layers(
     w = p.head[p.prediction.explained.token_id]
     seed = norm.seed(w)  # cotangent that turns a residual-stream term into its logit contribution
 
-    # The layers x tokens matrix: one batched VJP, one seed per attention / MLP block.
+    d = context.hidden_size
+    k = max(options.top_k, 1)  # top_k 0 still reports the summaries (stable rank, rank-1 share), which need s_1
+    method = p.plan.layer_method
+    maps_per_layer = (1 if options.up_to_layer else 0) + (1 if options.layer_alone else 0)
+    maps_per_layer += 2 if options.component_spectra else 0
+    wants_maps = options.up_to_layer or options.component_spectra
+    # The matrix-free maps check their reconstructions against M x over every position (the images).
+    needs_images = method is ExplainMethod.MATRIX_FREE and wants_maps
+    materialised = needs_images and layer_chain.materialises(
+        d, count, context.shape(p.dtype).layer_weights, matrix_free_products(k), maps_per_layer
+    )
+
+    # The layers x tokens matrix (:mod:`linlens.engine.block_shares`): by tangents, the same batched JVP also gives
+    # the images of every block term and of the selected layers' outputs.
     terms = [capture.attention[layer][0, -1] for layer in range(count)] + [
         capture.mlp[layer][0, -1] for layer in range(count)
     ]
     stacked = torch.stack(terms)  # (2L, d)
-    cotangents = torch.zeros((2 * count, *stacked.shape), dtype=stacked.dtype, device=stacked.device)
-    cotangents[torch.arange(2 * count), torch.arange(2 * count)] = seed
-    with torch.enable_grad():
-        (grads,) = torch.autograd.grad(stacked, x, grad_outputs=cotangents, is_grads_batched=True, retain_graph=True)
-    per_token = (grads * x.detach()[None]).sum(dim=-1)  # (2L, n)
+    tangents = block_shares.by_tangents(p.n, 2 * count)
+    imaged = list(layers) if tangents and needs_images and options.up_to_layer else []
+    outputs = torch.stack(terms + [capture.layer_outputs[layer][0, -1] for layer in imaged]) if imaged else stacked
+    per_token, image_rows = block_shares.token_shares(
+        outputs, x, seed, 2 * count, tangents=tangents, chunk=p.vjp_chunk()
+    )  # (2L, n)
     block_logits = stacked.detach() @ seed  # exact shares of the logit, bias constants included
     # The direct path: what enters the first layer at the last position (x_last; GPT-2 adds its position
     # embedding, a constant; Granite multiplies by its embedding multiplier), then the final norm's bias.
@@ -128,12 +142,7 @@ def analyze_layers(
         constant=outside_constant,
     )
 
-    d = context.hidden_size
     chunk = p.vjp_chunk()
-    k = max(options.top_k, 1)  # top_k 0 still reports the summaries (stable rank, rank-1 share), which need s_1
-    method = p.plan.layer_method
-    maps_per_layer = (1 if options.up_to_layer else 0) + (1 if options.layer_alone else 0)
-    maps_per_layer += 2 if options.component_spectra else 0
     if method is ExplainMethod.FULL:
         per_layer_vjps = options.vjps_per_layer(d)
     else:
@@ -152,18 +161,19 @@ def analyze_layers(
     images: Capture | None = None
     chained: dict[int, _Chained] = {}
     pending: Iterator[_Chained] | None = None
-    wants_maps = options.up_to_layer or options.component_spectra
-    shape = context.shape(p.dtype)
-    if (
-        method is ExplainMethod.MATRIX_FREE
-        and wants_maps
-        and layer_chain.materialises(d, count, shape.layer_weights, matrix_free_products(k), maps_per_layer)
-    ):
+    if image_rows is not None and needs_images:
+        images = Capture()
+        for layer in range(count):
+            images.attention[layer] = image_rows[layer][None, None]
+            images.mlp[layer] = image_rows[count + layer][None, None]
+        for slot, layer in enumerate(imaged):
+            images.layer_outputs[layer] = image_rows[2 * count + slot][None, None]
+    if materialised:
         # Every layer's maps of x_n, materialised one layer at a time on the cut position graph, and every map's
-        # reconstruction image from one multi-output JVP on the whole graph.
-        images = _whole_images(p, layers, options)
+        # reconstruction image from one multi-output JVP on the whole graph (unless the tangents gave them).
+        images = images if images is not None else _whole_images(p, layers, options)
         pending = _chained(p, layers, options, norm, images, k, offsets, should_stop)
-    elif method is ExplainMethod.MATRIX_FREE and wants_maps:
+    elif needs_images and images is None:
         # M x for every layer output and block term at once: one forward-mode JVP through the frozen system.
         images = Capture()
         p.frozen_jvp(x.detach(), images)
