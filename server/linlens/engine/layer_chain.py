@@ -15,13 +15,15 @@ what the previous one wrote is checked at every layer, at run time.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import dataclasses
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 
 import torch
+from transformers import PreTrainedModel
 
 from linlens.engine import jacobian as jac
-from linlens.engine.position_graph import PositionGraph
+from linlens.engine.position_graph import KeyValues, PositionGraph, build_position_graph
 
 #: The block terms whose maps ride in each layer's backward.
 BLOCKS = ("attention", "mlp")
@@ -94,4 +96,58 @@ def walk(
         running = maps[0]
 
 
-__all__ = ["BLOCKS", "LayerMaps", "materialises", "walk"]
+@dataclass(frozen=True)
+class Chain:
+    """The selected layers' maps of x_n at the last position, materialised, and (when asked) J_n itself."""
+
+    #: x_n, the input the maps act on (d,).
+    x_n: torch.Tensor
+    #: The selected layers' maps, by layer; their ``alone`` is not kept (empty).
+    maps: dict[int, LayerMaps]
+    #: J_n = d y_n / d x_n (d, d): the final norm's map times the last up-to-layer map; None unless asked.
+    last_jacobian: torch.Tensor | None
+
+
+def materialise(
+    twin: PreTrainedModel,
+    x_last: torch.Tensor,
+    prefix: list[KeyValues],
+    *,
+    layers: Collection[int],
+    blocks: bool,
+    last_jacobian: bool,
+    chunk: int,
+    should_stop: jac.ShouldStop | None = None,
+) -> Chain:
+    """Walk the cut position graph of ``x_last`` on the frozen ``prefix`` up to the last of ``layers`` (to the last
+    layer with ``last_jacobian``), keeping the maps of ``layers``: one walk serves the layer analysis and, through
+    the final norm, the last position's spectrum."""
+    graph = build_position_graph(twin, x_last, prefix, record_layers=True, cut_layers=True)
+    count = len(graph.capture.layer_inputs)
+    final = final_map(graph, chunk=chunk) if last_jacobian else None
+    last = count - 1 if last_jacobian else max(layers)
+    kept: dict[int, LayerMaps] = {}
+    jn = None
+    for maps in walk(graph, last=last, blocks=blocks, chunk=chunk, should_stop=should_stop):
+        if maps.layer in layers:
+            kept[maps.layer] = dataclasses.replace(maps, alone=maps.alone.new_empty(0))
+        if final is not None and maps.layer == count - 1:
+            jn = final @ maps.up_to
+    return Chain(x_n=graph.x.detach(), maps=kept, last_jacobian=jn)
+
+
+def final_map(graph: PositionGraph, *, chunk: int) -> torch.Tensor:
+    """d y_n / d h_(L-1) at the last position (d, d): the final norm with its coefficient frozen, from ``graph``'s
+    own backward (its output still reaches the last layer's output when the layers are cut). J_n is this map times
+    the last up-to-layer map."""
+    capture = graph.capture
+    if not capture.layer_outputs:
+        raise ValueError("the position graph recorded no residual stream; build it with record_layers=True")
+    last = capture.layer_outputs[max(capture.layer_outputs)]
+    d = int(graph.y.shape[0])
+    with torch.enable_grad():
+        (rows,) = jac.full_jacobians(graph.y, [last], chunk=chunk, should_stop=None, retain_graph=True)
+    return rows.reshape(d, d)
+
+
+__all__ = ["BLOCKS", "Chain", "LayerMaps", "final_map", "materialise", "materialises", "walk"]

@@ -44,7 +44,6 @@ from linlens.engine.final_norm import FrozenFinalNorm
 from linlens.engine.forward import ExplanationPass
 from linlens.engine.matrix_free import BlockMaps, Cancelled, Triplets, top_singular_triplets
 from linlens.engine.plan import matrix_free_products
-from linlens.engine.position_graph import build_position_graph
 from linlens.engine.products import GraphProducts
 from linlens.engine.spectra import Spectrum, decompose, exact_residuals, from_triplets
 
@@ -57,11 +56,14 @@ def analyze_layers(
     *,
     should_stop: jac.ShouldStop | None = None,
     on_progress: jac.OnPhaseProgress | None = None,
+    chain: layer_chain.Chain | None = None,
 ) -> Iterator[LayerEvent]:
     """Yield the LayerAttributions matrix first, then one LayerResult per selected layer as soon as it is ready.
 
     ``p`` must have been built with a layer analysis in its options, so that its forward pass recorded the residual
-    stream. Raises ExplanationCancelled when ``should_stop`` turns true (also checked between layers, since a layer
+    stream. ``chain``: the layer maps already materialised (:func:`last_position_chain`, when the plan takes the
+    chain), else they are materialised here.
+    Raises ExplanationCancelled when ``should_stop`` turns true (also checked between layers, since a layer
     without Jacobians polls nothing).
     """
     context = p.context
@@ -82,9 +84,7 @@ def analyze_layers(
     wants_maps = options.up_to_layer or options.component_spectra
     # The matrix-free maps check their reconstructions against M x over every position (the images).
     needs_images = method is ExplainMethod.MATRIX_FREE and wants_maps
-    materialised = needs_images and layer_chain.materialises(
-        d, count, context.shape(p.dtype).layer_weights, matrix_free_products(k), maps_per_layer
-    )
+    materialised = needs_images and p.plan.layer_chain
 
     # The layers x tokens matrix (:mod:`linlens.engine.block_shares`): by tangents, the same batched JVP also gives
     # the images of every block term and of the selected layers' outputs.
@@ -172,13 +172,15 @@ def analyze_layers(
         # Every layer's maps of x_n, materialised one layer at a time on the cut position graph, and every map's
         # reconstruction image from one multi-output JVP on the whole graph (unless the tangents gave them).
         images = images if images is not None else _whole_images(p, layers, options)
-        pending = _chained(p, layers, options, norm, images, k, offsets, should_stop)
+        chain = chain if chain is not None else last_position_chain(p, options, should_stop)
+        assert chain is not None
+        pending = _chained(p, chain, layers, options, norm, images, k, offsets)
     elif needs_images and images is None:
         # M x for every layer output and block term at once: one forward-mode JVP through the frozen system.
         images = Capture()
         p.frozen_jvp(x.detach(), images)
     # The last position's own graph (it recorded its residual stream) serves the maps of x_n: up-to-layer and blocks.
-    chain = p.position_graph() if images is not None and pending is None else None
+    position = p.position_graph() if images is not None and pending is None else None
     for layer in layers:
         if should_stop is not None and should_stop():
             raise jac.ExplanationCancelled("the layer analysis was stopped")
@@ -212,11 +214,11 @@ def analyze_layers(
                 assert images is not None
                 # Products on the last position's own graph (its map of x_n); the reconstruction over every
                 # position comes from the whole graph's forward-mode image.
-                assert chain is not None
+                assert position is not None
                 up_to = _free_spectrum(
                     p,
-                    chain.capture.layer_outputs[layer][0, -1],
-                    chain.x,
+                    position.capture.layer_outputs[layer][0, -1],
+                    position.x,
                     images.layer_outputs[layer][0, -1],
                     shifted,
                     norm,
@@ -232,13 +234,13 @@ def analyze_layers(
                     alone = dataclasses.replace(alone, reconstruction_error=float("nan"))
             if options.component_spectra:
                 assert images is not None
-                assert chain is not None
+                assert position is not None
                 for slot, (kind, term) in enumerate(blocks):
                     image = getattr(images, kind)[layer][0, -1]
                     linear_part = term.detach() - offsets[(kind, layer)] if offsets else term.detach()
-                    chain_term = getattr(chain.capture, kind)[layer][0, -1]
+                    chain_term = getattr(position.capture, kind)[layer][0, -1]
                     spectra[slot] = _free_spectrum(
-                        p, chain_term, chain.x, image, linear_part, norm, options, k, "embeddings", counter
+                        p, chain_term, position.x, image, linear_part, norm, options, k, "embeddings", counter
                     )
             done += counter.count
             products = counter.count
@@ -429,39 +431,53 @@ def _whole_images(p: ExplanationPass, layers: Sequence[int], options: LayerAnaly
     return images
 
 
+def last_position_chain(
+    p: ExplanationPass, options: LayerAnalysisOptions, should_stop: jac.ShouldStop | None = None
+) -> layer_chain.Chain | None:
+    """The selected layers' maps of x_n, materialised on the cut position graph, when the plan takes the chain
+    (None otherwise); with J_n when the last-position spectrum is FULL on the position graph, so that one walk
+    serves both."""
+    if not p.plan.layer_chain:
+        return None
+    count = p.context.num_layers
+    return layer_chain.materialise(
+        p.twin,
+        p.x.detach()[-1],
+        p.prefix,
+        layers=set(options.selected(count)),
+        blocks=options.component_spectra,
+        last_jacobian=p.plan.method is ExplainMethod.FULL and p.plan.on_position_graph,
+        chunk=max(p.plan.chain_chunk, 1) * count,  # a row through one layer holds a layer's activations
+        should_stop=should_stop,
+    )
+
+
 def _chained(
     p: ExplanationPass,
+    chain: layer_chain.Chain,
     layers: Sequence[int],
     options: LayerAnalysisOptions,
     norm: FrozenFinalNorm,
     images: Capture,
     k: int,
     offsets: dict[tuple[str, int], torch.Tensor],
-    should_stop: jac.ShouldStop | None,
 ) -> Iterator[_Chained]:
     """The selected layers' spectra from the materialised chain (:mod:`linlens.engine.layer_chain`), in layer
     order. Their singular vectors are decoded together at the end: decoding reads the whole LM head and embedding
     matrix per call (tens of ms for SmolLM2), so one call for every layer costs what one layer's did."""
-    graph = build_position_graph(p.twin, p.x.detach()[-1], p.prefix, record_layers=True, cut_layers=True)
-    x_n = graph.x.detach()
-    wanted = set(layers)
-    chunk = max(p.plan.chain_chunk, 1) * p.context.num_layers
     found: list[tuple[int, str, LinearMapSpectrum, Spectrum, tuple[torch.Tensor, torch.Tensor]]] = []
     rows: dict[int, int] = {}
-    for maps in layer_chain.walk(
-        graph, last=max(layers), blocks=options.component_spectra, chunk=chunk, should_stop=should_stop
-    ):
-        if maps.layer not in wanted:
-            continue
-        rows[maps.layer] = maps.rows
+    for layer in sorted(set(layers)):
+        maps = chain.maps[layer]
+        rows[layer] = maps.rows
         matrices = [("up_to", maps.up_to)] if options.up_to_layer else []
         for kind, matrix in [*matrices, *maps.blocks.items()]:
             slot = "layer_outputs" if kind == "up_to" else kind
-            output = getattr(p.capture, slot)[maps.layer][0, -1].detach()
-            key = ("layer" if kind == "up_to" else kind, maps.layer)
+            output = getattr(p.capture, slot)[layer][0, -1].detach()
+            key = ("layer" if kind == "up_to" else kind, layer)
             linear_part = output - offsets[key] if offsets else output
-            image = getattr(images, slot)[maps.layer][0, -1]
-            found.append((maps.layer, kind, *_explicit_spectrum(matrix, x_n, image, linear_part, options, k)))
+            image = getattr(images, slot)[layer][0, -1]
+            found.append((layer, kind, *_explicit_spectrum(matrix, chain.x_n, image, linear_part, options, k)))
     components = _decode_all(p, [(spectrum, residuals) for *_, spectrum, residuals in found], norm, options)
     results: dict[int, dict[str, LinearMapSpectrum]] = {layer: {} for layer in rows}
     for (layer, kind, partial, _, _), decoded in zip(found, components, strict=True):
