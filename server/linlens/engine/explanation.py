@@ -106,7 +106,8 @@ def explain_output(
     last_jacobian: torch.Tensor | None = None,
 ) -> Explanation:
     """Explain the prediction of ``p`` (see the module docstring). The layer analysis, if any, is not included;
-    ``last_jacobian``: J_n already materialised by it (its layer chain), for a FULL last-position spectrum."""
+    ``last_jacobian``: J_n already materialised by it (its layer chain: d rows, counted here too), for a FULL
+    last-position spectrum."""
     context, options = p.context, p.options
     prediction = p.prediction
     y_model = prediction.y_model
@@ -288,7 +289,7 @@ def _last_position(
     k, y, chunk = p.options.top_k, p.y.detach(), p.options.vjp_chunk_size or p.plan.chain_chunk
     if graph is None:
         assert last_jacobian is not None
-        found = materialised_spectrum(last_jacobian, p.x.detach()[-1], y, k, vjps=0)
+        found = materialised_spectrum(last_jacobian, p.x.detach()[-1], y, k, vjps=int(last_jacobian.shape[1]))
     elif method is ExplainMethod.FULL:
         report = None
         if on_progress is not None:
