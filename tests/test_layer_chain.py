@@ -83,7 +83,7 @@ def test_the_chains_last_jacobian_is_the_whole_graphs(loaded: dict[str, LoadedMo
     p = ExplanationPass(loaded[family].explainer.context, sample_ids(), options)
     d = p.context.hidden_size
     chain = layer_chain.materialise(
-        p.twin, p.x.detach()[-1], p.prefix, layers={0}, blocks=False, last_jacobian=True, chunk=d
+        p.twin, p.x.detach()[-1], p.prefix, layers={0}, blocks=False, last_jacobian=True, chunk=d, keep=lambda m: m
     )
     assert set(chain.maps) == {0} and chain.last_jacobian is not None
     full = jac.full_jacobian(p.y, p.x, chunk=d, retain_graph=True)[:, -1]

@@ -15,9 +15,9 @@ what the previous one wrote is checked at every layer, at run time.
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import torch
 from transformers import PreTrainedModel
@@ -27,6 +27,8 @@ from linlens.engine.position_graph import KeyValues, PositionGraph, build_positi
 
 #: The block terms whose maps ride in each layer's backward.
 BLOCKS = ("attention", "mlp")
+
+Kept = TypeVar("Kept")
 
 
 @dataclass(frozen=True)
@@ -97,13 +99,12 @@ def walk(
 
 
 @dataclass(frozen=True)
-class Chain:
-    """The selected layers' maps of x_n at the last position, materialised, and (when asked) J_n itself."""
+class Chain(Generic[Kept]):
+    """What was kept of the selected layers' maps of x_n at the last position, and (when asked) J_n itself."""
 
-    #: x_n, the input the maps act on (d,).
-    x_n: torch.Tensor
-    #: The selected layers' maps, by layer; their ``alone`` is not kept (empty).
-    maps: dict[int, LayerMaps]
+    #: What ``keep`` made of each selected layer's maps, by layer (the maps themselves are not held: L d x d
+    #: matrices would be, for a wide model, more than the rest of the explanation).
+    maps: dict[int, Kept]
     #: J_n = d y_n / d x_n (d, d): the final norm's map times the last up-to-layer map; None unless asked.
     last_jacobian: torch.Tensor | None
 
@@ -117,23 +118,24 @@ def materialise(
     blocks: bool,
     last_jacobian: bool,
     chunk: int,
+    keep: Callable[[LayerMaps], Kept],
     should_stop: jac.ShouldStop | None = None,
-) -> Chain:
+) -> Chain[Kept]:
     """Walk the cut position graph of ``x_last`` on the frozen ``prefix`` up to the last of ``layers`` (to the last
-    layer with ``last_jacobian``), keeping the maps of ``layers``: one walk serves the layer analysis and, through
-    the final norm, the last position's spectrum."""
+    layer with ``last_jacobian``), keeping ``keep(maps)`` of each of ``layers`` as it passes: one walk serves the
+    layer analysis and, through the final norm, the last position's spectrum."""
     graph = build_position_graph(twin, x_last, prefix, record_layers=True, cut_layers=True)
     count = len(graph.capture.layer_inputs)
     final = final_map(graph, chunk=chunk) if last_jacobian else None
     last = count - 1 if last_jacobian else max(layers)
-    kept: dict[int, LayerMaps] = {}
+    kept: dict[int, Kept] = {}
     jn = None
     for maps in walk(graph, last=last, blocks=blocks, chunk=chunk, should_stop=should_stop):
         if maps.layer in layers:
-            kept[maps.layer] = dataclasses.replace(maps, alone=maps.alone.new_empty(0))
+            kept[maps.layer] = keep(maps)
         if final is not None and maps.layer == count - 1:
             jn = final @ maps.up_to
-    return Chain(x_n=graph.x.detach(), maps=kept, last_jacobian=jn)
+    return Chain(maps=kept, last_jacobian=jn)
 
 
 def final_map(graph: PositionGraph, *, chunk: int) -> torch.Tensor:

@@ -56,7 +56,7 @@ def analyze_layers(
     *,
     should_stop: jac.ShouldStop | None = None,
     on_progress: jac.OnPhaseProgress | None = None,
-    chain: layer_chain.Chain | None = None,
+    chain: layer_chain.Chain[_Kept] | None = None,
 ) -> Iterator[LayerEvent]:
     """Yield the LayerAttributions matrix first, then one LayerResult per selected layer as soon as it is ready.
 
@@ -174,7 +174,7 @@ def analyze_layers(
         images = images if images is not None else _whole_images(p, layers, options)
         chain = chain if chain is not None else last_position_chain(p, options, should_stop)
         assert chain is not None
-        pending = _chained(p, chain, layers, options, norm, images, k, offsets)
+        pending = _chained(p, chain, layers, options, norm, images, offsets)
     elif needs_images and images is None:
         # M x for every layer output and block term at once: one forward-mode JVP through the frozen system.
         images = Capture()
@@ -431,61 +431,79 @@ def _whole_images(p: ExplanationPass, layers: Sequence[int], options: LayerAnaly
     return images
 
 
+#: One layer's maps from the chain, as kept: (kind, result without its reconstruction and components, spectrum,
+#: certificates) per map ("up_to", "attention", "mlp").
+_Kept = list[tuple[str, LinearMapSpectrum, Spectrum, tuple[torch.Tensor, torch.Tensor]]]
+
+
 def last_position_chain(
     p: ExplanationPass, options: LayerAnalysisOptions, should_stop: jac.ShouldStop | None = None
-) -> layer_chain.Chain | None:
-    """The selected layers' maps of x_n, materialised on the cut position graph, when the plan takes the chain
-    (None otherwise); with J_n when the last-position spectrum is FULL on the position graph, so that one walk
-    serves both."""
+) -> layer_chain.Chain[_Kept] | None:
+    """The selected layers' maps of x_n, materialised on the cut position graph and reduced to their spectra as
+    the walk passes them, when the plan takes the chain (None otherwise); with J_n when the last-position spectrum
+    is FULL on the position graph, so that one walk serves both."""
     if not p.plan.layer_chain:
         return None
-    count = p.context.num_layers
+    count, k = p.context.num_layers, max(options.top_k, 1)
+    x_n, offsets = p.x.detach()[-1], p.block_constants
+
+    def keep(maps: layer_chain.LayerMaps) -> _Kept:
+        kept: _Kept = []
+        matrices = [("up_to", maps.up_to)] if options.up_to_layer else []
+        for kind, matrix in [*matrices, *maps.blocks.items()]:
+            slot = "layer_outputs" if kind == "up_to" else kind
+            output = getattr(p.capture, slot)[maps.layer][0, -1].detach()
+            key = ("layer" if kind == "up_to" else kind, maps.layer)
+            linear_part = output - offsets[key] if offsets else output
+            kept.append((kind, *_explicit_spectrum(matrix, x_n, linear_part, options, k)))
+        return kept
+
     return layer_chain.materialise(
         p.twin,
-        p.x.detach()[-1],
+        x_n,
         p.prefix,
         layers=set(options.selected(count)),
         blocks=options.component_spectra,
         last_jacobian=p.plan.method is ExplainMethod.FULL and p.plan.on_position_graph,
         chunk=max(p.plan.chain_chunk, 1) * count,  # a row through one layer holds a layer's activations
+        keep=keep,
         should_stop=should_stop,
     )
 
 
 def _chained(
     p: ExplanationPass,
-    chain: layer_chain.Chain,
+    chain: layer_chain.Chain[_Kept],
     layers: Sequence[int],
     options: LayerAnalysisOptions,
     norm: FrozenFinalNorm,
     images: Capture,
-    k: int,
     offsets: dict[tuple[str, int], torch.Tensor],
 ) -> Iterator[_Chained]:
     """The selected layers' spectra from the materialised chain (:mod:`linlens.engine.layer_chain`), in layer
-    order. Their singular vectors are decoded together at the end: decoding reads the whole LM head and embedding
-    matrix per call (tens of ms for SmolLM2), so one call for every layer costs what one layer's did."""
+    order, with their reconstructions over every position (``images``). Their singular vectors are decoded together:
+    decoding reads the whole LM head and embedding matrix per call (tens of ms for SmolLM2), so one call for every
+    layer costs what one layer's did."""
     found: list[tuple[int, str, LinearMapSpectrum, Spectrum, tuple[torch.Tensor, torch.Tensor]]] = []
-    rows: dict[int, int] = {}
+    d = p.context.hidden_size
     for layer in sorted(set(layers)):
-        maps = chain.maps[layer]
-        rows[layer] = maps.rows
-        matrices = [("up_to", maps.up_to)] if options.up_to_layer else []
-        for kind, matrix in [*matrices, *maps.blocks.items()]:
+        for kind, partial, spectrum, residuals in chain.maps[layer]:
             slot = "layer_outputs" if kind == "up_to" else kind
             output = getattr(p.capture, slot)[layer][0, -1].detach()
             key = ("layer" if kind == "up_to" else kind, layer)
             linear_part = output - offsets[key] if offsets else output
             image = getattr(images, slot)[layer][0, -1]
-            found.append((layer, kind, *_explicit_spectrum(matrix, chain.x_n, image, linear_part, options, k)))
+            error = relative(image - linear_part, linear_part)
+            found.append((layer, kind, dataclasses.replace(partial, reconstruction_error=error), spectrum, residuals))
     components = _decode_all(p, [(spectrum, residuals) for *_, spectrum, residuals in found], norm, options)
-    results: dict[int, dict[str, LinearMapSpectrum]] = {layer: {} for layer in rows}
+    results: dict[int, dict[str, LinearMapSpectrum]] = {layer: {} for layer in chain.maps}
     for (layer, kind, partial, _, _), decoded in zip(found, components, strict=True):
         results[layer][kind] = dataclasses.replace(partial, components=decoded)
-    for layer in sorted(rows):
+    blocks = 1 + (2 if options.component_spectra else 0)  # the rows of each layer's backward, d each
+    for layer in sorted(chain.maps):
         spectra = results[layer]
         up_to = spectra.pop("up_to", None)
-        yield _Chained(layer, up_to, spectra, rows[layer])
+        yield _Chained(layer, up_to, spectra, blocks * d)
 
 
 def _decode_all(
@@ -516,15 +534,15 @@ def _decode_all(
 def _explicit_spectrum(
     matrix: torch.Tensor,
     x_n: torch.Tensor,
-    image: torch.Tensor,
     linear_part: torch.Tensor,
     options: LayerAnalysisOptions,
     k: int,
 ) -> tuple[LinearMapSpectrum, Spectrum, tuple[torch.Tensor, torch.Tensor]]:
     """The top-k of a materialised d x d map of x_n, by the same block Krylov as any map but on products with the
     matrix (microseconds each), so its certificates come from fresh products; ||M||_F is exact, so the stable
-    rank's error is only that of s_1. Returns the result without its decoded components, the spectrum and its
-    certificates (for :func:`_decode_all`)."""
+    rank's error is only that of s_1. Returns the result without its reconstruction error (NaN: its image over
+    every position comes later) and decoded components, the spectrum and its certificates (for
+    :func:`_decode_all`)."""
     maps = BlockMaps(
         count=1,
         in_dim=int(matrix.shape[1]),
@@ -540,7 +558,7 @@ def _explicit_spectrum(
     # ||M||_F is exact; what is left is s_1's own error, at most its residual times s_1 (and rounding)
     top = max(float(found.residual_left[0]), float(found.residual_right[0]))
     error = spectrum.stable_rank * max(2.0 * top, 100 * torch.finfo(matrix.dtype).eps)
-    result = _matrix_free_result(spectrum, options, relative(image - linear_part, linear_part), error)
+    result = _matrix_free_result(spectrum, options, float("nan"), error)
     return result, spectrum, (found.residual_left, found.residual_right)
 
 
