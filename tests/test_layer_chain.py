@@ -110,3 +110,27 @@ def test_layers_all_takes_its_spectrum_from_the_chain(smollm2: LoadedModel) -> N
         assert [t.token_id for t in mine.left_tokens] == [t.token_id for t in theirs.left_tokens]
         assert [t.token_id for t in mine.right_tokens] == [t.token_id for t in theirs.right_tokens]
     assert [r.layer for r in with_layers.layers] == [0, 29]
+
+
+def test_the_plan_takes_the_chain_and_its_last_jacobian() -> None:
+    """The plan runs the chain where it materialises, and under AUTO only then takes J_n's spectrum FULL from it."""
+    from linlens.engine.plan import ModelShape, plan
+
+    smollm2 = ModelShape(hidden=576, layer_weights=106_000_000, chain_chunk=576, layers=30)
+    layers = LayerAnalysisOptions(top_k=1)
+    chained = plan(ExplainOptions(layers=layers), 7, smollm2)
+    assert chained.layer_chain and chained.layer_method is ExplainMethod.MATRIX_FREE
+    assert chained.method is ExplainMethod.FULL and chained.on_position_graph
+    assert plan(ExplainOptions(), 7, smollm2).method is ExplainMethod.MATRIX_FREE  # without layers: the solve
+    asked = plan(ExplainOptions(method=ExplainMethod.MATRIX_FREE, layers=layers), 7, smollm2)
+    assert asked.layer_chain and asked.method is ExplainMethod.MATRIX_FREE  # a method asked for is kept
+    assert plan(ExplainOptions(top_k=0, layers=layers), 7, smollm2).method is None
+    # the whole prompt's spectrum is not J_n: the chain still serves the layers, not the spectra
+    whole = plan(ExplainOptions(layers=layers, prompt_spectrum=True), 7, smollm2)
+    assert whole.layer_chain and not whole.on_position_graph and whole.method is not ExplainMethod.FULL
+    wide = ModelShape(hidden=4096, layer_weights=405_000_000, chain_chunk=64, layers=2)
+    assert not plan(ExplainOptions(layers=layers), 7, wide).layer_chain
+    unknown = ModelShape(hidden=576, layer_weights=106_000_000, chain_chunk=576)  # no layer count: never
+    assert not plan(ExplainOptions(layers=layers), 7, unknown).layer_chain
+    no_maps = LayerAnalysisOptions(up_to_layer=False, layer_alone=True)
+    assert not plan(ExplainOptions(layers=no_maps), 7, smollm2).layer_chain
