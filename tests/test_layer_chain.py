@@ -2,8 +2,10 @@
 
 The reference is always the whole prompt's graph (the explanation pass's own, d VJPs per map), never the chain
 itself. The tiny models have a sliding window (4) shorter than the prompt (11 tokens) where the family has one.
-Breakage this test was seen to catch (made once on purpose): each layer's own map used without the product of the
-maps before it (the up-to-layer comparison fails at layer 1).
+Breakages these tests were seen to catch (each made once on purpose): each layer's own map used without the product
+of the maps before it (the up-to-layer comparison fails at layer 1); J_n taken as the last up-to-layer map without the
+final norm's map (the J_n comparison on every family and SmolLM2's spectrum); the plan taking J_n's spectrum from the
+chain when the whole prompt's spectrum is asked for (the plan test).
 """
 
 from __future__ import annotations
