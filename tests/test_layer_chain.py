@@ -124,6 +124,9 @@ def test_the_plan_takes_the_chain_and_its_last_jacobian() -> None:
     assert chained.layer_chain and chained.layer_method is ExplainMethod.MATRIX_FREE
     assert chained.method is ExplainMethod.FULL and chained.on_position_graph
     assert plan(ExplainOptions(), 7, smollm2).method is ExplainMethod.MATRIX_FREE  # without layers: the solve
+    # layer 0 alone: walking on through 29 more layers for J_n costs more than the solve
+    first = plan(ExplainOptions(layers=LayerAnalysisOptions(layers=(0,), top_k=1)), 7, smollm2)
+    assert first.layer_chain and first.method is ExplainMethod.MATRIX_FREE
     asked = plan(ExplainOptions(method=ExplainMethod.MATRIX_FREE, layers=layers), 7, smollm2)
     assert asked.layer_chain and asked.method is ExplainMethod.MATRIX_FREE  # a method asked for is kept
     assert plan(ExplainOptions(top_k=0, layers=layers), 7, smollm2).method is None

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from linlens.contract import ExplainMethod, ExplainOptions, LayerAnalysisOptions
+from linlens.contract import ExplainMethod, ExplainOptions, LayerAnalysisOptions, OptionError
 from linlens.engine.last_position import chain_block, chain_costs, on_position_graph
 from linlens.engine.layer_chain import materialises
 
@@ -99,7 +99,9 @@ def plan(options: ExplainOptions, n_tokens: int, shape: ModelShape) -> Explanati
     layer = layer_method(options.method, layers, shape.hidden) if layers is not None else None
     chained = layer is ExplainMethod.MATRIX_FREE and layers is not None and _chains(layers, shape)
     if chained and chain and method is not None and options.method is ExplainMethod.AUTO:
-        method = ExplainMethod.FULL  # J_n comes with the chain: its full SVD costs less than any solve
+        assert layers is not None
+        if _from_chain(options, layers, n_tokens, shape):
+            method = ExplainMethod.FULL  # J_n comes with the chain: an SVD instead of a solve
     k = max(options.top_k, layers.top_k if layers is not None else 1, 1)
     maps = max(len(options.selected_positions(n_tokens)) + int(options.prompt_spectrum), 1)
     krylov = chain_block(k) if chain else block_size(k) * maps
@@ -122,6 +124,22 @@ def _chains(options: LayerAnalysisOptions, shape: ModelShape) -> bool:
     maps += 2 if options.component_spectra else 0
     k = max(options.top_k, 1)
     return materialises(shape.hidden, shape.layers, shape.layer_weights, matrix_free_products(k), maps)
+
+
+def _from_chain(options: ExplainOptions, layers: LayerAnalysisOptions, n_tokens: int, shape: ModelShape) -> bool:
+    """Whether J_n from the chain costs less than the matrix-free solve on the position graph: the walk goes on
+    from the last selected layer to the last layer (its share of d rows), then J_n's SVD. With every layer selected
+    that is the SVD alone (SmolLM2: about 13 rows against about 370); with layer 0 alone it is not."""
+    try:
+        selected = layers.selected(shape.layers)
+    except OptionError:  # refused later by validation
+        return False
+    if not selected:
+        return False
+    svd_rows = SVD_ROW_FACTOR * shape.hidden**3 / max(shape.layer_weights, 1)
+    onward = shape.hidden * (shape.layers - 1 - max(selected)) / shape.layers
+    chunk = options.vjp_chunk_size or shape.chain_rows(n_tokens)
+    return onward + svd_rows < chain_costs(options.top_k, shape.hidden, chunk, svd_rows).matrix_free
 
 
 def _spectra_method(options: ExplainOptions, n_tokens: int, shape: ModelShape, chain: bool) -> ExplainMethod | None:
