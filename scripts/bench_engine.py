@@ -278,25 +278,34 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
     parser.add_argument("--no-generation", action="store_true", help="(units) skip the explained generation")
     parser.add_argument("--only-generation", action="store_true", help="(units) the explained generation rows alone")
+    parser.add_argument(
+        "--rows", help="(units) comma-separated request rows to run: attributions, default, layers (default: all)"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"bench: torch threads {torch.get_num_threads()}", file=sys.stderr, flush=True)
     if args.part == "units":
-        from bench_units import unit_costs
+        from bench_units import ROWS, unit_costs
 
         lengths = [int(t) for t in args.tokens.split(",")]
+        rows = frozenset(r.strip() for r in args.rows.split(",")) if args.rows else None
+        unknown = sorted(rows - set(ROWS)) if rows else []
+        if unknown:
+            parser.error(f"--rows: unknown {unknown}; choose from {', '.join(ROWS)}")
         if args.wide:
             import tempfile
 
             with tempfile.TemporaryDirectory() as folder:
                 wide = _wide_llama(folder)
                 prompts = {n: [(7 * i + 3) % 1000 for i in range(n)] for n in lengths}
-                table = unit_costs(wide, prompts, args.repeats, "random Llama, hidden 4096", False)
+                table = unit_costs(wide, prompts, args.repeats, "random Llama, hidden 4096", False, False, rows)
         else:
             loaded = load_model(args.model)
             prompts = {n: _prompt_of(loaded.tokenizer, n) for n in lengths}
-            table = unit_costs(loaded, prompts, args.repeats, args.model, not args.no_generation, args.only_generation)
+            table = unit_costs(
+                loaded, prompts, args.repeats, args.model, not args.no_generation, args.only_generation, rows
+            )
         print(table)
         if args.markdown:
             with open(args.markdown, "a", encoding="utf-8") as handle:

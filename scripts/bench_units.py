@@ -15,6 +15,10 @@ its gradient cost. Each request is timed as the engine serves it (``Explainer.ex
     python scripts/bench_engine.py --part units --model smollm2-135m --tokens 7,128,1024 --threads 1
     python scripts/bench_engine.py --part units --wide --tokens 7 --threads 1
     python scripts/bench_engine.py --part units --tokens 7 --threads 1 --only-generation
+    python scripts/bench_engine.py --part units --tokens 7 --threads 1 --no-generation --rows layers
+
+``--rows`` picks request rows by key (``attributions``: ``Explain(top_k=0)``, ``default``, ``layers``); the unit is
+measured for each length either way.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ import torch
 from linlens.engine import ExplainOptions, LayerAnalysisOptions
 
 GENERATED = 12
+#: The request rows' keys, for ``--rows``.
+ROWS = ("attributions", "default", "layers")
 
 
 def _median_seconds(function: Callable[[], Any], repeats: int) -> float:
@@ -81,9 +87,10 @@ def unit_costs(
     label: str,
     generation: bool,
     only_generation: bool = False,
+    rows_wanted: frozenset[str] | None = None,
 ) -> str:
     """The table of docs/engine.md ("In units of the plain forward + backward"); ``only_generation``: its
-    generation rows alone."""
+    generation rows alone; ``rows_wanted``: only these request rows (keys of :data:`ROWS`), None for all."""
     rows = [
         f"#### {label}: explanations in units of the plain forward + backward (threads {torch.get_num_threads()})",
         "",
@@ -94,11 +101,16 @@ def unit_costs(
     shortest = min(prompts)
     for length, ids in prompts.items() if not only_generation else ():
         unit = _median_seconds(_unit(loaded.model, ids), repeats)
-        requests = [("Explain(top_k=0)", ExplainOptions(top_k=0)), ("default Explain", ExplainOptions())]
+        requests = [
+            ("attributions", "Explain(top_k=0)", ExplainOptions(top_k=0)),
+            ("default", "default Explain", ExplainOptions()),
+        ]
         if length == shortest:
             layers = LayerAnalysisOptions(top_k=1)
-            requests.append(("--layers all (layer top_k 1)", ExplainOptions(layers=layers)))
-        for name, options in requests:
+            requests.append(("layers", "--layers all (layer top_k 1)", ExplainOptions(layers=layers)))
+        for key, name, options in requests:
+            if rows_wanted is not None and key not in rows_wanted:
+                continue
             last: list[Any] = []
 
             def request(options: ExplainOptions = options, last: list[Any] = last, ids: list[int] = ids) -> None:

@@ -2,17 +2,20 @@
 
 The reference is always the whole prompt's graph (the explanation pass's own, d VJPs per map), never the chain
 itself. The tiny models have a sliding window (4) shorter than the prompt (11 tokens) where the family has one.
-Breakage this test was seen to catch (made once on purpose): each layer's own map used without the product of the
-maps before it (the up-to-layer comparison fails at layer 1).
+Breakages these tests were seen to catch (each made once on purpose): each layer's own map used without the product
+of the maps before it (the up-to-layer comparison fails at layer 1); J_n taken as the last up-to-layer map without the
+final norm's map (the J_n comparison on every family and SmolLM2's spectrum); the plan taking J_n's spectrum from the
+chain when the whole prompt's spectrum is asked for (the plan test).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from tiny_models import FAMILIES, sample_ids, save_tiny_model
 
-from linlens.engine import ExplainOptions, LayerAnalysisOptions, Precision, layer_chain
+from linlens.engine import ExplainMethod, ExplainOptions, LayerAnalysisOptions, Precision, layer_chain
 from linlens.engine import jacobian as jac
 from linlens.engine.forward import ExplanationPass
 from linlens.engine.plan import matrix_free_products
@@ -73,3 +76,66 @@ def test_materialising_is_chosen_by_cost() -> None:
     rows = matrix_free_products(1)
     assert layer_chain.materialises(576, 30, 106_000_000, rows, 1)
     assert not layer_chain.materialises(4096, 2, 405_000_000, rows, 1)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_chains_last_jacobian_is_the_whole_graphs(loaded: dict[str, LoadedModel], family: str) -> None:
+    """J_n from the chain (the final norm's map times the last up-to-layer map) against the whole graph's J_n."""
+    options = ExplainOptions(precision=Precision.FLOAT64, layers=LayerAnalysisOptions(layers=(0,)))
+    p = ExplanationPass(loaded[family].explainer.context, sample_ids(), options)
+    d = p.context.hidden_size
+    chain = layer_chain.materialise(
+        p.twin, p.x.detach()[-1], p.prefix, layers={0}, blocks=False, last_jacobian=True, chunk=d, keep=lambda m: m
+    )
+    assert set(chain.maps) == {0} and chain.last_jacobian is not None
+    full = jac.full_jacobian(p.y, p.x, chunk=d, retain_graph=True)[:, -1]
+    assert _relative(chain.last_jacobian, full) < AGREES
+
+
+def test_layers_all_takes_its_spectrum_from_the_chain(smollm2: LoadedModel) -> None:
+    """Under AUTO, SmolLM2's layer analysis runs on the chain (the tiny models' layer maps are FULL), and the last
+    position's spectrum is then FULL on the chain's J_n: the singular values of the request without layers (FULL on
+    the position graph's own J_n), all of them known, and the same decoded tokens. float32: within 1e-5."""
+    explainer = smollm2.explainer
+    ids = [int(t) for t in smollm2.tokenizer("The bridge out of Marin is the")["input_ids"]]
+    options = ExplainOptions(top_k=3, layers=LayerAnalysisOptions(layers=(0, 29), top_k=1))
+    p = ExplanationPass(explainer.context, ids, options)
+    assert p.plan.layer_chain and p.plan.method is ExplainMethod.FULL
+    with_layers = explainer.explain(ids, options)
+    alone = explainer.explain(ids, ExplainOptions(top_k=3, method=ExplainMethod.FULL))
+    got, want = with_layers.spectra[-1], alone.spectra[-1]
+    assert with_layers.method is ExplainMethod.FULL and got.singular_values_complete
+    np.testing.assert_allclose(
+        got.singular_values, want.singular_values, rtol=1e-5, atol=1e-5 * want.singular_values[0]
+    )
+    for mine, theirs in zip(got.components, want.components, strict=True):
+        assert [t.token_id for t in mine.left_tokens] == [t.token_id for t in theirs.left_tokens]
+        assert [t.token_id for t in mine.right_tokens] == [t.token_id for t in theirs.right_tokens]
+    assert [r.layer for r in with_layers.layers] == [0, 29]
+
+
+def test_the_plan_takes_the_chain_and_its_last_jacobian() -> None:
+    """The plan runs the chain where it materialises, and under AUTO only then takes J_n's spectrum FULL from it."""
+    from linlens.engine.plan import ModelShape, plan
+
+    smollm2 = ModelShape(hidden=576, layer_weights=106_000_000, chain_chunk=576, layers=30)
+    layers = LayerAnalysisOptions(top_k=1)
+    chained = plan(ExplainOptions(layers=layers), 7, smollm2)
+    assert chained.layer_chain and chained.layer_method is ExplainMethod.MATRIX_FREE
+    assert chained.method is ExplainMethod.FULL and chained.on_position_graph
+    assert plan(ExplainOptions(), 7, smollm2).method is ExplainMethod.MATRIX_FREE  # without layers: the solve
+    # layer 0 alone: walking on through 29 more layers for J_n costs more than the solve
+    first = plan(ExplainOptions(layers=LayerAnalysisOptions(layers=(0,), top_k=1)), 7, smollm2)
+    assert first.layer_chain and first.method is ExplainMethod.MATRIX_FREE
+    asked = plan(ExplainOptions(method=ExplainMethod.MATRIX_FREE, layers=layers), 7, smollm2)
+    assert asked.layer_chain and asked.method is ExplainMethod.MATRIX_FREE  # a method asked for is kept
+    assert plan(ExplainOptions(top_k=0, layers=layers), 7, smollm2).method is None
+    # the whole prompt's spectrum is not J_n: the chain still serves the layers, not the spectra
+    whole = plan(ExplainOptions(layers=layers, prompt_spectrum=True), 7, smollm2)
+    assert whole.layer_chain and not whole.on_position_graph and whole.method is not ExplainMethod.FULL
+    wide = ModelShape(hidden=4096, layer_weights=405_000_000, chain_chunk=64, layers=2)
+    assert not plan(ExplainOptions(layers=layers), 7, wide).layer_chain
+    unknown = ModelShape(hidden=576, layer_weights=106_000_000, chain_chunk=576)  # no layer count: never
+    assert not plan(ExplainOptions(layers=layers), 7, unknown).layer_chain
+    no_maps = LayerAnalysisOptions(up_to_layer=False, layer_alone=True)
+    assert not plan(ExplainOptions(layers=no_maps), 7, smollm2).layer_chain

@@ -191,6 +191,7 @@ class ModelContext:
             layer_weights=self._layer_weights,
             chain_chunk=self.vjp_chunk(1, dtype),
             prefix_row_bytes=(self._attention_width + self._kv_width) * torch.empty((), dtype=dtype).element_size(),
+            layers=self.num_layers,
         )
 
     def memory_estimate(

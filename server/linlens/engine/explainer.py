@@ -30,7 +30,7 @@ from linlens.engine import jacobian as jac
 from linlens.engine.context import DTYPES, ModelContext
 from linlens.engine.explanation import explain_output
 from linlens.engine.forward import ExplanationPass
-from linlens.engine.layers import analyze_layers
+from linlens.engine.layers import analyze_layers, last_position_chain
 from linlens.engine.plan import plan
 from linlens.engine.sequence import StepProgress, explain_steps, shares_pass
 
@@ -125,7 +125,18 @@ class Explainer:
         options = options or ExplainOptions()
         self.validate(input_ids, options)
         explanation_pass = ExplanationPass(self.context, input_ids, options)
-        explanation = explain_output(explanation_pass, should_stop=should_stop, on_progress=on_progress)
+        # The layer chain, when the plan takes it, runs first: its last map is J_n, the last position's spectrum.
+        started = time.perf_counter()
+        chain = (
+            last_position_chain(explanation_pass, options.layers, should_stop) if options.layers is not None else None
+        )
+        chain_ms = (time.perf_counter() - started) * 1000.0
+        explanation = explain_output(
+            explanation_pass,
+            should_stop=should_stop,
+            on_progress=on_progress,
+            last_jacobian=chain.last_jacobian if chain is not None else None,
+        )
         if on_event is not None:
             on_event(explanation)
         if options.layers is None:
@@ -133,7 +144,9 @@ class Explainer:
         started = time.perf_counter()
         matrix: LayerAttributions | None = None
         layers: list[LayerResult] = []
-        events = analyze_layers(explanation_pass, options.layers, should_stop=should_stop, on_progress=on_progress)
+        events = analyze_layers(
+            explanation_pass, options.layers, should_stop=should_stop, on_progress=on_progress, chain=chain
+        )
         for event in events:
             if isinstance(event, LayerAttributions):
                 matrix = event
@@ -141,7 +154,7 @@ class Explainer:
                 layers.append(event)
             if on_event is not None:
                 on_event(event)
-        spent = Timings(layers_ms=(time.perf_counter() - started) * 1000.0)
+        spent = Timings(layers_ms=(time.perf_counter() - started) * 1000.0 + chain_ms)
         timings = explanation.timings + dataclasses.replace(spent, total_ms=spent.layers_ms)
         return dataclasses.replace(explanation, layer_attributions=matrix, layers=tuple(layers), timings=timings)
 

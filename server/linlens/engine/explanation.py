@@ -42,7 +42,7 @@ from linlens.engine import jacobian as jac
 from linlens.engine.context import Prediction
 from linlens.engine.decode import TokenDecoder
 from linlens.engine.forward import ExplanationPass
-from linlens.engine.last_position import chain_products, full_spectrum, matrix_free_spectrum
+from linlens.engine.last_position import chain_products, full_spectrum, materialised_spectrum, matrix_free_spectrum
 from linlens.engine.matrix_free import BlockMaps, Cancelled, Triplets, top_singular_triplets
 from linlens.engine.plan import matrix_free_products
 from linlens.engine.products import GraphProducts
@@ -103,8 +103,11 @@ def explain_output(
     *,
     should_stop: jac.ShouldStop | None = None,
     on_progress: jac.OnPhaseProgress | None = None,
+    last_jacobian: torch.Tensor | None = None,
 ) -> Explanation:
-    """Explain the prediction of ``p`` (see the module docstring). The layer analysis, if any, is not included."""
+    """Explain the prediction of ``p`` (see the module docstring). The layer analysis, if any, is not included;
+    ``last_jacobian``: J_n already materialised by it (its layer chain: d rows, counted here too), for a FULL
+    last-position spectrum."""
     context, options = p.context, p.options
     prediction = p.prediction
     y_model = prediction.y_model
@@ -151,7 +154,7 @@ def explain_output(
     prompt: LinearMapSpectrum | None = None
     if method is not None and p.plan.on_position_graph:
         graph.release()
-        spectra = _last_position(p, method, tally, should_stop, on_progress)
+        spectra = _last_position(p, method, tally, should_stop, on_progress, last_jacobian)
     elif method is ExplainMethod.FULL:
         spectra, truncated, jacobians_out, prompt = _full(
             p, tally, should_stop, on_progress, reconstruction.relative_error_vs_detached
@@ -275,14 +278,19 @@ def _last_position(
     tally: _Tally,
     should_stop: jac.ShouldStop | None,
     on_progress: jac.OnPhaseProgress | None,
+    last_jacobian: torch.Tensor | None = None,
 ) -> tuple[PositionSpectrum, ...]:
-    """J_n's spectrum through the last position's own graph (:mod:`linlens.engine.last_position`)."""
+    """J_n's spectrum through the last position's own graph (:mod:`linlens.engine.last_position`), or (FULL) of
+    ``last_jacobian``, J_n from the layer analysis's chain."""
     tick = time.perf_counter()
-    graph = p.position_graph()
+    graph = p.position_graph() if last_jacobian is None or method is not ExplainMethod.FULL else None
     tally.timed("forward", tick)
     tick = time.perf_counter()
     k, y, chunk = p.options.top_k, p.y.detach(), p.options.vjp_chunk_size or p.plan.chain_chunk
-    if method is ExplainMethod.FULL:
+    if graph is None:
+        assert last_jacobian is not None
+        found = materialised_spectrum(last_jacobian, p.x.detach()[-1], y, k, vjps=int(last_jacobian.shape[1]))
+    elif method is ExplainMethod.FULL:
         report = None
         if on_progress is not None:
             phase_progress = on_progress

@@ -118,12 +118,19 @@ def full_spectrum(
         jn = jac.full_jacobian(
             graph.y, graph.x, chunk=chunk, should_stop=should_stop, on_progress=on_progress, retain_graph=True
         )
+    return materialised_spectrum(jn, graph.x.detach(), y, k, vjps=int(graph.y.shape[0]))
+
+
+def materialised_spectrum(
+    jn: torch.Tensor, x_n: torch.Tensor, y: torch.Tensor, k: int, *, vjps: int
+) -> LastPositionSpectrum:
+    """The SVD of a materialised J_n (d, d) (signs along ``y``), with exact certificates; ``vjps``: the rows it
+    took (the layer chain's J_n comes with the layer analysis's rows)."""
     started = time.perf_counter()
-    (spectrum,) = decompose(jn[None], graph.x.detach()[None], y, k)
+    (spectrum,) = decompose(jn[None], x_n[None], y, k)
     residuals = exact_residuals(jn, spectrum, spectrum.left.shape[-1])
-    d = int(graph.y.shape[0])
     seconds = time.perf_counter() - started
-    return LastPositionSpectrum(spectrum, residuals, True, 0.0, vjps=d, jvps=0, svd_seconds=seconds)
+    return LastPositionSpectrum(spectrum, residuals, True, 0.0, vjps=vjps, jvps=0, svd_seconds=seconds)
 
 
 def solve_on_chain(
@@ -190,6 +197,7 @@ __all__ = [
     "chain_costs",
     "chain_products",
     "full_spectrum",
+    "materialised_spectrum",
     "matrix_free_spectrum",
     "on_position_graph",
 ]

@@ -15,16 +15,20 @@ what the previous one wrote is checked at every layer, at run time.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import torch
+from transformers import PreTrainedModel
 
 from linlens.engine import jacobian as jac
-from linlens.engine.position_graph import PositionGraph
+from linlens.engine.position_graph import KeyValues, PositionGraph, build_position_graph
 
 #: The block terms whose maps ride in each layer's backward.
 BLOCKS = ("attention", "mlp")
+
+Kept = TypeVar("Kept")
 
 
 @dataclass(frozen=True)
@@ -94,4 +98,58 @@ def walk(
         running = maps[0]
 
 
-__all__ = ["BLOCKS", "LayerMaps", "materialises", "walk"]
+@dataclass(frozen=True)
+class Chain(Generic[Kept]):
+    """What was kept of the selected layers' maps of x_n at the last position, and (when asked) J_n itself."""
+
+    #: What ``keep`` made of each selected layer's maps, by layer (the maps themselves are not held: L d x d
+    #: matrices would be, for a wide model, more than the rest of the explanation).
+    maps: dict[int, Kept]
+    #: J_n = d y_n / d x_n (d, d): the final norm's map times the last up-to-layer map; None unless asked.
+    last_jacobian: torch.Tensor | None
+
+
+def materialise(
+    twin: PreTrainedModel,
+    x_last: torch.Tensor,
+    prefix: list[KeyValues],
+    *,
+    layers: Collection[int],
+    blocks: bool,
+    last_jacobian: bool,
+    chunk: int,
+    keep: Callable[[LayerMaps], Kept],
+    should_stop: jac.ShouldStop | None = None,
+) -> Chain[Kept]:
+    """Walk the cut position graph of ``x_last`` on the frozen ``prefix`` up to the last of ``layers`` (to the last
+    layer with ``last_jacobian``), keeping ``keep(maps)`` of each of ``layers`` as it passes: one walk serves the
+    layer analysis and, through the final norm, the last position's spectrum."""
+    graph = build_position_graph(twin, x_last, prefix, record_layers=True, cut_layers=True)
+    count = len(graph.capture.layer_inputs)
+    final = final_map(graph, chunk=chunk) if last_jacobian else None
+    last = count - 1 if last_jacobian else max(layers)
+    kept: dict[int, Kept] = {}
+    jn = None
+    for maps in walk(graph, last=last, blocks=blocks, chunk=chunk, should_stop=should_stop):
+        if maps.layer in layers:
+            kept[maps.layer] = keep(maps)
+        if final is not None and maps.layer == count - 1:
+            jn = final @ maps.up_to
+    return Chain(maps=kept, last_jacobian=jn)
+
+
+def final_map(graph: PositionGraph, *, chunk: int) -> torch.Tensor:
+    """d y_n / d h_(L-1) at the last position (d, d): the final norm with its coefficient frozen, from ``graph``'s
+    own backward (its output still reaches the last layer's output when the layers are cut). J_n is this map times
+    the last up-to-layer map."""
+    capture = graph.capture
+    if not capture.layer_outputs:
+        raise ValueError("the position graph recorded no residual stream; build it with record_layers=True")
+    last = capture.layer_outputs[max(capture.layer_outputs)]
+    d = int(graph.y.shape[0])
+    with torch.enable_grad():
+        (rows,) = jac.full_jacobians(graph.y, [last], chunk=chunk, should_stop=None, retain_graph=True)
+    return rows.reshape(d, d)
+
+
+__all__ = ["BLOCKS", "Chain", "LayerMaps", "final_map", "materialise", "materialises", "walk"]

@@ -36,15 +36,14 @@ from linlens.contract import (
     LinearMapSpectrum,
     SingularComponent,
 )
+from linlens.engine import block_shares, layer_chain
 from linlens.engine import jacobian as jac
-from linlens.engine import layer_chain
 from linlens.engine.capture import Capture
 from linlens.engine.explanation import numpy, relative, singular_components
 from linlens.engine.final_norm import FrozenFinalNorm
 from linlens.engine.forward import ExplanationPass
 from linlens.engine.matrix_free import BlockMaps, Cancelled, Triplets, top_singular_triplets
 from linlens.engine.plan import matrix_free_products
-from linlens.engine.position_graph import build_position_graph
 from linlens.engine.products import GraphProducts
 from linlens.engine.spectra import Spectrum, decompose, exact_residuals, from_triplets
 
@@ -57,11 +56,14 @@ def analyze_layers(
     *,
     should_stop: jac.ShouldStop | None = None,
     on_progress: jac.OnPhaseProgress | None = None,
+    chain: layer_chain.Chain[_Kept] | None = None,
 ) -> Iterator[LayerEvent]:
     """Yield the LayerAttributions matrix first, then one LayerResult per selected layer as soon as it is ready.
 
     ``p`` must have been built with a layer analysis in its options, so that its forward pass recorded the residual
-    stream. Raises ExplanationCancelled when ``should_stop`` turns true (also checked between layers, since a layer
+    stream. ``chain``: the layer maps already materialised (:func:`last_position_chain`, when the plan takes the
+    chain), else they are materialised here.
+    Raises ExplanationCancelled when ``should_stop`` turns true (also checked between layers, since a layer
     without Jacobians polls nothing).
     """
     context = p.context
@@ -74,16 +76,28 @@ def analyze_layers(
     w = p.head[p.prediction.explained.token_id]
     seed = norm.seed(w)  # cotangent that turns a residual-stream term into its logit contribution
 
-    # The layers x tokens matrix: one batched VJP, one seed per attention / MLP block.
+    d = context.hidden_size
+    k = max(options.top_k, 1)  # top_k 0 still reports the summaries (stable rank, rank-1 share), which need s_1
+    method = p.plan.layer_method
+    maps_per_layer = (1 if options.up_to_layer else 0) + (1 if options.layer_alone else 0)
+    maps_per_layer += 2 if options.component_spectra else 0
+    wants_maps = options.up_to_layer or options.component_spectra
+    # The matrix-free maps check their reconstructions against M x over every position (the images).
+    needs_images = method is ExplainMethod.MATRIX_FREE and wants_maps
+    materialised = needs_images and p.plan.layer_chain
+
+    # The layers x tokens matrix (:mod:`linlens.engine.block_shares`): by tangents, the same batched JVP also gives
+    # the images of every block term and of the selected layers' outputs.
     terms = [capture.attention[layer][0, -1] for layer in range(count)] + [
         capture.mlp[layer][0, -1] for layer in range(count)
     ]
     stacked = torch.stack(terms)  # (2L, d)
-    cotangents = torch.zeros((2 * count, *stacked.shape), dtype=stacked.dtype, device=stacked.device)
-    cotangents[torch.arange(2 * count), torch.arange(2 * count)] = seed
-    with torch.enable_grad():
-        (grads,) = torch.autograd.grad(stacked, x, grad_outputs=cotangents, is_grads_batched=True, retain_graph=True)
-    per_token = (grads * x.detach()[None]).sum(dim=-1)  # (2L, n)
+    tangents = block_shares.by_tangents(p.n, 2 * count)
+    imaged = list(layers) if tangents and needs_images and options.up_to_layer else []
+    outputs = torch.stack(terms + [capture.layer_outputs[layer][0, -1] for layer in imaged]) if imaged else stacked
+    per_token, image_rows = block_shares.token_shares(
+        outputs, x, seed, 2 * count, tangents=tangents, chunk=p.vjp_chunk()
+    )  # (2L, n)
     block_logits = stacked.detach() @ seed  # exact shares of the logit, bias constants included
     # The direct path: what enters the first layer at the last position (x_last; GPT-2 adds its position
     # embedding, a constant; Granite multiplies by its embedding multiplier), then the final norm's bias.
@@ -128,12 +142,7 @@ def analyze_layers(
         constant=outside_constant,
     )
 
-    d = context.hidden_size
     chunk = p.vjp_chunk()
-    k = max(options.top_k, 1)  # top_k 0 still reports the summaries (stable rank, rank-1 share), which need s_1
-    method = p.plan.layer_method
-    maps_per_layer = (1 if options.up_to_layer else 0) + (1 if options.layer_alone else 0)
-    maps_per_layer += 2 if options.component_spectra else 0
     if method is ExplainMethod.FULL:
         per_layer_vjps = options.vjps_per_layer(d)
     else:
@@ -152,23 +161,26 @@ def analyze_layers(
     images: Capture | None = None
     chained: dict[int, _Chained] = {}
     pending: Iterator[_Chained] | None = None
-    wants_maps = options.up_to_layer or options.component_spectra
-    shape = context.shape(p.dtype)
-    if (
-        method is ExplainMethod.MATRIX_FREE
-        and wants_maps
-        and layer_chain.materialises(d, count, shape.layer_weights, matrix_free_products(k), maps_per_layer)
-    ):
+    if image_rows is not None and needs_images:
+        images = Capture()
+        for layer in range(count):
+            images.attention[layer] = image_rows[layer][None, None]
+            images.mlp[layer] = image_rows[count + layer][None, None]
+        for slot, layer in enumerate(imaged):
+            images.layer_outputs[layer] = image_rows[2 * count + slot][None, None]
+    if materialised:
         # Every layer's maps of x_n, materialised one layer at a time on the cut position graph, and every map's
-        # reconstruction image from one multi-output JVP on the whole graph.
-        images = _whole_images(p, layers, options)
-        pending = _chained(p, layers, options, norm, images, k, offsets, should_stop)
-    elif method is ExplainMethod.MATRIX_FREE and wants_maps:
+        # reconstruction image from one multi-output JVP on the whole graph (unless the tangents gave them).
+        images = images if images is not None else _whole_images(p, layers, options)
+        chain = chain if chain is not None else last_position_chain(p, options, should_stop)
+        assert chain is not None
+        pending = _chained(p, chain, layers, options, norm, images, offsets)
+    elif needs_images and images is None:
         # M x for every layer output and block term at once: one forward-mode JVP through the frozen system.
         images = Capture()
         p.frozen_jvp(x.detach(), images)
     # The last position's own graph (it recorded its residual stream) serves the maps of x_n: up-to-layer and blocks.
-    chain = p.position_graph() if images is not None and pending is None else None
+    position = p.position_graph() if images is not None and pending is None else None
     for layer in layers:
         if should_stop is not None and should_stop():
             raise jac.ExplanationCancelled("the layer analysis was stopped")
@@ -202,11 +214,11 @@ def analyze_layers(
                 assert images is not None
                 # Products on the last position's own graph (its map of x_n); the reconstruction over every
                 # position comes from the whole graph's forward-mode image.
-                assert chain is not None
+                assert position is not None
                 up_to = _free_spectrum(
                     p,
-                    chain.capture.layer_outputs[layer][0, -1],
-                    chain.x,
+                    position.capture.layer_outputs[layer][0, -1],
+                    position.x,
                     images.layer_outputs[layer][0, -1],
                     shifted,
                     norm,
@@ -222,13 +234,13 @@ def analyze_layers(
                     alone = dataclasses.replace(alone, reconstruction_error=float("nan"))
             if options.component_spectra:
                 assert images is not None
-                assert chain is not None
+                assert position is not None
                 for slot, (kind, term) in enumerate(blocks):
                     image = getattr(images, kind)[layer][0, -1]
                     linear_part = term.detach() - offsets[(kind, layer)] if offsets else term.detach()
-                    chain_term = getattr(chain.capture, kind)[layer][0, -1]
+                    chain_term = getattr(position.capture, kind)[layer][0, -1]
                     spectra[slot] = _free_spectrum(
-                        p, chain_term, chain.x, image, linear_part, norm, options, k, "embeddings", counter
+                        p, chain_term, position.x, image, linear_part, norm, options, k, "embeddings", counter
                     )
             done += counter.count
             products = counter.count
@@ -419,47 +431,79 @@ def _whole_images(p: ExplanationPass, layers: Sequence[int], options: LayerAnaly
     return images
 
 
-def _chained(
-    p: ExplanationPass,
-    layers: Sequence[int],
-    options: LayerAnalysisOptions,
-    norm: FrozenFinalNorm,
-    images: Capture,
-    k: int,
-    offsets: dict[tuple[str, int], torch.Tensor],
-    should_stop: jac.ShouldStop | None,
-) -> Iterator[_Chained]:
-    """The selected layers' spectra from the materialised chain (:mod:`linlens.engine.layer_chain`), in layer
-    order. Their singular vectors are decoded together at the end: decoding reads the whole LM head and embedding
-    matrix per call (tens of ms for SmolLM2), so one call for every layer costs what one layer's did."""
-    graph = build_position_graph(p.twin, p.x.detach()[-1], p.prefix, record_layers=True, cut_layers=True)
-    x_n = graph.x.detach()
-    wanted = set(layers)
-    chunk = max(p.plan.chain_chunk, 1) * p.context.num_layers
-    found: list[tuple[int, str, LinearMapSpectrum, Spectrum, tuple[torch.Tensor, torch.Tensor]]] = []
-    rows: dict[int, int] = {}
-    for maps in layer_chain.walk(
-        graph, last=max(layers), blocks=options.component_spectra, chunk=chunk, should_stop=should_stop
-    ):
-        if maps.layer not in wanted:
-            continue
-        rows[maps.layer] = maps.rows
+#: One layer's maps from the chain, as kept: (kind, result without its reconstruction and components, spectrum,
+#: certificates) per map ("up_to", "attention", "mlp").
+_Kept = list[tuple[str, LinearMapSpectrum, Spectrum, tuple[torch.Tensor, torch.Tensor]]]
+
+
+def last_position_chain(
+    p: ExplanationPass, options: LayerAnalysisOptions, should_stop: jac.ShouldStop | None = None
+) -> layer_chain.Chain[_Kept] | None:
+    """The selected layers' maps of x_n, materialised on the cut position graph and reduced to their spectra as
+    the walk passes them, when the plan takes the chain (None otherwise); with J_n when the last-position spectrum
+    is FULL on the position graph, so that one walk serves both."""
+    if not p.plan.layer_chain:
+        return None
+    count, k = p.context.num_layers, max(options.top_k, 1)
+    x_n, offsets = p.x.detach()[-1], p.block_constants
+
+    def keep(maps: layer_chain.LayerMaps) -> _Kept:
+        kept: _Kept = []
         matrices = [("up_to", maps.up_to)] if options.up_to_layer else []
         for kind, matrix in [*matrices, *maps.blocks.items()]:
             slot = "layer_outputs" if kind == "up_to" else kind
             output = getattr(p.capture, slot)[maps.layer][0, -1].detach()
             key = ("layer" if kind == "up_to" else kind, maps.layer)
             linear_part = output - offsets[key] if offsets else output
-            image = getattr(images, slot)[maps.layer][0, -1]
-            found.append((maps.layer, kind, *_explicit_spectrum(matrix, x_n, image, linear_part, options, k)))
+            kept.append((kind, *_explicit_spectrum(matrix, x_n, linear_part, options, k)))
+        return kept
+
+    return layer_chain.materialise(
+        p.twin,
+        x_n,
+        p.prefix,
+        layers=set(options.selected(count)),
+        blocks=options.component_spectra,
+        last_jacobian=p.plan.method is ExplainMethod.FULL and p.plan.on_position_graph,
+        chunk=max(p.plan.chain_chunk, 1) * count,  # a row through one layer holds a layer's activations
+        keep=keep,
+        should_stop=should_stop,
+    )
+
+
+def _chained(
+    p: ExplanationPass,
+    chain: layer_chain.Chain[_Kept],
+    layers: Sequence[int],
+    options: LayerAnalysisOptions,
+    norm: FrozenFinalNorm,
+    images: Capture,
+    offsets: dict[tuple[str, int], torch.Tensor],
+) -> Iterator[_Chained]:
+    """The selected layers' spectra from the materialised chain (:mod:`linlens.engine.layer_chain`), in layer
+    order, with their reconstructions over every position (``images``). Their singular vectors are decoded together:
+    decoding reads the whole LM head and embedding matrix per call (tens of ms for SmolLM2), so one call for every
+    layer costs what one layer's did."""
+    found: list[tuple[int, str, LinearMapSpectrum, Spectrum, tuple[torch.Tensor, torch.Tensor]]] = []
+    d = p.context.hidden_size
+    for layer in sorted(set(layers)):
+        for kind, partial, spectrum, residuals in chain.maps[layer]:
+            slot = "layer_outputs" if kind == "up_to" else kind
+            output = getattr(p.capture, slot)[layer][0, -1].detach()
+            key = ("layer" if kind == "up_to" else kind, layer)
+            linear_part = output - offsets[key] if offsets else output
+            image = getattr(images, slot)[layer][0, -1]
+            error = relative(image - linear_part, linear_part)
+            found.append((layer, kind, dataclasses.replace(partial, reconstruction_error=error), spectrum, residuals))
     components = _decode_all(p, [(spectrum, residuals) for *_, spectrum, residuals in found], norm, options)
-    results: dict[int, dict[str, LinearMapSpectrum]] = {layer: {} for layer in rows}
+    results: dict[int, dict[str, LinearMapSpectrum]] = {layer: {} for layer in chain.maps}
     for (layer, kind, partial, _, _), decoded in zip(found, components, strict=True):
         results[layer][kind] = dataclasses.replace(partial, components=decoded)
-    for layer in sorted(rows):
+    blocks = 1 + (2 if options.component_spectra else 0)  # the rows of each layer's backward, d each
+    for layer in sorted(chain.maps):
         spectra = results[layer]
         up_to = spectra.pop("up_to", None)
-        yield _Chained(layer, up_to, spectra, rows[layer])
+        yield _Chained(layer, up_to, spectra, blocks * d)
 
 
 def _decode_all(
@@ -490,15 +534,15 @@ def _decode_all(
 def _explicit_spectrum(
     matrix: torch.Tensor,
     x_n: torch.Tensor,
-    image: torch.Tensor,
     linear_part: torch.Tensor,
     options: LayerAnalysisOptions,
     k: int,
 ) -> tuple[LinearMapSpectrum, Spectrum, tuple[torch.Tensor, torch.Tensor]]:
     """The top-k of a materialised d x d map of x_n, by the same block Krylov as any map but on products with the
     matrix (microseconds each), so its certificates come from fresh products; ||M||_F is exact, so the stable
-    rank's error is only that of s_1. Returns the result without its decoded components, the spectrum and its
-    certificates (for :func:`_decode_all`)."""
+    rank's error is only that of s_1. Returns the result without its reconstruction error (NaN: its image over
+    every position comes later) and decoded components, the spectrum and its certificates (for
+    :func:`_decode_all`)."""
     maps = BlockMaps(
         count=1,
         in_dim=int(matrix.shape[1]),
@@ -514,7 +558,7 @@ def _explicit_spectrum(
     # ||M||_F is exact; what is left is s_1's own error, at most its residual times s_1 (and rounding)
     top = max(float(found.residual_left[0]), float(found.residual_right[0]))
     error = spectrum.stable_rank * max(2.0 * top, 100 * torch.finfo(matrix.dtype).eps)
-    result = _matrix_free_result(spectrum, options, relative(image - linear_part, linear_part), error)
+    result = _matrix_free_result(spectrum, options, float("nan"), error)
     return result, spectrum, (found.residual_left, found.residual_right)
 
 

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from linlens.contract import ExplainMethod, ExplainOptions, LayerAnalysisOptions
+from linlens.contract import ExplainMethod, ExplainOptions, LayerAnalysisOptions, OptionError
 from linlens.engine.last_position import chain_block, chain_costs, on_position_graph
+from linlens.engine.layer_chain import materialises
 
 #: Krylov iterations assumed when the cost of the matrix-free method on the whole graph is estimated ahead of it.
 ASSUMED_ITERATIONS = 6
@@ -45,6 +46,8 @@ class ModelShape:
     #: Bytes one row on the position graph takes per prefix token while one layer's backward runs (the values'
     #: gradient before and after grouped-query expansion); 0: not counted.
     prefix_row_bytes: int = 0
+    #: Decoder layers (0: unknown, and the layer chain is never chosen).
+    layers: int = 0
 
     def chain_rows(self, n_tokens: int) -> int:
         """VJPs per batched backward on the position graph of an ``n_tokens`` prompt: ``chain_chunk``, fewer where
@@ -69,6 +72,10 @@ class ExplanationPlan:
     krylov_block: int
     #: VJPs per batched backward on the position graph (the options' choice, else its memory budget's).
     chain_chunk: int
+    #: Whether the layer maps come from the materialised chain of the last position's layer maps
+    #: (:mod:`linlens.engine.layer_chain`); its last map, through the final norm, is J_n, so under AUTO the
+    #: last-position spectrum is then FULL on that J_n (an SVD instead of a solve).
+    layer_chain: bool = False
 
 
 def block_size(k: int) -> int:
@@ -90,6 +97,11 @@ def plan(options: ExplainOptions, n_tokens: int, shape: ModelShape) -> Explanati
     method = _spectra_method(options, n_tokens, shape, chain)
     layers = options.layers
     layer = layer_method(options.method, layers, shape.hidden) if layers is not None else None
+    chained = layer is ExplainMethod.MATRIX_FREE and layers is not None and _chains(layers, shape)
+    if chained and chain and method is not None and options.method is ExplainMethod.AUTO:
+        assert layers is not None
+        if _from_chain(options, layers, n_tokens, shape):
+            method = ExplainMethod.FULL  # J_n comes with the chain: an SVD instead of a solve
     k = max(options.top_k, layers.top_k if layers is not None else 1, 1)
     maps = max(len(options.selected_positions(n_tokens)) + int(options.prompt_spectrum), 1)
     krylov = chain_block(k) if chain else block_size(k) * maps
@@ -99,7 +111,35 @@ def plan(options: ExplainOptions, n_tokens: int, shape: ModelShape) -> Explanati
         layer_method=layer,
         krylov_block=krylov,
         chain_chunk=options.vjp_chunk_size or shape.chain_rows(n_tokens),
+        layer_chain=chained,
     )
+
+
+def _chains(options: LayerAnalysisOptions, shape: ModelShape) -> bool:
+    """Whether matrix-free layer maps come from the materialised chain rather than one solve per map
+    (:func:`~linlens.engine.layer_chain.materialises`); layer-alone maps alone are always solved."""
+    if shape.layers <= 0 or not (options.up_to_layer or options.component_spectra):
+        return False
+    maps = (1 if options.up_to_layer else 0) + (1 if options.layer_alone else 0)
+    maps += 2 if options.component_spectra else 0
+    k = max(options.top_k, 1)
+    return materialises(shape.hidden, shape.layers, shape.layer_weights, matrix_free_products(k), maps)
+
+
+def _from_chain(options: ExplainOptions, layers: LayerAnalysisOptions, n_tokens: int, shape: ModelShape) -> bool:
+    """Whether J_n from the chain costs less than the matrix-free solve on the position graph: the walk goes on
+    from the last selected layer to the last layer (its share of d rows), then J_n's SVD. With every layer selected
+    that is the SVD alone (SmolLM2: about 13 rows against about 370); with layer 0 alone it is not."""
+    try:
+        selected = layers.selected(shape.layers)
+    except OptionError:  # refused later by validation
+        return False
+    if not selected:
+        return False
+    svd_rows = SVD_ROW_FACTOR * shape.hidden**3 / max(shape.layer_weights, 1)
+    onward = shape.hidden * (shape.layers - 1 - max(selected)) / shape.layers
+    chunk = options.vjp_chunk_size or shape.chain_rows(n_tokens)
+    return onward + svd_rows < chain_costs(options.top_k, shape.hidden, chunk, svd_rows).matrix_free
 
 
 def _spectra_method(options: ExplainOptions, n_tokens: int, shape: ModelShape, chain: bool) -> ExplainMethod | None:
