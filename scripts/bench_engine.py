@@ -278,6 +278,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
     parser.add_argument("--no-generation", action="store_true", help="(units) skip the explained generation")
     parser.add_argument("--only-generation", action="store_true", help="(units) the explained generation rows alone")
+    parser.add_argument("--requests", help="(units) only these rows, comma-separated: top0, default, layers")
+    parser.add_argument("--attention", help="(units) serve the model with this attention implementation (eager)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -295,8 +297,15 @@ def main() -> None:
                 table = unit_costs(wide, prompts, args.repeats, "random Llama, hidden 4096", False)
         else:
             loaded = load_model(args.model)
+            label = args.model
+            if args.attention:
+                loaded.model.set_attn_implementation(args.attention)
+                label = f"{args.model} ({args.attention} attention)"
             prompts = {n: _prompt_of(loaded.tokenizer, n) for n in lengths}
-            table = unit_costs(loaded, prompts, args.repeats, args.model, not args.no_generation, args.only_generation)
+            requests = frozenset(args.requests.split(",")) if args.requests else None
+            table = unit_costs(
+                loaded, prompts, args.repeats, label, not args.no_generation, args.only_generation, requests
+            )
         print(table)
         if args.markdown:
             with open(args.markdown, "a", encoding="utf-8") as handle:

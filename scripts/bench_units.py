@@ -15,6 +15,11 @@ its gradient cost. Each request is timed as the engine serves it (``Explainer.ex
     python scripts/bench_engine.py --part units --model smollm2-135m --tokens 7,128,1024 --threads 1
     python scripts/bench_engine.py --part units --wide --tokens 7 --threads 1
     python scripts/bench_engine.py --part units --tokens 7 --threads 1 --only-generation
+    python scripts/bench_engine.py --part units --tokens 7 --threads 1 --no-generation --requests top0 --repeats 9
+
+``--requests`` runs only the named rows (``top0``, ``default``, ``layers``); ``--attention eager`` serves the model
+with eager attention (the twin's own kind: the explanation then shares the served forward pass, engine/context.py
+``twin_is_served``), unit and generation included.
 """
 
 from __future__ import annotations
@@ -81,9 +86,10 @@ def unit_costs(
     label: str,
     generation: bool,
     only_generation: bool = False,
+    requests: frozenset[str] | None = None,
 ) -> str:
     """The table of docs/engine.md ("In units of the plain forward + backward"); ``only_generation``: its
-    generation rows alone."""
+    generation rows alone; ``requests``: only these rows (``top0``, ``default``, ``layers``; None: all)."""
     rows = [
         f"#### {label}: explanations in units of the plain forward + backward (threads {torch.get_num_threads()})",
         "",
@@ -94,11 +100,14 @@ def unit_costs(
     shortest = min(prompts)
     for length, ids in prompts.items() if not only_generation else ():
         unit = _median_seconds(_unit(loaded.model, ids), repeats)
-        requests = [("Explain(top_k=0)", ExplainOptions(top_k=0)), ("default Explain", ExplainOptions())]
+        rows_here = [("top0", "Explain(top_k=0)", ExplainOptions(top_k=0))]
+        rows_here.append(("default", "default Explain", ExplainOptions()))
         if length == shortest:
             layers = LayerAnalysisOptions(top_k=1)
-            requests.append(("--layers all (layer top_k 1)", ExplainOptions(layers=layers)))
-        for name, options in requests:
+            rows_here.append(("layers", "--layers all (layer top_k 1)", ExplainOptions(layers=layers)))
+        for key, name, options in rows_here:
+            if requests is not None and key not in requests:
+                continue
             last: list[Any] = []
 
             def request(options: ExplainOptions = options, last: list[Any] = last, ids: list[int] = ids) -> None:

@@ -64,6 +64,7 @@ def test_prediction_is_the_served_models_own_forward(loaded: dict[str, LoadedMod
     model = loaded[family]
     ids = sample_ids()
     expected_y, expected_logits = _served_y(model, ids), _logits(model, ids)
+    reported: set[float] = set()
     for precision in (Precision.FLOAT32, Precision.FLOAT64):
         for mode in GateMode:
             options = ExplainOptions(top_k=0, precision=precision, gate_mode=mode)
@@ -73,8 +74,11 @@ def test_prediction_is_the_served_models_own_forward(loaded: dict[str, LoadedMod
             head = model.explainer.context.decoder.lm_head  # the logit before any soft-capping, as reported
             logit = float(head[p.prediction.predicted.token_id] @ expected_y)
             assert abs(p.prediction.predicted.logit - logit) <= 1e-5 * max(1.0, abs(logit))
+            reported.add(p.prediction.predicted.logit)
             # Another precision always runs the served model itself.
             assert not (p.served_by_twin and precision is Precision.FLOAT64)
+    # The served model's answer does not depend on the request: the same logit to the last bit in every pass.
+    assert len(reported) == 1, reported
 
 
 def test_an_eager_model_shares_its_forward_with_the_twin(eager_llama: LoadedModel) -> None:

@@ -184,11 +184,20 @@ class ModelContext:
         """The served model's own, unmodified forward pass: y, the logits, the top token and the explained one."""
         return self.prediction(self.hidden_states(input_ids)[-1], explained_token_id)
 
-    def logits(self, ys: torch.Tensor) -> torch.Tensor:
-        """W y for a batch of output embeddings ``ys`` (b, d) in the served precision: (b, vocab), with one read of
-        the LM head for the whole batch (at a few tokens reading it is what costs: 113 MB for SmolLM2)."""
+    def logits(self, y_model: torch.Tensor, other: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W y_model, W other) in the served precision, from one product with the LM head (``other`` None: y_model).
+
+        Always the same product, a pair of vectors, whatever the request: the logits a prediction reports must not
+        depend on its options (tests/test_engine_layers.py compares them across requests to 1e-9), and a row of a
+        product depends only on its own vector and the product's shape. A pair costs one read of the head, which is
+        what costs at a few tokens (113 MB for SmolLM2): measured 4.7 ms for the pair against 7.3 ms for one
+        matrix-vector product (MKL, one thread), so an explanation gets the twin's W y with the prediction's for less
+        than the prediction alone cost before."""
+        head = self.decoder.lm_head
+        pair = torch.stack([y_model, y_model if other is None else other]).to(head.dtype)
         with torch.no_grad():
-            return (self.decoder.lm_head @ ys.to(self.decoder.lm_head.dtype).T).T
+            both = head @ pair.T  # (vocab, 2): the head read once, row-major against a column pair
+        return both[:, 0], both[:, 1]
 
     def hidden_states(self, input_ids: Sequence[int]) -> torch.Tensor:
         """The served model's final hidden states (after the final norm) at every position, (n, d), no graph: one
@@ -204,7 +213,7 @@ class ModelContext:
         the explained token."""
         with torch.no_grad():
             if logits is None:
-                logits = self.decoder.lm_head @ y_model
+                logits, _ = self.logits(y_model)
             shown = logits.float()
             if self.softcap is not None:
                 shown = torch.tanh(shown / self.softcap) * self.softcap

@@ -2,11 +2,16 @@
 
 An :class:`ExplanationPass` holds, for one token sequence and one set of options:
 
-- the served model's own prediction (y, logits, the predicted and the explained token);
+- the served model's own prediction (y, logits, the predicted and the explained token): from the served model's own
+  forward pass, or, where the twin is the served model bit for bit (:meth:`ModelContext.twin_is_served`: same
+  precision, eager attention), from the twin's forward pass, which then *is* the served model's (one pass instead
+  of two: about a third of ``Explain(top_k=0)`` at 7 tokens). Its logits and the twin's W y are read off the LM
+  head in one product, and the reconstruction reuses W y where J x + c is y bit for bit;
 - the linear twin's forward pass from the input embeddings x, kept as an autograd graph, so that the whole-output
   explanation (:mod:`linlens.engine.explanation`) and the layer analysis (:mod:`linlens.engine.layers`) take their
   vector-Jacobian products from the same graph; with a layer analysis, the residual stream of every layer is
-  recorded on the way (:mod:`linlens.engine.capture`);
+  recorded on the way (:mod:`linlens.engine.capture`); its key/value cache is kept (the prefix of the last
+  position's own graph) only where a last-position spectrum or a layer analysis reads it;
 - the coefficients the twin froze (:mod:`linlens.engine.freeze`), so that the frozen system can be evaluated again
   at other inputs (:meth:`ExplanationPass.frozen_output`); for models with bias terms, the affine constant c of
   y = J x + c and the constants of every layer and block term are the frozen system at input zero, computed without
@@ -88,16 +93,13 @@ class ExplanationPass:
         #: the explanation runs in the served precision; the reconstruction reuses it when J x + c is y bit for bit.
         self.logits_of_y: torch.Tensor | None = None
         if y_served is None:
-            logits = context.logits(y[None])
-            self.logits_of_y = logits[0]
             y_served = y
-        elif self.dtype == context.decoder.lm_head.dtype:  # the head in the served precision: W y as the model's
-            logits = context.logits(torch.stack([y_served, y]))
-            self.logits_of_y = logits[1]
+        if self.dtype == context.decoder.lm_head.dtype:  # the head in the served precision: W y as the model's
+            logits, self.logits_of_y = context.logits(y_served, y)
         else:
-            logits = context.logits(y_served[None])
+            logits, _ = context.logits(y_served)
         #: The served model's own answer, which the explanation explains.
-        self.prediction = context.prediction(y_served, options.explained_token_id, logits=logits[0])
+        self.prediction = context.prediction(y_served, options.explained_token_id, logits=logits)
         self._position: PositionGraph | None = None
         #: c in y = sum_i J_i x_i + c (zeros for bias-free models) and, with a layer analysis, the constant of every
         #: layer input, layer output and block term at the last position, keyed
