@@ -86,11 +86,28 @@ class ModelContext:
         self._bases: dict[torch.dtype, PreTrainedModel] = {}
         self._twins: dict[tuple[torch.dtype, GateMode | None], PreTrainedModel] = {}
         self._twin_is_served: dict[tuple[torch.dtype, GateMode | None], bool] = {}
+        self._logit_heads: dict[torch.dtype, torch.Tensor] = {}
 
     def logit_head(self, weight: torch.Tensor) -> torch.Tensor:
         """The LM head as it maps y to logits: its weight times the family's logit multiplier (no copy when 1)."""
         weight = weight.detach()
         return weight * self.logit_multiplier if self.logit_multiplier != 1.0 else weight
+
+    def head(self, dtype: torch.dtype) -> torch.Tensor:
+        """The LM head as it maps y to logits in ``dtype``, built once per precision and shared by every request:
+        with a logit multiplier (Granite, Cohere) or in another precision than the served one it is a copy of the
+        whole head (vocabulary x hidden), which no request should redo."""
+        if dtype == self.decoder.lm_head.dtype:
+            return self.decoder.lm_head
+        with self._lock:
+            known = self._logit_heads.get(dtype)
+        if known is not None:
+            return known
+        weight = self.base(dtype).get_output_embeddings().weight
+        assert isinstance(weight, torch.Tensor)
+        head = self.logit_head(weight)
+        with self._lock:
+            return self._logit_heads.setdefault(dtype, head)
 
     def _check_logits(self) -> None:
         """Refuse a model whose logits are not (W y) * multiplier (soft-capped where the config says so): the

@@ -64,7 +64,7 @@ class ExplanationPass:
         y_served = None if self.served_by_twin else context.hidden_states(self.input_ids)[-1]
         base = context.base(self.dtype)
         #: The LM head in the explanation's precision.
-        self.head: torch.Tensor = context.logit_head(base.get_output_embeddings().weight)
+        self.head: torch.Tensor = context.head(self.dtype)
         #: The input embeddings x (n, d), the leaf every Jacobian is taken with respect to: the token embeddings as
         #: the embedding module returns them (Gemma's sqrt(d) scaling included). What the model adds to them before
         #: the first layer (GPT-2's learned position embeddings, Granite's embedding multiplier) is part of the
