@@ -170,8 +170,8 @@ class ModelContext:
         attention kernel (transformers' default SDPA differs from the twin's eager softmax by about 1e-7
         relative), another precision, or a gate mode whose frozen arithmetic rounds differently (FREEZE_UP
         computes act(g) as g * s(g)). So it is measured here once per twin, on probe prompts, through the same
-        kind of call the pass makes (a coefficient tape, a key/value cache, gradients on), and must agree exactly
-        at every position of every probe; anything else keeps the served model's separate forward pass.
+        kind of call the pass makes (a coefficient tape, gradients on, with a key/value cache and without), and must
+        agree exactly at every position of every probe; anything else keeps the served model's separate forward pass.
         """
         dtype = DTYPES[precision]
         key = (dtype, mode)
@@ -184,12 +184,14 @@ class ModelContext:
             twin = self.twin(precision, mode)
             embeddings = self.model.get_input_embeddings()
             same = True
-            for length in TWIN_PROBE_LENGTHS:
+            for index, length in enumerate(TWIN_PROBE_LENGTHS):
                 ids = (torch.arange(length, device=self.device) * 7 + 3) % self.vocab_size
                 served = self.hidden_states([int(t) for t in ids])
                 with recording(CoefficientTape()), torch.enable_grad():
                     x = embeddings(ids).detach().requires_grad_(True)
-                    out = twin.base_model(inputs_embeds=x[None], use_cache=True, cache=DynamicCache())
+                    cached = index % 2 == 0  # the pass runs with a key/value cache or without one: probe both
+                    cache = DynamicCache() if cached else None
+                    out = twin.base_model(inputs_embeds=x[None], use_cache=cached, cache=cache)
                 same = same and torch.equal(out.last_hidden_state[0].detach(), served)
         with self._lock:
             self._twin_is_served[key] = same
