@@ -281,6 +281,7 @@ def main() -> None:
     parser.add_argument(
         "--rows", help="(units) comma-separated request rows to run: attributions, default, layers (default: all)"
     )
+    parser.add_argument("--attention", help="(units) serve the model with this attention implementation (eager)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -302,10 +303,12 @@ def main() -> None:
                 table = unit_costs(wide, prompts, args.repeats, "random Llama, hidden 4096", False, False, rows)
         else:
             loaded = load_model(args.model)
+            label = args.model
+            if args.attention:
+                loaded.model.set_attn_implementation(args.attention)
+                label = f"{args.model} ({args.attention} attention)"
             prompts = {n: _prompt_of(loaded.tokenizer, n) for n in lengths}
-            table = unit_costs(
-                loaded, prompts, args.repeats, args.model, not args.no_generation, args.only_generation, rows
-            )
+            table = unit_costs(loaded, prompts, args.repeats, label, not args.no_generation, args.only_generation, rows)
         print(table)
         if args.markdown:
             with open(args.markdown, "a", encoding="utf-8") as handle:

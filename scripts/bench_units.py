@@ -16,9 +16,12 @@ its gradient cost. Each request is timed as the engine serves it (``Explainer.ex
     python scripts/bench_engine.py --part units --wide --tokens 7 --threads 1
     python scripts/bench_engine.py --part units --tokens 7 --threads 1 --only-generation
     python scripts/bench_engine.py --part units --tokens 7 --threads 1 --no-generation --rows layers
+    python scripts/bench_engine.py --part units --tokens 7 --threads 1 --no-generation --rows attributions --repeats 9
 
 ``--rows`` picks request rows by key (``attributions``: ``Explain(top_k=0)``, ``default``, ``layers``); the unit is
 measured for each length either way.
+``--attention eager`` serves the model with eager attention (the twin's own kind: the explanation then shares the
+served forward pass, engine/context.py ``twin_is_served``), unit and generation included.
 """
 
 from __future__ import annotations

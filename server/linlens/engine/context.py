@@ -16,19 +16,24 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import DynamicCache, PreTrainedModel
 
 from linlens.contract import ExplainMethod, ExplainOptions, GateMode, PositionSelection, Precision, PredictedToken
 from linlens.engine import jacobian as jac
 from linlens.engine.capture import decoder_layers
 from linlens.engine.decode import TokenDecoder
 from linlens.engine.families import Family, UnsupportedArchitectureError, family_of
+from linlens.engine.freeze import CoefficientTape, recording
 from linlens.engine.last_position import chain_block
 from linlens.engine.linearize import build_twin
 from linlens.engine.matrix_free import MAX_ITERATIONS
 from linlens.engine.plan import ExplanationPlan, ModelShape, block_size
 
 DTYPES = {Precision.FLOAT32: torch.float32, Precision.FLOAT64: torch.float64, Precision.BFLOAT16: torch.bfloat16}
+
+#: Prompt lengths on which :meth:`ModelContext.twin_is_served` compares the twin with the served model: a short one
+#: and one longer than the tiny test models' sliding window (4), so that masks of both kinds are exercised.
+TWIN_PROBE_LENGTHS = (3, 13)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,11 +85,29 @@ class ModelContext:
         self._layer_weights: int | None = None
         self._bases: dict[torch.dtype, PreTrainedModel] = {}
         self._twins: dict[tuple[torch.dtype, GateMode | None], PreTrainedModel] = {}
+        self._twin_is_served: dict[tuple[torch.dtype, GateMode | None], bool] = {}
+        self._logit_heads: dict[torch.dtype, torch.Tensor] = {}
 
     def logit_head(self, weight: torch.Tensor) -> torch.Tensor:
         """The LM head as it maps y to logits: its weight times the family's logit multiplier (no copy when 1)."""
         weight = weight.detach()
         return weight * self.logit_multiplier if self.logit_multiplier != 1.0 else weight
+
+    def head(self, dtype: torch.dtype) -> torch.Tensor:
+        """The LM head as it maps y to logits in ``dtype``, built once per precision and shared by every request:
+        with a logit multiplier (Granite, Cohere) or in another precision than the served one it is a copy of the
+        whole head (vocabulary x hidden), which no request should redo."""
+        if dtype == self.decoder.lm_head.dtype:
+            return self.decoder.lm_head
+        with self._lock:
+            known = self._logit_heads.get(dtype)
+        if known is not None:
+            return known
+        weight = self.base(dtype).get_output_embeddings().weight
+        assert isinstance(weight, torch.Tensor)
+        head = self.logit_head(weight)
+        with self._lock:
+            return self._logit_heads.setdefault(dtype, head)
 
     def _check_logits(self) -> None:
         """Refuse a model whose logits are not (W y) * multiplier (soft-capped where the config says so): the
@@ -130,11 +153,70 @@ class ModelContext:
                 self._twins[key] = build_twin(base, mode)
             return self._twins[key]
 
+    def twin_is_served(self, precision: Precision, mode: GateMode | None) -> bool:
+        """Whether the twin for ``precision`` and ``mode`` computes the served model's own numbers, bit for bit, so
+        that an explanation's forward pass through it *is* the served model's forward pass (checked once per twin).
+
+        Decision (issue 17): the explanation's prediction must be the served model's own answer, and its
+        reconstruction error a real check against that answer. Where the twin is the served model in the same
+        precision, and every operation it runs is the operation the served model runs (the same weights, the same
+        norm and gate arithmetic, the same eager attention: freezing a coefficient detaches it, it does not change
+        its value), its y *is* the served model's y, and a second forward pass through the served model would only
+        recompute the same bits: the pass then reads the prediction off the twin's own forward
+        (:class:`~linlens.engine.forward.ExplanationPass`), and the reconstruction error against it stays the same
+        real check (J x from the graph's derivative, against those bits).
+
+        That identity is a fact to establish, not to assume: it fails wherever the served model runs another
+        attention kernel (transformers' default SDPA differs from the twin's eager softmax by about 1e-7
+        relative), another precision, or a gate mode whose frozen arithmetic rounds differently (FREEZE_UP
+        computes act(g) as g * s(g)). So it is measured here once per twin, on probe prompts, through the same
+        kind of call the pass makes (a coefficient tape, gradients on, with a key/value cache and without), and must
+        agree exactly at every position of every probe; anything else keeps the served model's separate forward pass.
+        """
+        dtype = DTYPES[precision]
+        key = (dtype, mode)
+        with self._lock:
+            known = self._twin_is_served.get(key)
+        if known is not None:
+            return known
+        same = False
+        if mode is not None and self.base(dtype) is self.model:
+            twin = self.twin(precision, mode)
+            embeddings = self.model.get_input_embeddings()
+            same = True
+            for index, length in enumerate(TWIN_PROBE_LENGTHS):
+                ids = (torch.arange(length, device=self.device) * 7 + 3) % self.vocab_size
+                served = self.hidden_states([int(t) for t in ids])
+                with recording(CoefficientTape()), torch.enable_grad():
+                    x = embeddings(ids).detach().requires_grad_(True)
+                    cached = index % 2 == 0  # the pass runs with a key/value cache or without one: probe both
+                    cache = DynamicCache() if cached else None
+                    out = twin.base_model(inputs_embeds=x[None], use_cache=cached, cache=cache)
+                same = same and torch.equal(out.last_hidden_state[0].detach(), served)
+        with self._lock:
+            self._twin_is_served[key] = same
+        return same
+
     # -- the served model's own answer -------------------------------------------------------------------------
 
     def predict(self, input_ids: Sequence[int], explained_token_id: int | None = None) -> Prediction:
         """The served model's own, unmodified forward pass: y, the logits, the top token and the explained one."""
         return self.prediction(self.hidden_states(input_ids)[-1], explained_token_id)
+
+    def logits(self, y_model: torch.Tensor, other: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W y_model, W other) in the served precision, from one product with the LM head (``other`` None: y_model).
+
+        Always the same product, a pair of vectors, whatever the request: the logits a prediction reports must not
+        depend on its options (tests/test_engine_layers.py compares them across requests to 1e-9), and a row of a
+        product depends only on its own vector and the product's shape. A pair costs one read of the head, which is
+        what costs at a few tokens (113 MB for SmolLM2): measured 4.7 ms for the pair against 7.3 ms for one
+        matrix-vector product (MKL, one thread), so an explanation gets the twin's W y with the prediction's for less
+        than the prediction alone cost before."""
+        head = self.decoder.lm_head
+        pair = torch.stack([y_model, y_model if other is None else other]).to(head.dtype)
+        with torch.no_grad():
+            both = head @ pair.T  # (vocab, 2): the head read once, row-major against a column pair
+        return both[:, 0], both[:, 1]
 
     def hidden_states(self, input_ids: Sequence[int]) -> torch.Tensor:
         """The served model's final hidden states (after the final norm) at every position, (n, d), no graph: one
@@ -143,10 +225,14 @@ class ModelContext:
         with torch.no_grad():
             return self.model.base_model(input_ids=ids[None], use_cache=False).last_hidden_state[0]
 
-    def prediction(self, y_model: torch.Tensor, explained_token_id: int | None = None) -> Prediction:
-        """The prediction read off the served model's y at one position: the logits, the top and explained token."""
+    def prediction(
+        self, y_model: torch.Tensor, explained_token_id: int | None = None, *, logits: torch.Tensor | None = None
+    ) -> Prediction:
+        """The prediction read off the served model's y at one position: the logits (given, or W y), the top and
+        the explained token."""
         with torch.no_grad():
-            logits = self.decoder.lm_head @ y_model
+            if logits is None:
+                logits, _ = self.logits(y_model)
             shown = logits.float()
             if self.softcap is not None:
                 shown = torch.tanh(shown / self.softcap) * self.softcap

@@ -144,7 +144,7 @@ def explain_output(
     tally.jvps += 1
     if method is not ExplainMethod.MATRIX_FREE:
         graph.release()
-    reconstruction = reconstructed(y_linear, y, prediction, p.head)
+    reconstruction = reconstructed(y_linear, y, prediction, p.head, logits_of_y=p.logits_of_y)
     tally.timed("reconstruction", tick)
 
     # 3. The spectra, by the chosen method: the last position alone on its own graph, else on the whole graph.
@@ -215,11 +215,22 @@ def attribution(
 
 
 def reconstructed(
-    y_linear: torch.Tensor, y: torch.Tensor, prediction: Prediction, head: torch.Tensor
+    y_linear: torch.Tensor,
+    y: torch.Tensor,
+    prediction: Prediction,
+    head: torch.Tensor,
+    *,
+    logits_of_y: torch.Tensor | None = None,
 ) -> Reconstruction:
-    """How y_linear = J x + c compares with the served model's y and logits and with the detached twin's y."""
+    """How y_linear = J x + c compares with the served model's y and logits and with the detached twin's y.
+
+    ``logits_of_y``: W y, already read off the LM head with the prediction's logits (ExplanationPass). Where J x + c
+    is y bit for bit (a bias-free model in its served precision, usually) they are y_linear's logits too, and the
+    LM head (113 MB for SmolLM2, 5% of a 7-token explanation) is not read a second time; elsewhere W y_linear is
+    computed."""
     y_model, logits = prediction.y_model, prediction.logits
-    logits_linear = head @ y_linear
+    same = logits_of_y is not None and y_linear.dtype == y.dtype and torch.equal(y_linear, y)
+    logits_linear = logits_of_y if same and logits_of_y is not None else head @ y_linear
     linear_id = int(torch.argmax(logits_linear))
     return Reconstruction(
         relative_error_vs_model=relative(y_linear.double() - y_model.double(), y_model),

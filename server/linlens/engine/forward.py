@@ -2,11 +2,16 @@
 
 An :class:`ExplanationPass` holds, for one token sequence and one set of options:
 
-- the served model's own prediction (y, logits, the predicted and the explained token);
+- the served model's own prediction (y, logits, the predicted and the explained token): from the served model's own
+  forward pass, or, where the twin is the served model bit for bit (:meth:`ModelContext.twin_is_served`: same
+  precision, eager attention), from the twin's forward pass, which then *is* the served model's (one pass instead
+  of two: about a third of ``Explain(top_k=0)`` at 7 tokens). Its logits and the twin's W y are read off the LM
+  head in one product, and the reconstruction reuses W y where J x + c is y bit for bit;
 - the linear twin's forward pass from the input embeddings x, kept as an autograd graph, so that the whole-output
   explanation (:mod:`linlens.engine.explanation`) and the layer analysis (:mod:`linlens.engine.layers`) take their
   vector-Jacobian products from the same graph; with a layer analysis, the residual stream of every layer is
-  recorded on the way (:mod:`linlens.engine.capture`);
+  recorded on the way (:mod:`linlens.engine.capture`); its key/value cache is kept (the prefix of the last
+  position's own graph) only where a last-position spectrum or a layer analysis reads it;
 - the coefficients the twin froze (:mod:`linlens.engine.freeze`), so that the frozen system can be evaluated again
   at other inputs (:meth:`ExplanationPass.frozen_output`); for models with bias terms, the affine constant c of
   y = J x + c and the constants of every layer and block term are the frozen system at input zero, computed without
@@ -51,12 +56,15 @@ class ExplanationPass:
         self.dtype = DTYPES[options.precision]
         #: Which graph and method serve each part (the plan admission estimated).
         self.plan = plan(options, self.n, context.shape(self.dtype))
-        #: The served model's own answer, which the explanation explains.
-        self.prediction = context.predict(self.input_ids, options.explained_token_id)
         self.twin = context.twin(options.precision, options.gate_mode)
+        #: Whether the twin's forward pass is the served model's own, bit for bit (ModelContext.twin_is_served):
+        #: then the prediction is read off it and the served model is not run a second time.
+        self.served_by_twin = context.twin_is_served(options.precision, options.gate_mode)
+        #: The served model's own final hidden state at the last position (its own forward pass, unless shared).
+        y_served = None if self.served_by_twin else context.hidden_states(self.input_ids)[-1]
         base = context.base(self.dtype)
         #: The LM head in the explanation's precision.
-        self.head: torch.Tensor = context.logit_head(base.get_output_embeddings().weight)
+        self.head: torch.Tensor = context.head(self.dtype)
         #: The input embeddings x (n, d), the leaf every Jacobian is taken with respect to: the token embeddings as
         #: the embedding module returns them (Gemma's sqrt(d) scaling included). What the model adds to them before
         #: the first layer (GPT-2's learned position embeddings, Granite's embedding multiplier) is part of the
@@ -69,14 +77,29 @@ class ExplanationPass:
         #: The coefficients this pass froze, to evaluate the same frozen system at other inputs.
         self.tape = CoefficientTape()
         layers = capturing(self.capture) if self.analyses_layers else contextlib.nullcontext()
-        cache = DynamicCache()
+        #: Whether anything reads the last position's own graph (a spectrum on it, or a layer analysis): only then
+        #: does the pass keep the prefix's keys and values.
+        self.keeps_prefix = self.analyses_layers or (self.plan.method is not None and self.plan.on_position_graph)
+        cache = DynamicCache() if self.keeps_prefix else None
         with recording(self.tape), layers, torch.enable_grad():
             #: y from the twin: numerically the model's y, and exactly linear (affine) in x.
-            out = self.twin.base_model(inputs_embeds=self.x[None], use_cache=True, cache=cache)
+            out = self.twin.base_model(inputs_embeds=self.x[None], use_cache=self.keeps_prefix, cache=cache)
             self.y: torch.Tensor = out.last_hidden_state[0, -1]
         #: The keys and values of positions 0..n-2, detached: the frozen prefix of the last position's own graph.
-        self.prefix = detached_prefix(cache, self.n - 1)
+        self.prefix = detached_prefix(cache, self.n - 1) if cache is not None else []
         del cache, out
+        y = self.y.detach()
+        #: W y of the twin's own y (in the served precision), read with the prediction's logits in one product where
+        #: the explanation runs in the served precision; the reconstruction reuses it when J x + c is y bit for bit.
+        self.logits_of_y: torch.Tensor | None = None
+        if y_served is None:
+            y_served = y
+        if self.dtype == context.decoder.lm_head.dtype:  # the head in the served precision: W y as the model's
+            logits, self.logits_of_y = context.logits(y_served, y)
+        else:
+            logits, _ = context.logits(y_served)
+        #: The served model's own answer, which the explanation explains.
+        self.prediction = context.prediction(y_served, options.explained_token_id, logits=logits)
         self._position: PositionGraph | None = None
         #: c in y = sum_i J_i x_i + c (zeros for bias-free models) and, with a layer analysis, the constant of every
         #: layer input, layer output and block term at the last position, keyed
@@ -92,6 +115,8 @@ class ExplanationPass:
         shared by the explanation and the layer analysis; it records the residual stream when a layer analysis
         follows."""
         if self._position is None:
+            if not self.keeps_prefix:
+                raise RuntimeError("this pass kept no prefix: its plan reads nothing off the last position's graph")
             self._position = build_position_graph(
                 self.twin, self.x.detach()[-1], self.prefix, record_layers=self.analyses_layers
             )

@@ -1,0 +1,134 @@
+"""The served model's own answer in an explanation pass (engine/forward.py, ModelContext.twin_is_served), issue 17.
+
+Where the twin computes the served model's numbers bit for bit (the same precision, eager attention, a gate mode whose
+frozen arithmetic is the model's), the pass reads the prediction off the twin's forward instead of running the served
+model a second time; everywhere else it runs the served model. Either way the prediction must be the served model's
+own forward pass, bit for bit: these tests compare it with an independent forward through the untouched model, on
+every family (most tiny models run transformers' SDPA attention, Gemma 2 eager) and on a Llama switched to eager
+attention, where the shared path runs. The reconstruction's logits, read off the LM head once with the prediction's,
+are checked against W (J x + c) recomputed here.
+
+Breakages these tests were seen to catch (each made once on purpose): the probe of twin_is_served replaced by
+"always shared" (the SDPA families' prediction is then the twin's y, 1e-7 away from the model's: the bitwise check
+fails), and the reconstruction reusing W y without checking that J x + c is y bit for bit (the shifted y_linear
+test fails).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import FAMILIES, sample_ids, save_tiny_model
+
+from linlens.engine import ExplainOptions, GateMode, LayerAnalysisOptions, Precision
+from linlens.engine.explanation import reconstructed
+from linlens.engine.forward import ExplanationPass
+from linlens.models import LoadedModel, load_model
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny-served")
+    return {family: save_tiny_model(family, root / family) for family in FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def loaded(folders: dict[str, Path]) -> dict[str, LoadedModel]:
+    return {family: load_model(str(folder)) for family, folder in folders.items()}
+
+
+@pytest.fixture(scope="module")
+def eager_llama(folders: dict[str, Path]) -> LoadedModel:
+    """A tiny Llama served with eager attention (the twin's own kind): its twin is the served model bit for bit."""
+    model = load_model(str(folders["llama"]))
+    model.model.set_attn_implementation("eager")
+    return model
+
+
+def _served_y(model: LoadedModel, ids: list[int]) -> torch.Tensor:
+    """The served model's final hidden state at the last position, by an independent forward pass."""
+    with torch.no_grad():
+        return model.model.base_model(input_ids=torch.tensor([ids]), use_cache=False).last_hidden_state[0, -1]
+
+
+def _logits(model: LoadedModel, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model.model(input_ids=torch.tensor([ids])).logits[0, -1]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prediction_is_the_served_models_own_forward(loaded: dict[str, LoadedModel], family: str) -> None:
+    """In every precision and gate mode, shared or not, y and the logits are the served model's own, bit for bit."""
+    model = loaded[family]
+    ids = sample_ids()
+    expected_y, expected_logits = _served_y(model, ids), _logits(model, ids)
+    reported: set[float] = set()
+    for precision in (Precision.FLOAT32, Precision.FLOAT64):
+        for mode in GateMode:
+            options = ExplainOptions(top_k=0, precision=precision, gate_mode=mode)
+            p = ExplanationPass(model.explainer.context, ids, options)
+            assert torch.equal(p.prediction.y_model, expected_y), (precision, mode, p.served_by_twin)
+            assert p.prediction.predicted.token_id == int(torch.argmax(expected_logits))
+            head = model.explainer.context.decoder.lm_head  # the logit before any soft-capping, as reported
+            logit = float(head[p.prediction.predicted.token_id] @ expected_y)
+            assert abs(p.prediction.predicted.logit - logit) <= 1e-5 * max(1.0, abs(logit))
+            reported.add(p.prediction.predicted.logit)
+            # Another precision always runs the served model itself.
+            assert not (p.served_by_twin and precision is Precision.FLOAT64)
+    # The served model's answer does not depend on the request: the same logit to the last bit in every pass.
+    assert len(reported) == 1, reported
+
+
+def test_an_eager_model_shares_its_forward_with_the_twin(eager_llama: LoadedModel) -> None:
+    """Served with eager attention, the twin of the served precision is the served model: the pass runs one forward,
+    and what it reports is unchanged (y bit for bit the model's, the reconstruction a real check against it)."""
+    ids = sample_ids()
+    context = eager_llama.explainer.context
+    assert context.twin_is_served(Precision.FLOAT32, GateMode.FREEZE_GATE)
+    assert not context.twin_is_served(Precision.FLOAT64, GateMode.FREEZE_GATE)
+    p = ExplanationPass(context, ids, ExplainOptions(top_k=0))
+    assert p.served_by_twin
+    assert torch.equal(p.prediction.y_model, _served_y(eager_llama, ids))
+    explanation = eager_llama.explainer.explain(ids, ExplainOptions(top_k=1))
+    assert explanation.predicted.token_id == int(torch.argmax(_logits(eager_llama, ids)))
+    recon = explanation.reconstruction
+    assert recon is not None and recon.predicts_same_token and recon.relative_error_vs_model < 5e-6
+    # The generation the service runs with this model is untouched by the probe and the explanations.
+    assert eager_llama.model.config._attn_implementation == "eager"
+
+
+def test_reconstruction_logits_follow_y_linear(loaded: dict[str, LoadedModel]) -> None:
+    """W y is reused for the reconstruction only where J x + c is y bit for bit; any other y_linear is read off the
+    LM head itself (here y_linear shifted along one LM-head row: its logit error must show the shift)."""
+    model = loaded["llama"]
+    ids = sample_ids()
+    p = ExplanationPass(model.explainer.context, ids, ExplainOptions(top_k=0))
+    assert p.logits_of_y is not None
+    y = p.y.detach()
+    same = reconstructed(y.clone(), y, p.prediction, p.head, logits_of_y=p.logits_of_y)
+    fresh = reconstructed(y.clone(), y, p.prediction, p.head)
+    assert same.linear_token_id == fresh.linear_token_id
+    assert abs(same.max_abs_logit_error - fresh.max_abs_logit_error) <= 1e-5
+    row = p.head[7]
+    shifted = y + 3.0 * row / row.norm() ** 2  # W y + 3 at token 7 (plus its overlap with the other rows)
+    moved = reconstructed(shifted, y, p.prediction, p.head, logits_of_y=p.logits_of_y)
+    expected = float((p.head @ shifted - p.prediction.logits).abs().max())
+    assert moved.max_abs_logit_error >= 2.9
+    assert abs(moved.max_abs_logit_error - expected) <= 1e-4 * expected
+
+
+def test_the_prefix_is_kept_only_where_something_reads_it(loaded: dict[str, LoadedModel]) -> None:
+    """Attributions and the reconstruction alone keep no key/value cache; a last-position spectrum or a layer
+    analysis keeps the prefix its graph needs."""
+    context = loaded["llama"].explainer.context
+    ids = sample_ids()
+    bare = ExplanationPass(context, ids, ExplainOptions(top_k=0))
+    assert not bare.keeps_prefix and bare.prefix == []
+    with pytest.raises(RuntimeError, match="kept no prefix"):
+        bare.position_graph()
+    for options in (ExplainOptions(), ExplainOptions(top_k=0, layers=LayerAnalysisOptions(top_k=1))):
+        p = ExplanationPass(context, ids, options)
+        assert p.keeps_prefix and len(p.prefix) == context.num_layers
+        assert p.prefix[0][0].shape[-2] == len(ids) - 1
