@@ -39,10 +39,10 @@ from linlens.contract import (
 from linlens.engine import block_shares, layer_chain
 from linlens.engine import jacobian as jac
 from linlens.engine.capture import Capture
-from linlens.engine.explanation import numpy, relative, singular_components
 from linlens.engine.final_norm import FrozenFinalNorm
 from linlens.engine.forward import ExplanationPass
 from linlens.engine.matrix_free import BlockMaps, Cancelled, Triplets, top_singular_triplets
+from linlens.engine.output_spectra import numpy, relative, singular_components
 from linlens.engine.plan import matrix_free_products
 from linlens.engine.products import GraphProducts
 from linlens.engine.spectra import Spectrum, decompose, exact_residuals, from_triplets

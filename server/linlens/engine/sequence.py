@@ -18,7 +18,7 @@ attribution and reconstruction passes), a :class:`SequencePass` runs, over the l
 The last position's spectra of all steps come from one batched position graph (:mod:`linlens.engine.step_spectra`):
 each step's token at n_k - 1 on the shared cache cropped to its prefix (detached), the K steps as rows of one batch,
 so every pass of products serves every step. Each step is then decoded by the whole-output explanation's own code
-(:func:`linlens.engine.explanation._position_spectra`) through a :class:`StepPass`, a view of the shared pass as one
+(:func:`linlens.engine.output_spectra.position_spectra`) through a :class:`StepPass`, a view of the shared pass as one
 step's :class:`~linlens.engine.forward.ExplanationPass` (whose own position graph serves the tests as a reference).
 
 What this module does not share (a layer analysis, spectra of other positions or of the whole prompt, raw Jacobians,
@@ -45,10 +45,11 @@ from linlens.contract import (
 )
 from linlens.engine import jacobian as jac
 from linlens.engine.context import DTYPES, ModelContext, Prediction
-from linlens.engine.explanation import _position_spectra, _Tally, assemble, attribution, reconstructed
+from linlens.engine.explanation import assemble, attribution, reconstructed
 from linlens.engine.forward import ExplanationPass
 from linlens.engine.freeze import CoefficientTape, recording, replaying
 from linlens.engine.last_position import LastPositionSpectrum
+from linlens.engine.output_spectra import Tally, position_spectra
 from linlens.engine.plan import plan
 from linlens.engine.position_graph import PositionGraph, build_position_graph, detached_prefix
 from linlens.engine.step_spectra import build_batched_position_graph, step_spectra
@@ -274,7 +275,7 @@ def explain_step(shared: SequencePass, index: int, spectra: StepSpectra | None) 
     prediction, y = parts.prediction, parts.y
     y_model = prediction.y_model
     count = len(shared.lengths)
-    tally = _Tally(
+    tally = Tally(
         timings={
             "forward_ms": shared.forward_seconds * 1000.0 / count,
             "attribution_ms": shared.attribution_seconds * 1000.0 / count,
@@ -312,7 +313,7 @@ def explain_step(shared: SequencePass, index: int, spectra: StepSpectra | None) 
         tally.vjps += found.vjps
         tally.jvps += found.jvps
         errors = None if found.complete else [found.stable_rank_error]
-        results = _position_spectra(
+        results = position_spectra(
             step, [step.n - 1], [found.spectrum], [found.residuals], tally, complete=found.complete, errors=errors
         )
     return assemble(step, reconstruction, attributions, results, tally)
