@@ -41,10 +41,9 @@ def loaded(folders: dict[str, Path]) -> dict[str, LoadedModel]:
 
 @pytest.fixture(scope="module")
 def eager_llama(folders: dict[str, Path]) -> LoadedModel:
-    """A tiny Llama served with eager attention (the twin's own kind): its twin is the served model bit for bit."""
-    model = load_model(str(folders["llama"]))
-    model.model.set_attn_implementation("eager")
-    return model
+    """A tiny Llama served with eager attention (the twin's own kind, the server's ``attention: eager`` setting): its
+    twin is the served model bit for bit."""
+    return load_model(str(folders["llama"]), attention="eager")
 
 
 def _served_y(model: LoadedModel, ids: list[int]) -> torch.Tensor:
@@ -132,3 +131,33 @@ def test_the_prefix_is_kept_only_where_something_reads_it(loaded: dict[str, Load
         p = ExplanationPass(context, ids, options)
         assert p.keeps_prefix and len(p.prefix) == context.num_layers
         assert p.prefix[0][0].shape[-2] == len(ids) - 1
+
+
+def test_a_server_set_to_eager_attention_serves_and_explains_with_one_forward(folders: dict[str, Path]) -> None:
+    """The server's ``attention`` setting reaches the loader: a real server on a tiny Llama folder with ``attention
+    eager`` serves a model whose twin is the served model, and a real Explain call over gRPC reports the served
+    model's own prediction (checked against an independent forward of an SDPA load of the same folder)."""
+    from conftest import server_config
+
+    from linlens.client import Client
+    from linlens.client import ExplainOptions as ClientOptions
+    from linlens.server.app import start_server
+
+    folder = str(folders["llama"])
+    config = server_config(models=(folder,), attention="eager")
+    assert config.served_attention == "eager" and server_config().served_attention is None
+    running = start_server(config, load_in_background=False)
+    try:
+        loaded = running.host.ready(running.host.default_name)
+        assert loaded.model.config._attn_implementation == "eager"
+        assert loaded.explainer.context.twin_is_served(Precision.FLOAT32, GateMode.FREEZE_GATE)
+        ids = sample_ids()
+        reference = load_model(folder)  # transformers' own choice (SDPA)
+        assert reference.model.config._attn_implementation == "sdpa"
+        with Client(running.target, timeout=120) as client:
+            result = client.explain(token_ids=ids, options=ClientOptions(top_k=0))
+        assert result.explanation.predicted.token_id == int(torch.argmax(_logits(reference, ids)))
+        assert result.explanation.reconstruction is not None
+        assert result.explanation.reconstruction.relative_error_vs_model < 5e-6
+    finally:
+        running.stop()

@@ -77,6 +77,7 @@ def test_the_cli_can_reuse_the_flags_in_its_own_parser() -> None:
         ({"LINLENS_LOG_PROMPTS": "maybe"}, [], "expected true or false"),
         ({"LINLENS_MODELS": " , "}, [], "at least one model"),
         ({}, ["--dtype", "int8"], "dtype"),
+        ({}, ["--attention", "flash"], "attention: 'flash' is not one of auto, sdpa, eager"),
     ],
 )
 def test_bad_values_name_the_setting_and_the_source(environ: dict[str, str], argv: list[str], message: str) -> None:

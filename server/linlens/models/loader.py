@@ -82,9 +82,19 @@ def resolve(name_or_path: str, progress: LoadProgress | None = None) -> tuple[st
 
 
 def load_model(
-    name_or_path: str, *, dtype: str = "float32", device: str = "cpu", progress: LoadProgress | None = None
+    name_or_path: str,
+    *,
+    dtype: str = "float32",
+    device: str = "cpu",
+    attention: str | None = None,
+    progress: LoadProgress | None = None,
 ) -> LoadedModel:
     """Load a model and its tokenizer, ready to generate and to be explained. Raises for unsupported families.
+
+    ``attention`` is the served model's attention implementation (transformers' ``attn_implementation``: "sdpa",
+    "eager", ...; None: transformers' own choice, SDPA where the family supports it). Served with eager attention,
+    the twin computes the served model's numbers bit for bit, so an explanation reads the prediction off its own
+    forward pass instead of running the model a second time (engine/context.py ``twin_is_served``).
 
     A cached GGUF conversion that fails to load is discarded and converted again, once.
     """
@@ -94,7 +104,7 @@ def load_model(
     started = time.perf_counter()
     name, source = resolve(name_or_path, progress)
     try:
-        return _load(name, source, dtype, device, progress, started)
+        return _load(name, source, dtype, device, attention, progress, started)
     except UnsupportedArchitectureError:
         raise
     except Exception as exc:
@@ -103,15 +113,17 @@ def load_model(
             raise
         gguf_cache.discard(folder, f"loading it failed ({type(exc).__name__}: {exc})")
         name, source = resolve(name_or_path, progress)
-        return _load(name, source, dtype, device, progress, started)
+        return _load(name, source, dtype, device, attention, progress, started)
 
 
-def _load(name: str, source: str, dtype: str, device: str, progress: LoadProgress, started: float) -> LoadedModel:
+def _load(
+    name: str, source: str, dtype: str, device: str, attention: str | None, progress: LoadProgress, started: float
+) -> LoadedModel:
     config = transformers.AutoConfig.from_pretrained(source)
     architecture = (config.architectures or ["?"])[0]
     family = family_of(architecture)  # refuse before spending time on the weights
     with progress.phase("loading the weights"):
-        model: Any = AutoModelForCausalLM.from_pretrained(source, dtype=_DTYPES[dtype])
+        model: Any = AutoModelForCausalLM.from_pretrained(source, dtype=_DTYPES[dtype], attn_implementation=attention)
         model.to(device).eval().requires_grad_(False)
         tokenizer = AutoTokenizer.from_pretrained(source)
     explainer = Explainer(model, tokenizer)

@@ -30,6 +30,7 @@ ENV_PREFIX = "LINLENS_"
 _LOG_FORMATS = ("text", "json")
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 _DTYPES = ("float32", "float64", "bfloat16", "float16")
+_ATTENTION = ("auto", "sdpa", "eager")
 
 
 class ConfigError(ValueError):
@@ -62,6 +63,11 @@ class ServerConfig:
     dtype: str = "float32"
     #: torch device the models run on ("cpu", "cuda", "cuda:1", ...).
     device: str = "cpu"
+    #: The served models' attention kernel: "auto" (transformers' choice: SDPA where the family has it), "sdpa" or
+    #: "eager". Eager is the twin's own kind: an explanation then shares the served forward pass (SmolLM2, 7 tokens:
+    #: Explain(top_k=0) 0.94 units of a forward + backward against 1.35 with SDPA), but long prompts prefill slower
+    #: on a CPU (1,024 tokens: about 2x) and take O(n^2) memory for the weights (docs/operations.md).
+    attention: str = "auto"
     #: Model jobs (generations and explanations) that run at the same time. Each job uses all the threads torch has,
     #: so on a CPU machine 1 is usually fastest overall; raise it on accelerators with memory to spare.
     max_concurrent_jobs: int = 1
@@ -146,6 +152,11 @@ class ServerConfig:
     def max_explanation_memory_bytes(self) -> int:
         return self.max_explanation_memory_mb * 1024 * 1024
 
+    @property
+    def served_attention(self) -> str | None:
+        """The attention implementation to load the models with (None: transformers' own choice)."""
+        return None if self.attention == "auto" else self.attention
+
     def validate(self) -> ServerConfig:
         """Raise ConfigError naming the first setting that is out of range; return self so calls can chain."""
         _check_port("port", self.port)
@@ -157,6 +168,8 @@ class ServerConfig:
             raise ConfigError("models: a model name is empty")
         if self.dtype not in _DTYPES:
             raise ConfigError(f"dtype: {self.dtype!r} is not one of {', '.join(_DTYPES)}")
+        if self.attention not in _ATTENTION:
+            raise ConfigError(f"attention: {self.attention!r} is not one of {', '.join(_ATTENTION)}")
         positive = (
             "max_concurrent_jobs",
             "max_batch_size",
@@ -335,6 +348,7 @@ _HELP: dict[str, str] = {
     "metrics_host": "address the metrics endpoint binds",
     "dtype": "weight dtype",
     "device": "torch device, e.g. cpu or cuda",
+    "attention": "served attention kernel: auto, sdpa or eager (eager: explanations share the served forward)",
     "max_concurrent_jobs": "model jobs running at once",
     "max_queue": "jobs allowed to wait; more are refused with RESOURCE_EXHAUSTED",
     "max_batch_size": "generation requests decoded together in one batch (1 = no batching)",

@@ -106,7 +106,13 @@ class ModelHost:
             _log.info("loading model %s (%s)", slot.name, slot.ref)
             progress = LoadProgress(slot.name, on_change=functools.partial(self._loading, slot))
             try:
-                loaded = load_model(slot.ref, dtype=self.config.dtype, device=self.config.device, progress=progress)
+                loaded = load_model(
+                    slot.ref,
+                    dtype=self.config.dtype,
+                    device=self.config.device,
+                    attention=self.config.served_attention,
+                    progress=progress,
+                )
                 if self.config.warmup:
                     with progress.phase("warming up (building the linear twin)"):
                         warm_up(loaded)
