@@ -67,6 +67,14 @@ def lean(target: str) -> tuple[ExplainResult, Generation]:
     return plain, generation
 
 
+@pytest.fixture(scope="module")
+def default_result(target: str) -> ExplainResult:
+    """The default request (the top 3 at the last position, method AUTO): matrix-free on SmolLM2. The rich result
+    is not: with its layer analysis reaching the last layer, AUTO takes J_n from the layer chain (FULL)."""
+    with Client(target, timeout=300) as client:
+        return client.explain(REPORT_PROMPT)
+
+
 def _png(path: Path) -> np.ndarray:
     from PIL import Image
 
@@ -169,12 +177,12 @@ def test_the_html_report_is_self_contained_and_carries_the_results_numbers(
             )
 
 
-def test_the_report_says_how_the_spectra_were_found(report_result: ExplainResult) -> None:
+def test_the_report_says_how_the_spectra_were_found(default_result: ExplainResult) -> None:
     """The default request runs matrix-free: the page names the method, shows each triplet's certificate and marks
     what is estimated or missing (the stable rank, the singular values past the top k)."""
-    exp = report_result.explanation
+    exp = default_result.explanation
     assert exp.method is ExplainMethod.MATRIX_FREE
-    document = html.unescape(to_html(report_result))
+    document = html.unescape(to_html(default_result))
     assert "spectra matrix-free" in document
     assert f"{exp.vjp_count} vector-Jacobian and {exp.jvp_count} Jacobian-vector products" in document
     spectrum = exp.spectra[-1]
