@@ -150,28 +150,30 @@ class ModelContext:
         with self._lock:
             key = (dtype, mode)
             if key not in self._twins:
-                self._twins[key] = build_twin(base, mode)
+                self._twins[key] = build_twin(base, mode, served=base is self.model)
             return self._twins[key]
 
     def twin_is_served(self, precision: Precision, mode: GateMode | None) -> bool:
         """Whether the twin for ``precision`` and ``mode`` computes the served model's own numbers, bit for bit, so
         that an explanation's forward pass through it *is* the served model's forward pass (checked once per twin).
 
-        Decision (issue 17): the explanation's prediction must be the served model's own answer, and its
-        reconstruction error a real check against that answer. Where the twin is the served model in the same
-        precision, and every operation it runs is the operation the served model runs (the same weights, the same
-        norm and gate arithmetic, the same eager attention: freezing a coefficient detaches it, it does not change
-        its value), its y *is* the served model's y, and a second forward pass through the served model would only
-        recompute the same bits: the pass then reads the prediction off the twin's own forward
-        (:class:`~linlens.engine.forward.ExplanationPass`), and the reconstruction error against it stays the same
-        real check (J x from the graph's derivative, against those bits).
+        Decision (issue 17): the explanation's prediction must be the served model's own answer, and its reconstruction
+        error a real check against that answer. Where the twin is the served model in the same precision, and every
+        operation it runs is the operation the served model runs (the same weights, the same norm and gate arithmetic,
+        the same attention kernel's values: freezing a coefficient detaches it, it does not change its value; a model
+        served with SDPA gets a twin whose attention values are SDPA's own,
+        :func:`~linlens.engine.linearize.served_sdpa_linear_attention`), its y *is* the served model's y, and a second
+        forward pass through the served model would only recompute the same bits: the pass then reads the prediction off
+        the twin's own forward (:class:`~linlens.engine.forward.ExplanationPass`), and the reconstruction error against
+        it stays the same real check (J x from the graph's derivative, against those bits).
 
-        That identity is a fact to establish, not to assume: it fails wherever the served model runs another
-        attention kernel (transformers' default SDPA differs from the twin's eager softmax by about 1e-7
-        relative), another precision, or a gate mode whose frozen arithmetic rounds differently (FREEZE_UP
-        computes act(g) as g * s(g)). So it is measured here once per twin, on probe prompts, through the same
-        kind of call the pass makes (a coefficient tape, gradients on, with a key/value cache and without), and must
-        agree exactly at every position of every probe; anything else keeps the served model's separate forward pass.
+        That identity is a fact to establish, not to assume: it fails wherever the served model runs another precision,
+        a gate mode whose frozen arithmetic rounds differently (FREEZE_UP computes act(g) as g * s(g); GPT-2's and
+        GPT-NeoX's non-gated MLPs freeze s(h) of gelu(h) = h * s(h)), a mixture of experts (the twin runs the experts'
+        eager loop), or an attention kernel the twin does not reproduce (any but eager and SDPA). So it is measured here
+        once per twin, on probe prompts, through the same kind of call the pass makes (a coefficient tape, gradients on,
+        with a key/value cache and without), and must agree exactly at every position of every probe; anything else
+        keeps the served model's separate forward pass.
         """
         dtype = DTYPES[precision]
         key = (dtype, mode)

@@ -3,10 +3,10 @@
 An :class:`ExplanationPass` holds, for one token sequence and one set of options:
 
 - the served model's own prediction (y, logits, the predicted and the explained token): from the served model's own
-  forward pass, or, where the twin is the served model bit for bit (:meth:`ModelContext.twin_is_served`: same
-  precision, eager attention), from the twin's forward pass, which then *is* the served model's (one pass instead
-  of two: about a third of ``Explain(top_k=0)`` at 7 tokens). Its logits and the twin's W y are read off the LM
-  head in one product, and the reconstruction reuses W y where J x + c is y bit for bit;
+  forward pass, or, where the twin is the served model bit for bit (:meth:`ModelContext.twin_is_served`: same precision,
+  same attention kernel's values, same gate arithmetic), from the twin's forward pass, which then *is* the served
+  model's (one pass instead of two: about a third of ``Explain(top_k=0)`` at 7 tokens). Its logits and the twin's W y
+  are read off the LM head in one product, and the reconstruction reuses W y where J x + c is y bit for bit;
 - the linear twin's forward pass from the input embeddings x, kept as an autograd graph, so that the whole-output
   explanation (:mod:`linlens.engine.explanation`) and the layer analysis (:mod:`linlens.engine.layers`) take their
   vector-Jacobian products from the same graph; with a layer analysis, the residual stream of every layer is

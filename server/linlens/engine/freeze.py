@@ -78,6 +78,12 @@ def replaying(tape: CoefficientTape) -> Iterator[None]:
         _ACTIVE.reset(token)
 
 
+def is_replaying() -> bool:
+    """Whether this thread's twin passes run on replayed coefficients (a tape's, not the input's own)."""
+    tape = _ACTIVE.get()
+    return tape is not None and tape.replaying
+
+
 def frozen(module: nn.Module, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
     """The coefficient ``compute()`` of ``module``, detached: recorded or replayed when a tape is active."""
     tape = _ACTIVE.get()
@@ -86,4 +92,4 @@ def frozen(module: nn.Module, compute: Callable[[], torch.Tensor]) -> torch.Tens
     return tape.take(module, compute)
 
 
-__all__ = ["CoefficientTape", "frozen", "recording", "replaying"]
+__all__ = ["CoefficientTape", "frozen", "is_replaying", "recording", "replaying"]

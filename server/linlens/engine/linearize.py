@@ -36,13 +36,14 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import PreTrainedModel
-from transformers.masking_utils import AttentionMaskInterface, eager_mask
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
 
 from linlens.contract import GateMode
 from linlens.engine.capture import install_capture_hooks
 from linlens.engine.families import Family, UnsupportedArchitectureError, family_of
-from linlens.engine.freeze import CoefficientTape, frozen, recording, replaying
+from linlens.engine.freeze import CoefficientTape, frozen, is_replaying, recording, replaying
 from linlens.engine.linear_modules import (
     LinearizedGatedMLP,
     LinearizedLayerNorm,
@@ -56,6 +57,8 @@ from linlens.engine.linear_modules import (
 
 #: The attention implementation name under which the twin's attention is registered.
 ATTENTION_IMPLEMENTATION = "linlens_linear"
+#: The same, with the forward values of transformers' SDPA attention, for twins of models served with it.
+SERVED_SDPA_ATTENTION = "linlens_linear_sdpa"
 
 
 def _repeat_kv(states: torch.Tensor, groups: int) -> torch.Tensor:
@@ -103,9 +106,67 @@ def linear_attention(
     return output, weights
 
 
+def _additive_mask(attention_mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor | None:
+    """The eager softmax's additive mask for a mask built for SDPA: a boolean mask (True: attend), or None where
+    transformers left causality to SDPA's ``is_causal`` (a square causal pattern, or one query that sees every key)."""
+    if attention_mask is not None and attention_mask.dtype != torch.bool:
+        return attention_mask
+    lowest = torch.finfo(query.dtype).min
+    if attention_mask is not None:
+        return torch.zeros((), dtype=query.dtype, device=query.device).masked_fill(~attention_mask, lowest)
+    q_length, kv_length = query.shape[-2], key.shape[-2]
+    if q_length == 1:
+        return None
+    rows = torch.arange(q_length, device=query.device)[:, None] + (kv_length - q_length)
+    visible = rows >= torch.arange(kv_length, device=query.device)[None, :]
+    return torch.zeros((), dtype=query.dtype, device=query.device).masked_fill(~visible, lowest)[None, None]
+
+
+def served_sdpa_linear_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    softcap: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`linear_attention` for a model served with transformers' SDPA attention: the values its forward
+    computes are SDPA's own, bit for bit, and its gradient path is the frozen eager softmax's.
+
+    Why (issue 17): an explanation reports the served model's own prediction. Where the twin computes the served
+    model's numbers bit for bit, its forward *is* the served forward and the explanation need not run the model a
+    second time (:meth:`~linlens.engine.context.ModelContext.twin_is_served`); SDPA rounds differently from an eager
+    softmax (about 1e-7 relative in float32), so a twin with eager values never was. Here the output is
+
+        SDPA(q, k, v) (detached)  +  A (v - v.detach())
+
+    with A the frozen softmax weights: the second term is exactly zero in value, so the forward is SDPA's, and all
+    of its derivative, so the linear map is A v on the values, as in :func:`linear_attention`. The linear system
+    y = J x + c then holds to the rounding between the two kernels (the reconstruction error reports it), and so does
+    a replay of the pass's coefficients at x (a replay, an undetached twin and soft-capping, which SDPA lacks, compute
+    eager values). Only the twin of the served precision runs it (:func:`build_twin`'s ``served``): elsewhere it
+    could share nothing.
+    """
+    mask = _additive_mask(attention_mask, query, key)
+    detach = bool(getattr(module, "linlens_detach", True))
+    if not detach or softcap is not None or is_replaying():
+        return linear_attention(module, query, key, value, mask, scaling, dropout, softcap)
+    served, _ = sdpa_attention_forward(
+        module, query.detach(), key.detach(), value.detach(), attention_mask, dropout=dropout, scaling=scaling, **kwargs
+    )
+    path, weights = linear_attention(module, query, key, value - value.detach(), mask, scaling, dropout)
+    return served + path, weights
+
+
 AttentionInterface.register(ATTENTION_IMPLEMENTATION, linear_attention)
-# The mask factory must be registered under the same name, or transformers builds no (causal) mask at all.
+AttentionInterface.register(SERVED_SDPA_ATTENTION, served_sdpa_linear_attention)
+# The mask factory must be registered under the same name, or transformers builds no (causal) mask at all; each
+# variant gets the mask its values' kernel gets in the served model.
 AttentionMaskInterface.register(ATTENTION_IMPLEMENTATION, eager_mask)
+AttentionMaskInterface.register(SERVED_SDPA_ATTENTION, sdpa_mask)
 
 
 def _activation_name(config: Any) -> str:
@@ -238,11 +299,15 @@ def _check_affine(twin: PreTrainedModel, dtype: torch.dtype) -> None:
         )
 
 
-def build_twin(model: PreTrainedModel, mode: GateMode | None) -> PreTrainedModel:
+def build_twin(model: PreTrainedModel, mode: GateMode | None, *, served: bool = False) -> PreTrainedModel:
     """Return a twin of ``model`` sharing its weights, linearised for ``mode`` (None: the ordinary, undetached twin).
 
-    The twin runs eager attention through :func:`linear_attention`; with mode None nothing is detached, which gives
-    the ordinary Jacobian for contrast with the same forward arithmetic.
+    The twin's attention is :func:`linear_attention`, an eager softmax with frozen weights; with mode None nothing is
+    detached, which gives the ordinary Jacobian for contrast with the same forward arithmetic. ``served``: ``model``
+    is the served model itself (not a copy in another precision), so its twin may compute the served forward bit for
+    bit; where the model is served with SDPA its attention values are then SDPA's own
+    (:func:`served_sdpa_linear_attention`). Any other twin keeps eager values, with which replaying its frozen
+    coefficients at x gives y bit for bit.
     """
     family = family_of(type(model).__name__)
     shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
@@ -257,8 +322,12 @@ def build_twin(model: PreTrainedModel, mode: GateMode | None) -> PreTrainedModel
     for parent, child_name, new in list(_replacements(twin, family, mode, dtype, device)):
         setattr(parent, child_name, new)
 
-    twin.set_attn_implementation(ATTENTION_IMPLEMENTATION)
-    if twin.config._attn_implementation != ATTENTION_IMPLEMENTATION:
+    # The twin computes its values with the served model's attention kernel, so that where nothing else differs its
+    # forward is the served forward bit for bit (served_sdpa_linear_attention).
+    sdpa = served and model.config._attn_implementation == "sdpa"
+    attention = SERVED_SDPA_ATTENTION if sdpa else ATTENTION_IMPLEMENTATION
+    twin.set_attn_implementation(attention)
+    if twin.config._attn_implementation != attention:
         raise UnsupportedArchitectureError(f"{type(model).__name__} does not accept a custom attention function")
     twin.eval()
     if mode is not None:
@@ -267,4 +336,12 @@ def build_twin(model: PreTrainedModel, mode: GateMode | None) -> PreTrainedModel
     return twin
 
 
-__all__ = ["ATTENTION_IMPLEMENTATION", "LinearizedRMSNorm", "build_twin", "compute_dtype", "linear_attention"]
+__all__ = [
+    "ATTENTION_IMPLEMENTATION",
+    "SERVED_SDPA_ATTENTION",
+    "LinearizedRMSNorm",
+    "build_twin",
+    "compute_dtype",
+    "linear_attention",
+    "served_sdpa_linear_attention",
+]

@@ -6,7 +6,8 @@ routers) do not change when tokens are appended, and neither do the served model
 whole explanation per step (the served model's prediction, the twin's forward with grad over the prefix, its
 attribution and reconstruction passes), a :class:`SequencePass` runs, over the longest prefix ids[:n_K] only:
 
-- one no-grad forward of the served model: step k's y_model (and logits) is its hidden state at n_k - 1;
+- one no-grad forward of the served model: step k's y_model (and logits) is its hidden state at n_k - 1 (none
+  where the twin's forward is the served model's own, bit for bit: its hidden states are then read instead);
 - one forward of the twin with grad and a key/value cache: step k's y is position n_k - 1's output, and its
   Jacobian with respect to every input embedding is that of the prefix alone (positions >= n_k get exactly zero);
 - the attributions of every step and target: batched backwards with one cotangent per (step, target);
@@ -108,11 +109,12 @@ class SequencePass:
         self.n = self.lengths[-1]
         self.dtype = DTYPES[options.precision]
         last = torch.tensor([n - 1 for n in self.lengths], device=context.device)
-        # The served model's own answers at every step's last position, from one forward.
-        hidden = context.hidden_states(self.ids[: self.n])
-        self.predictions = [context.prediction(hidden[n - 1], self.ids[n]) for n in self.lengths]
-        del hidden
         self.twin = context.twin(options.precision, options.gate_mode)
+        #: Whether the twin's forward is the served model's own, bit for bit (ModelContext.twin_is_served): then
+        #: every step's prediction is read off it, as ExplanationPass does, and the served model is not run again.
+        self.served_by_twin = context.twin_is_served(options.precision, options.gate_mode)
+        # The served model's own answers at every step's last position, from one forward.
+        hidden = None if self.served_by_twin else context.hidden_states(self.ids[: self.n])
         base = context.base(self.dtype)
         self.head: torch.Tensor = context.logit_head(base.get_output_embeddings().weight)
         ids_tensor = torch.tensor(self.ids[: self.n], dtype=torch.long, device=context.device)
@@ -124,6 +126,10 @@ class SequencePass:
             out = self.twin.base_model(inputs_embeds=self.x[None], use_cache=True, cache=cache)
         #: Every step's y, (K, d), on the twin's graph.
         ys = out.last_hidden_state[0, last]
+        if hidden is None:
+            hidden = out.last_hidden_state[0].detach()
+        self.predictions = [context.prediction(hidden[n - 1], self.ids[n]) for n in self.lengths]
+        del hidden
         #: The keys and values of every position, detached: each step's position graph crops its own prefix.
         self.cache = detached_prefix(cache, self.n)
         del cache, out

@@ -92,9 +92,9 @@ def load_model(
     """Load a model and its tokenizer, ready to generate and to be explained. Raises for unsupported families.
 
     ``attention`` is the served model's attention implementation (transformers' ``attn_implementation``: "sdpa",
-    "eager", ...; None: transformers' own choice, SDPA where the family supports it). Served with eager attention,
-    the twin computes the served model's numbers bit for bit, so an explanation reads the prediction off its own
-    forward pass instead of running the model a second time (engine/context.py ``twin_is_served``).
+    "eager", ...; None: transformers' own choice, SDPA where the family supports it). The linear twin computes its
+    attention values with the same kernel (eager or SDPA), so with either an explanation can read the prediction off
+    the twin's forward pass instead of running the model a second time (engine/context.py ``twin_is_served``).
 
     A cached GGUF conversion that fails to load is discarded and converted again, once.
     """

@@ -64,9 +64,9 @@ class ServerConfig:
     #: torch device the models run on ("cpu", "cuda", "cuda:1", ...).
     device: str = "cpu"
     #: The served models' attention kernel: "auto" (transformers' choice: SDPA where the family has it), "sdpa" or
-    #: "eager". Eager is the twin's own kind: an explanation then shares the served forward pass (SmolLM2, 7 tokens:
-    #: Explain(top_k=0) 0.94 units of a forward + backward against 1.35 with SDPA), but long prompts prefill slower
-    #: on a CPU (1,024 tokens: about 2x) and take O(n^2) memory for the weights (docs/operations.md).
+    #: "eager". The linear twin computes its attention values with the same kernel, so explanations share the served
+    #: forward pass with either; eager prefills long prompts slower on a CPU (1,024 tokens: about 1.7x) and takes
+    #: O(n^2) memory for the weights (docs/engine.md).
     attention: str = "auto"
     #: Model jobs (generations and explanations) that run at the same time. Each job uses all the threads torch has,
     #: so on a CPU machine 1 is usually fastest overall; raise it on accelerators with memory to spare.
@@ -348,7 +348,7 @@ _HELP: dict[str, str] = {
     "metrics_host": "address the metrics endpoint binds",
     "dtype": "weight dtype",
     "device": "torch device, e.g. cpu or cuda",
-    "attention": "served attention kernel: auto, sdpa or eager (eager: explanations share the served forward)",
+    "attention": "served attention kernel: auto, sdpa or eager",
     "max_concurrent_jobs": "model jobs running at once",
     "max_queue": "jobs allowed to wait; more are refused with RESOURCE_EXHAUSTED",
     "max_batch_size": "generation requests decoded together in one batch (1 = no batching)",
