@@ -128,9 +128,6 @@ def served_sdpa_linear_attention(
     key: torch.Tensor,
     value: torch.Tensor,
     attention_mask: torch.Tensor | None,
-    scaling: float | None = None,
-    dropout: float = 0.0,
-    softcap: float | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`linear_attention` for a model served with transformers' SDPA attention: the values its forward
@@ -152,12 +149,10 @@ def served_sdpa_linear_attention(
     """
     mask = _additive_mask(attention_mask, query, key)
     detach = bool(getattr(module, "linlens_detach", True))
-    if not detach or softcap is not None or is_replaying():
-        return linear_attention(module, query, key, value, mask, scaling, dropout, softcap)
-    served, _ = sdpa_attention_forward(
-        module, query.detach(), key.detach(), value.detach(), attention_mask, dropout=dropout, scaling=scaling, **kwargs
-    )
-    path, weights = linear_attention(module, query, key, value - value.detach(), mask, scaling, dropout)
+    if not detach or kwargs.get("softcap") is not None or is_replaying():
+        return linear_attention(module, query, key, value, mask, **kwargs)
+    served, _ = sdpa_attention_forward(module, query.detach(), key.detach(), value.detach(), attention_mask, **kwargs)
+    path, weights = linear_attention(module, query, key, value - value.detach(), mask, **kwargs)
     return served + path, weights
 
 
