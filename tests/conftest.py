@@ -113,3 +113,20 @@ def report_result(target: str, smollm2: Any) -> Any:
     )
     with Client(target, timeout=900) as client:
         return client.explain(REPORT_PROMPT, options=options)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Every tiny family's model saved as a Hugging Face folder (tests/tiny_models.py), once per test module."""
+    from tiny_models import FAMILIES, save_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny")
+    return {family: save_tiny_model(family, root / family) for family in FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def loaded(folders: dict[str, Any]) -> dict[str, Any]:
+    """Every tiny family loaded through the real loading path (``load_model`` on its folder), once per test module."""
+    from linlens.models import load_model
+
+    return {family: load_model(str(folder)) for family, folder in folders.items()}

@@ -10,7 +10,7 @@ import checks
 import numpy as np
 import pytest
 import torch
-from tiny_models import AFFINE, FAMILIES, SEQUENCE_LENGTH, sample_ids, save_tiny_model
+from tiny_models import AFFINE, FAMILIES, SEQUENCE_LENGTH, sample_ids
 from transformers import BloomConfig, BloomForCausalLM
 
 from linlens.engine import (
@@ -35,17 +35,6 @@ from linlens.models import LoadedModel, load_model
 EXACT = {Precision.FLOAT64: 1e-14, Precision.FLOAT32: 5e-6}
 ATTRIBUTIONS = {Precision.FLOAT64: 5e-14, Precision.FLOAT32: 3e-5}
 VS_MODEL = 5e-6
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("tiny")
-    return {family: save_tiny_model(family, root / family) for family in FAMILIES}
-
-
-@pytest.fixture(scope="module")
-def loaded(folders: dict[str, Path]) -> dict[str, LoadedModel]:
-    return {family: load_model(str(folder)) for family, folder in folders.items()}
 
 
 def _logits(model: LoadedModel, ids: list[int]) -> torch.Tensor:

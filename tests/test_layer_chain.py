@@ -13,23 +13,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from tiny_models import FAMILIES, sample_ids, save_tiny_model
+from tiny_models import FAMILIES, sample_ids
 
 from linlens.engine import ExplainMethod, ExplainOptions, LayerAnalysisOptions, Precision, layer_chain
 from linlens.engine import jacobian as jac
 from linlens.engine.forward import ExplanationPass
 from linlens.engine.plan import matrix_free_products
 from linlens.engine.position_graph import build_position_graph
-from linlens.models import LoadedModel, load_model
+from linlens.models import LoadedModel
 
 #: The issue's bound in float64; measured worst below 1e-14 over the families.
 AGREES = 1e-12
-
-
-@pytest.fixture(scope="module")
-def loaded(tmp_path_factory: pytest.TempPathFactory) -> dict[str, LoadedModel]:
-    root = tmp_path_factory.mktemp("tiny-chain")
-    return {family: load_model(str(save_tiny_model(family, root / family))) for family in FAMILIES}
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:

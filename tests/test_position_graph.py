@@ -12,12 +12,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from tiny_models import FAMILIES, sample_ids, save_tiny_model
+from tiny_models import FAMILIES, sample_ids
 
 from linlens.engine import ExplainMethod, ExplainOptions, LayerAnalysisOptions, PositionSelection, Precision
 from linlens.engine import jacobian as jac
 from linlens.engine.forward import ExplanationPass
-from linlens.models import LoadedModel, load_model
+from linlens.models import LoadedModel
 
 #: J_n through the position graph against the full graph's last block: measured worst 1.6e-15 (float64) and 9.3e-7
 #: (float32) over the families; the issue's bounds.
@@ -28,12 +28,6 @@ AGREES = {Precision.FLOAT64: 1e-12, Precision.FLOAT32: 1e-5}
 #: the next ("Once upon a time there was a": reported 3.6e-7, recomputed 1.56e-6, with the old block of 16 too).
 #: The float32 analogue of the float64 clause "both below 1e-12"; residuals above it must agree within 2x.
 FLOAT32_NOISE = 2e-6
-
-
-@pytest.fixture(scope="module")
-def loaded(tmp_path_factory: pytest.TempPathFactory) -> dict[str, LoadedModel]:
-    root = tmp_path_factory.mktemp("tiny-position")
-    return {family: load_model(str(save_tiny_model(family, root / family))) for family in FAMILIES}
 
 
 def _full_last_block(p: ExplanationPass) -> torch.Tensor:

@@ -19,7 +19,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from tiny_models import AFFINE, FAMILIES, sample_ids, save_tiny_model
+from tiny_models import AFFINE, FAMILIES, sample_ids
 
 from linlens.contract import Explanation, OptionError
 from linlens.engine import (
@@ -31,7 +31,7 @@ from linlens.engine import (
 )
 from linlens.engine.sequence import SequencePass, shares_pass
 from linlens.engine.step_spectra import build_batched_position_graph
-from linlens.models import LoadedModel, load_model
+from linlens.models import LoadedModel
 
 #: The prompt's length; the steps explain the tokens after prefixes of these lengths (of the 11 sample tokens).
 PROMPT = 4
@@ -44,12 +44,6 @@ SERVED = 1e-5
 TINY_SERVED = 1e-4
 #: Singular vectors, whose rounding is divided by the gap to the next singular value.
 VECTORS = {Precision.FLOAT64: 1e-9, Precision.FLOAT32: 1e-3}
-
-
-@pytest.fixture(scope="module")
-def loaded(tmp_path_factory: pytest.TempPathFactory) -> dict[str, LoadedModel]:
-    root = tmp_path_factory.mktemp("tiny-sequence")
-    return {family: load_model(str(save_tiny_model(family, root / family))) for family in FAMILIES}
 
 
 def _close(a: object, b: object, tol: float, what: str, floor: float = 1e-300) -> None:

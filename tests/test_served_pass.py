@@ -21,23 +21,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import FAMILIES, sample_ids, save_tiny_model
+from tiny_models import FAMILIES, sample_ids
 
 from linlens.engine import ExplainOptions, GateMode, LayerAnalysisOptions, Precision
 from linlens.engine.explanation import reconstructed
 from linlens.engine.forward import ExplanationPass
 from linlens.models import LoadedModel, load_model
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("tiny-served")
-    return {family: save_tiny_model(family, root / family) for family in FAMILIES}
-
-
-@pytest.fixture(scope="module")
-def loaded(folders: dict[str, Path]) -> dict[str, LoadedModel]:
-    return {family: load_model(str(folder)) for family, folder in folders.items()}
 
 
 @pytest.fixture(scope="module")
