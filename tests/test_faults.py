@@ -155,7 +155,7 @@ def test_out_of_memory_inside_a_job_is_resource_exhausted_and_the_server_keeps_s
             assert client.health() is HealthStatus.SERVING
             assert client.generate(PROMPT, max_new_tokens=1).text == " only"
             assert client.explain(PROMPT, options=ExplainOptions(top_k=0)).explanation.predicted.text == " only"
-    except Exception as error:  # the server's own account of what happened, in the failure's report
+    except (Exception, pytest.fail.Exception) as error:  # the server's own account, in the failure's report
         raise AssertionError(f"{error}\nthe server's log ends with:\n{log.read_text()[-4000:]}") from error
     lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
     (access,) = [e for e in lines if e.get("logger") == ACCESS_LOGGER and e.get("request_id") == "oom-1"]
