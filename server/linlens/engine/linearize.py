@@ -44,6 +44,7 @@ from linlens.contract import GateMode
 from linlens.engine.capture import install_capture_hooks
 from linlens.engine.families import Family, UnsupportedArchitectureError, family_of
 from linlens.engine.freeze import CoefficientTape, frozen, is_replaying, recording, replaying
+from linlens.engine.frozen_attention import FrozenScores, frozen_attention
 from linlens.engine.linear_modules import (
     LinearizedGatedMLP,
     LinearizedLayerNorm,
@@ -79,31 +80,41 @@ def linear_attention(
     dropout: float = 0.0,
     softcap: float | None = None,
     **_: Any,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Eager softmax attention whose weights are frozen coefficients when the module is marked to detach.
 
     Queries and keys only feed the softmax weights (rotary embeddings, QK-norms and soft-capping act on them alone),
-    so freezing the weights (:func:`~linlens.engine.freeze.frozen`: detached, and recorded or replayed on a
-    coefficient tape) leaves the values their linear path. Forward-mode AD also works here, unlike CPU
-    scaled_dot_product_attention. Modules without grouped-query attention (GPT-2, GPT-NeoX) have one group.
+    so freezing them freezes the weights and leaves the values their linear path. What is frozen (detached, and
+    recorded or replayed on a coefficient tape: :func:`~linlens.engine.freeze.frozen`) is q and k, not the weights
+    themselves: :mod:`linlens.engine.frozen_attention` recomputes the weights a block of query rows at a time wherever
+    a product needs them, so a long prompt's explanation never holds heads x n² of them. Forward-mode AD works too,
+    unlike CPU scaled_dot_product_attention. Modules without grouped-query attention (GPT-2, GPT-NeoX) have one group.
+    The weights are not returned (None, as transformers' SDPA attention returns): nothing reads them.
+
+    Unfrozen (an ordinary twin, for contrast), the weights are computed whole and differentiated through.
     """
     detach = bool(getattr(module, "linlens_detach", True))
     groups = int(getattr(module, "num_key_value_groups", 1))
     v = _repeat_kv(value, groups)
-
-    def softmax_weights() -> torch.Tensor:
-        k = _repeat_kv(key, groups)
-        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        scores = torch.matmul(query, k.transpose(2, 3)) * scale
-        if softcap is not None:
-            scores = torch.tanh(scores / softcap) * softcap
-        if attention_mask is not None:
-            scores = scores + attention_mask[:, :, :, : k.shape[-2]]
-        return torch.softmax(scores, dim=-1, dtype=compute_dtype(scores.dtype)).to(v.dtype)
-
-    weights = frozen(module, softmax_weights) if detach else softmax_weights()
-    output = torch.matmul(weights, v).transpose(1, 2).contiguous()
-    return output, weights
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if detach:
+        scores = FrozenScores(
+            query=frozen(module, lambda: query),
+            key=_repeat_kv(frozen(module, lambda: key), groups),
+            mask=attention_mask,
+            scale=scale,
+            softcap=softcap,
+            softmax_dtype=compute_dtype(query.dtype),
+        )
+        return frozen_attention(v, scores).transpose(1, 2).contiguous(), None
+    k = _repeat_kv(key, groups)
+    logits = torch.matmul(query, k.transpose(2, 3)) * scale
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    if attention_mask is not None:
+        logits = logits + attention_mask[:, :, :, : k.shape[-2]]
+    weights = torch.softmax(logits, dim=-1, dtype=compute_dtype(logits.dtype)).to(v.dtype)
+    return torch.matmul(weights, v).transpose(1, 2).contiguous(), weights
 
 
 def _additive_mask(attention_mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor | None:
@@ -129,7 +140,7 @@ def served_sdpa_linear_attention(
     value: torch.Tensor,
     attention_mask: torch.Tensor | None,
     **kwargs: Any,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`linear_attention` for a model served with transformers' SDPA attention: the values its forward
     computes are SDPA's own, bit for bit, and its gradient path is the frozen eager softmax's.
 
