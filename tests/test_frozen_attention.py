@@ -22,31 +22,37 @@ from linlens.models import LoadedModel
 HEADS, QUERIES, KEYS, DIM = 4, 11, 11, 8
 
 
-def _scores(softcap: float | None, seed: int = 0) -> FrozenScores:
+def _scores(softcap: float | None, mask: str = "additive", seed: int = 0) -> FrozenScores:
+    """Random frozen scores with a causal pattern given as transformers gives it: an additive mask (eager), a boolean
+    one (SDPA) or none at all (SDPA's is_causal)."""
     generator = torch.Generator().manual_seed(seed)
     query = torch.randn(1, HEADS, QUERIES, DIM, generator=generator, dtype=torch.float64)
     key = torch.randn(1, HEADS, KEYS, DIM, generator=generator, dtype=torch.float64)
-    causal = torch.ones(QUERIES, KEYS, dtype=torch.bool).tril()
-    mask = torch.zeros(QUERIES, KEYS, dtype=torch.float64).masked_fill(~causal, -math.inf)[None, None]
-    return FrozenScores(query, key, mask, DIM**-0.5, softcap, torch.float64)
+    visible = torch.ones(QUERIES, KEYS, dtype=torch.bool).tril()[None, None]
+    given = {
+        "additive": torch.zeros(visible.shape, dtype=torch.float64).masked_fill(~visible, -1e300),
+        "boolean": visible,
+    }
+    return FrozenScores(query, key, given.get(mask), mask == "none", DIM**-0.5, softcap, torch.float64)
 
 
 def _by_hand(scores: FrozenScores) -> torch.Tensor:
-    """The whole weights matrix, computed independently of the module's blocks."""
+    """The whole weights matrix, computed independently of the module's blocks and of the mask it was given."""
     logits = scores.query @ scores.key.transpose(2, 3) * scores.scale
     if scores.softcap is not None:
         logits = scores.softcap * torch.tanh(logits / scores.softcap)
-    assert scores.mask is not None
-    return torch.softmax(logits + scores.mask, dim=-1)
+    visible = torch.ones(QUERIES, KEYS, dtype=torch.bool).tril()
+    return torch.softmax(logits.masked_fill(~visible, -math.inf), dim=-1)
 
 
 @pytest.mark.parametrize("block", [1 << 22, 3 * HEADS * KEYS, HEADS * KEYS])
 @pytest.mark.parametrize("softcap", [None, 5.0])
+@pytest.mark.parametrize("mask", ["additive", "boolean", "none"])
 def test_every_derivative_is_the_whole_weights_products(
-    monkeypatch: pytest.MonkeyPatch, block: int, softcap: float | None
+    monkeypatch: pytest.MonkeyPatch, block: int, softcap: float | None, mask: str
 ) -> None:
     monkeypatch.setattr(fa, "BLOCK_ELEMENTS", block)
-    scores = _scores(softcap)
+    scores = _scores(softcap, mask)
     blocks = len(scores.blocks())
     assert blocks == (1 if block == 1 << 22 else math.ceil(QUERIES / (block // (HEADS * KEYS))))
     weights = _by_hand(scores)

@@ -38,8 +38,12 @@ class FrozenScores:
     query: torch.Tensor
     #: (batch, heads, keys, head_dim), detached, expanded to the query heads (grouped-query attention).
     key: torch.Tensor
-    #: Additive, broadcastable to (batch, heads, queries, keys), or None.
+    #: Broadcastable to (batch, heads, queries, keys): additive, or boolean (True: attend), as transformers builds
+    #: it for eager or SDPA attention; or None.
     mask: torch.Tensor | None
+    #: With no mask: whether query i may see only keys up to i + (keys - queries) (SDPA's ``is_causal``, for which
+    #: transformers builds no mask). A block builds its own rows of that pattern, so no queries x keys tensor exists.
+    causal: bool
     scale: float
     softcap: float | None
     #: The softmax's own precision (float32 for half types, as transformers computes it).
@@ -50,9 +54,16 @@ class FrozenScores:
         scores = torch.matmul(self.query[:, :, rows], self.key.transpose(2, 3)) * self.scale
         if self.softcap is not None:
             scores = torch.tanh(scores / self.softcap) * self.softcap
+        keys = self.key.shape[-2]
         if self.mask is not None:
-            mask = self.mask[:, :, rows] if self.mask.shape[2] > 1 else self.mask
-            scores = scores + mask[..., : self.key.shape[-2]]
+            mask = (self.mask[:, :, rows] if self.mask.shape[2] > 1 else self.mask)[..., :keys]
+            if mask.dtype == torch.bool:
+                mask = _additive(mask, scores.dtype)
+            scores = scores + mask
+        elif self.causal:
+            first = rows.start + keys - self.query.shape[-2]
+            query_at = torch.arange(first, first + scores.shape[-2], device=scores.device)
+            scores = scores + _additive(query_at[:, None] >= torch.arange(keys, device=scores.device), scores.dtype)
         return torch.softmax(scores, dim=-1, dtype=self.softmax_dtype).to(dtype)
 
     def blocks(self) -> list[slice]:
@@ -80,6 +91,12 @@ class FrozenScores:
             total = part if total is None else total + part
         assert total is not None
         return total
+
+
+def _additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The additive mask of a boolean one: 0 where it attends, the dtype's lowest value elsewhere (as transformers
+    and the twin's own ``_additive_mask`` make it, so that the weights are the same bit for bit)."""
+    return torch.zeros((), dtype=dtype, device=visible.device).masked_fill(~visible, torch.finfo(dtype).min)
 
 
 class _Attend(torch.autograd.Function):

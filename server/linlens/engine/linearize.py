@@ -94,27 +94,44 @@ def linear_attention(
     Unfrozen (an ordinary twin, for contrast), the weights are computed whole and differentiated through.
     """
     detach = bool(getattr(module, "linlens_detach", True))
+    if detach:
+        return _frozen_attention(module, query, key, value, attention_mask, False, scaling, softcap), None
     groups = int(getattr(module, "num_key_value_groups", 1))
     v = _repeat_kv(value, groups)
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    if detach:
-        scores = FrozenScores(
-            query=frozen(module, lambda: query),
-            key=_repeat_kv(frozen(module, lambda: key), groups),
-            mask=attention_mask,
-            scale=scale,
-            softcap=softcap,
-            softmax_dtype=compute_dtype(query.dtype),
-        )
-        return frozen_attention(v, scores).transpose(1, 2).contiguous(), None
     k = _repeat_kv(key, groups)
-    logits = torch.matmul(query, k.transpose(2, 3)) * scale
+    logits = torch.matmul(query, k.transpose(2, 3)) * (scaling if scaling is not None else query.shape[-1] ** -0.5)
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
     if attention_mask is not None:
         logits = logits + attention_mask[:, :, :, : k.shape[-2]]
     weights = torch.softmax(logits, dim=-1, dtype=compute_dtype(logits.dtype)).to(v.dtype)
     return torch.matmul(weights, v).transpose(1, 2).contiguous(), weights
+
+
+def _frozen_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    causal: bool,
+    scaling: float | None,
+    softcap: float | None,
+) -> torch.Tensor:
+    """A v with q and k frozen (recorded or replayed on the tape) and A recomputed by blocks
+    (:mod:`linlens.engine.frozen_attention`); ``attention_mask`` additive or boolean, ``causal`` where it is None
+    and the queries see only earlier keys. Returns (batch, queries, heads, head_dim), as transformers expects."""
+    groups = int(getattr(module, "num_key_value_groups", 1))
+    scores = FrozenScores(
+        query=frozen(module, lambda: query),
+        key=_repeat_kv(frozen(module, lambda: key), groups),
+        mask=attention_mask,
+        causal=causal,
+        scale=scaling if scaling is not None else query.shape[-1] ** -0.5,
+        softcap=softcap,
+        softmax_dtype=compute_dtype(query.dtype),
+    )
+    return frozen_attention(_repeat_kv(value, groups), scores).transpose(1, 2).contiguous()
 
 
 def _additive_mask(attention_mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor | None:
@@ -158,13 +175,17 @@ def served_sdpa_linear_attention(
     eager values). Only the twin of the served precision runs it (:func:`build_twin`'s ``served``): elsewhere it
     could share nothing.
     """
-    mask = _additive_mask(attention_mask, query, key)
     detach = bool(getattr(module, "linlens_detach", True))
     if not detach or kwargs.get("softcap") is not None or is_replaying():
-        return linear_attention(module, query, key, value, mask, **kwargs)
+        return linear_attention(module, query, key, value, _additive_mask(attention_mask, query, key), **kwargs)
     served, _ = sdpa_attention_forward(module, query.detach(), key.detach(), value.detach(), attention_mask, **kwargs)
-    path, weights = linear_attention(module, query, key, value - value.detach(), mask, **kwargs)
-    return served + path, weights
+    # The mask as SDPA got it (boolean, or None for a causal pattern): the frozen weights build their rows of it block
+    # by block, where an additive copy would be a queries x keys tensor kept for every layer's products.
+    causal = attention_mask is None and query.shape[-2] > 1
+    path = _frozen_attention(
+        module, query, key, value - value.detach(), attention_mask, causal, kwargs.get("scaling"), None
+    )
+    return served + path, None
 
 
 AttentionInterface.register(ATTENTION_IMPLEMENTATION, linear_attention)
