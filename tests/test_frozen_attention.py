@@ -56,6 +56,7 @@ def test_every_derivative_is_the_whole_weights_products(
     blocks = len(scores.blocks())
     assert blocks == (1 if block == 1 << 22 else math.ceil(QUERIES / (block // (HEADS * KEYS))))
     weights = _by_hand(scores)
+    torch.testing.assert_close(scores.weights(slice(None), torch.float64), weights, rtol=1e-13, atol=1e-13)
     generator = torch.Generator().manual_seed(1)
     values = torch.randn(1, HEADS, KEYS, DIM, generator=generator, dtype=torch.float64, requires_grad=True)
     out = frozen_attention(values, scores)
@@ -87,13 +88,15 @@ def test_every_derivative_is_the_whole_weights_products(
 def test_a_many_block_explanation_is_the_one_block_explanation_and_keeps_no_weights(
     loaded: dict[str, LoadedModel], family: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Every family in float64: the spectra, the reconstruction and the attributions with every attention call
-    split into blocks of one query row equal those of one block per call within 1e-12, and the coefficient tape
-    holds no tensor of queries x keys (the quadratic memory this module exists to avoid)."""
+    """Every family in float64: the spectra, the reconstruction and the attributions with every attention call's
+    weights recomputed in blocks of one query row equal those of the weights kept whole (a short prompt's default)
+    within 1e-12, and the coefficient tape then holds no tensor of queries x keys (the quadratic memory this module
+    exists to avoid)."""
     model = loaded[family]
     ids = sample_ids()
     options = ExplainOptions(precision=Precision.FLOAT64, top_k=2)
     whole = model.explainer.explain(ids, options)
+    monkeypatch.setattr(fa, "KEEP_WHOLE_ELEMENTS", 0)
     monkeypatch.setattr(fa, "BLOCK_ELEMENTS", 1)
     rows = model.explainer.explain(ids, options)
     assert rows.predicted.token_id == whole.predicted.token_id

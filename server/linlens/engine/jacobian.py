@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from linlens.engine.frozen_attention import BLOCK_ELEMENTS
+from linlens.engine.frozen_attention import BLOCK_ELEMENTS, KEEP_WHOLE_ELEMENTS
 
 
 class ExplanationCancelled(RuntimeError):
@@ -60,16 +60,18 @@ BACKWARD_LAYERS_ALIVE = 1
 
 
 def retained_layer_bytes(
-    *, n_tokens: int, hidden: int, intermediate: int, attention_width: int, kv_width: int, itemsize: int
+    *, n_tokens: int, hidden: int, intermediate: int, heads: int, attention_width: int, kv_width: int, itemsize: int
 ) -> int:
     """Bytes one layer of the linear twin keeps alive after its forward pass over ``n_tokens`` tokens, its frozen
     coefficients included (the coefficient tape and the graph share them). Per token: the frozen attention's query
-    and keys (the keys as recorded and expanded to the query heads; engine/frozen_attention.py recomputes the softmax
-    weights from them, so nothing of size tokens x tokens is kept), 2 intermediate-size vectors (the frozen gate and
+    and keys (the keys as recorded and expanded to the query heads), 2 intermediate-size vectors (the frozen gate and
     the product the down projection saves) and 6 hidden-size ones (the norms' inputs and outputs, the attention's
     output, the residual; generous, because at a few hundred tokens tensors below glibc's mmap threshold stay in the
-    heap and the resident peak runs above the live tensors). Measured against it in docs/reliability.md."""
-    return n_tokens * (2 * attention_width + kv_width + 2 * intermediate + 6 * hidden) * itemsize
+    heap and the resident peak runs above the live tensors). The softmax weights themselves are kept only while they
+    are few (at most KEEP_WHOLE_ELEMENTS: engine/frozen_attention.py recomputes larger ones from q and k). Measured
+    against it in docs/reliability.md."""
+    whole = min(heads * n_tokens * n_tokens, KEEP_WHOLE_ELEMENTS)
+    return (n_tokens * (2 * attention_width + kv_width + 2 * intermediate + 6 * hidden) + whole) * itemsize
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,7 @@ class Geometry:
             n_tokens=self.n_tokens,
             hidden=self.hidden,
             intermediate=self.intermediate,
+            heads=self.heads,
             attention_width=self.attention_width,
             kv_width=self.kv_width,
             itemsize=self.itemsize,

@@ -44,7 +44,7 @@ from linlens.contract import GateMode
 from linlens.engine.capture import install_capture_hooks
 from linlens.engine.families import Family, UnsupportedArchitectureError, family_of
 from linlens.engine.freeze import CoefficientTape, frozen, is_replaying, recording, replaying
-from linlens.engine.frozen_attention import FrozenScores, frozen_attention
+from linlens.engine.frozen_attention import FrozenScores, frozen_attention, keeps_whole
 from linlens.engine.linear_modules import (
     LinearizedGatedMLP,
     LinearizedLayerNorm,
@@ -118,20 +118,34 @@ def _frozen_attention(
     scaling: float | None,
     softcap: float | None,
 ) -> torch.Tensor:
-    """A v with q and k frozen (recorded or replayed on the tape) and A recomputed by blocks
-    (:mod:`linlens.engine.frozen_attention`); ``attention_mask`` additive or boolean, ``causal`` where it is None
-    and the queries see only earlier keys. Returns (batch, queries, heads, head_dim), as transformers expects."""
+    """A v with A frozen; ``attention_mask`` additive or boolean, ``causal`` where it is None and the queries see
+    only earlier keys. Returns (batch, queries, heads, head_dim), as transformers expects.
+
+    A call whose weights are few (:func:`~linlens.engine.frozen_attention.keeps_whole`: short prompts, the
+    last position's own graph, generation steps) freezes A itself and keeps it, which costs nothing per product. A
+    larger one freezes q and k (recorded or replayed on the tape) and recomputes A by blocks in every product
+    (:mod:`linlens.engine.frozen_attention`), so that its memory stays linear in the prompt."""
     groups = int(getattr(module, "num_key_value_groups", 1))
-    scores = FrozenScores(
-        query=frozen(module, lambda: query),
-        key=_repeat_kv(frozen(module, lambda: key), groups),
-        mask=attention_mask,
-        causal=causal,
-        scale=scaling if scaling is not None else query.shape[-1] ** -0.5,
-        softcap=softcap,
-        softmax_dtype=compute_dtype(query.dtype),
-    )
-    return frozen_attention(_repeat_kv(value, groups), scores).transpose(1, 2).contiguous()
+    values = _repeat_kv(value, groups)
+
+    def scores(q: torch.Tensor, k: torch.Tensor) -> FrozenScores:
+        return FrozenScores(
+            query=q,
+            key=_repeat_kv(k, groups),
+            mask=attention_mask,
+            causal=causal,
+            scale=scaling if scaling is not None else query.shape[-1] ** -0.5,
+            softcap=softcap,
+            softmax_dtype=compute_dtype(query.dtype),
+        )
+
+    if keeps_whole(query.shape[1], query.shape[-2], key.shape[-2]):
+        whole = scores(query.detach(), key.detach())
+        weights = frozen(module, lambda: whole.weights(slice(None), values.dtype))
+        output = torch.matmul(weights, values)
+    else:
+        output = frozen_attention(values, scores(frozen(module, lambda: query), frozen(module, lambda: key)))
+    return output.transpose(1, 2).contiguous()
 
 
 def _additive_mask(attention_mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor | None:
