@@ -44,11 +44,12 @@ BLOCK_ELEMENTS = 1 << 22
 @dataclass(frozen=True)
 class FrozenScores:
     """The frozen inputs of one attention call's softmax weights A (batch, heads, queries, keys): everything A is
-    computed from, and nothing of size queries x keys."""
+    computed from, and nothing of size queries x keys. The one home of the weights' arithmetic: the ordinary twin,
+    which freezes nothing, computes its weights with it too, from live queries and keys."""
 
-    #: (batch, heads, queries, head_dim), detached.
+    #: (batch, heads, queries, head_dim), detached (live only in the ordinary twin).
     query: torch.Tensor
-    #: (batch, heads, keys, head_dim), detached, expanded to the query heads (grouped-query attention).
+    #: (batch, heads, keys, head_dim), expanded to the query heads (grouped-query attention); as the query.
     key: torch.Tensor
     #: Broadcastable to (batch, heads, queries, keys): additive, or boolean (True: attend), as transformers builds
     #: it for eager or SDPA attention; or None.

@@ -84,27 +84,27 @@ def linear_attention(
     """Eager softmax attention whose weights are frozen coefficients when the module is marked to detach.
 
     Queries and keys only feed the softmax weights (rotary embeddings, QK-norms and soft-capping act on them alone),
-    so freezing them freezes the weights and leaves the values their linear path. What is frozen (detached, and
-    recorded or replayed on a coefficient tape: :func:`~linlens.engine.freeze.frozen`) is q and k, not the weights
-    themselves: :mod:`linlens.engine.frozen_attention` recomputes the weights a block of query rows at a time wherever
-    a product needs them, so a long prompt's explanation never holds heads x n² of them. Forward-mode AD works too,
-    unlike CPU scaled_dot_product_attention. Modules without grouped-query attention (GPT-2, GPT-NeoX) have one group.
-    The weights are not returned (None, as transformers' SDPA attention returns): nothing reads them.
+    so freezing the weights leaves the values their linear path (:func:`_frozen_attention`: frozen whole while they
+    are few, through q and k beyond that). Forward-mode AD works too, unlike CPU scaled_dot_product_attention.
+    Modules without grouped-query attention (GPT-2, GPT-NeoX) have one group. The weights are not returned (None, as
+    transformers' SDPA attention returns): nothing reads them.
 
-    Unfrozen (an ordinary twin, for contrast), the weights are computed whole and differentiated through.
+    Unfrozen (an ordinary twin, for contrast), the same weights are computed whole and differentiated through.
     """
-    detach = bool(getattr(module, "linlens_detach", True))
-    if detach:
+    if getattr(module, "linlens_detach", True):
         return _frozen_attention(module, query, key, value, attention_mask, False, scaling, softcap), None
     groups = int(getattr(module, "num_key_value_groups", 1))
     v = _repeat_kv(value, groups)
-    k = _repeat_kv(key, groups)
-    logits = torch.matmul(query, k.transpose(2, 3)) * (scaling if scaling is not None else query.shape[-1] ** -0.5)
-    if softcap is not None:
-        logits = torch.tanh(logits / softcap) * softcap
-    if attention_mask is not None:
-        logits = logits + attention_mask[:, :, :, : k.shape[-2]]
-    weights = torch.softmax(logits, dim=-1, dtype=compute_dtype(logits.dtype)).to(v.dtype)
+    live = FrozenScores(
+        query=query,
+        key=_repeat_kv(key, groups),
+        mask=attention_mask,
+        causal=False,
+        scale=scaling if scaling is not None else query.shape[-1] ** -0.5,
+        softcap=softcap,
+        softmax_dtype=compute_dtype(query.dtype),
+    )
+    weights = live.weights(slice(None), v.dtype)
     return torch.matmul(weights, v).transpose(1, 2).contiguous(), weights
 
 
