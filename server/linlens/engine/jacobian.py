@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from linlens.engine.frozen_attention import BLOCK_ELEMENTS, KEEP_WHOLE_ELEMENTS
+
 
 class ExplanationCancelled(RuntimeError):
     """The caller asked to stop (cancelled RPC, passed deadline) before the explanation finished."""
@@ -57,16 +59,19 @@ def vjp_chunk_size(
 BACKWARD_LAYERS_ALIVE = 1
 
 
-def retained_layer_bytes(*, n_tokens: int, hidden: int, intermediate: int, heads: int, itemsize: int) -> int:
+def retained_layer_bytes(
+    *, n_tokens: int, hidden: int, intermediate: int, heads: int, attention_width: int, kv_width: int, itemsize: int
+) -> int:
     """Bytes one layer of the linear twin keeps alive after its forward pass over ``n_tokens`` tokens, its frozen
-    coefficients included (the coefficient tape and the graph share them). Per token: each head's frozen softmax row
-    (``heads`` x n: the only quadratic part; the scores that produced it are detached and freed, unlike a plain
-    model's graph), 2 intermediate-size vectors (the frozen gate and the product the down projection saves) and 6
-    hidden-size ones (the norms' inputs and outputs, the attention's output, the residual; generous, because at a
-    few hundred tokens tensors below glibc's mmap threshold stay in the heap and the resident peak runs above the
-    live tensors). Measured on SmolLM2 at 1,024 tokens: 1,386 MiB retained for 30 layers against 1,845 MiB by this
-    count (docs/reliability.md)."""
-    return n_tokens * (heads * n_tokens + 2 * intermediate + 6 * hidden) * itemsize
+    coefficients included (the coefficient tape and the graph share them). Per token: the frozen attention's query
+    and keys (the keys as recorded and expanded to the query heads), 2 intermediate-size vectors (the frozen gate and
+    the product the down projection saves) and 6 hidden-size ones (the norms' inputs and outputs, the attention's
+    output, the residual; generous, because at a few hundred tokens tensors below glibc's mmap threshold stay in the
+    heap and the resident peak runs above the live tensors). The softmax weights themselves are kept only while they
+    are few (at most KEEP_WHOLE_ELEMENTS: engine/frozen_attention.py recomputes larger ones from q and k). Measured
+    against it in docs/reliability.md."""
+    whole = min(heads * n_tokens * n_tokens, KEEP_WHOLE_ELEMENTS)
+    return (n_tokens * (2 * attention_width + kv_width + 2 * intermediate + 6 * hidden) + whole) * itemsize
 
 
 @dataclass(frozen=True)
@@ -103,6 +108,8 @@ class Geometry:
             hidden=self.hidden,
             intermediate=self.intermediate,
             heads=self.heads,
+            attention_width=self.attention_width,
+            kv_width=self.kv_width,
             itemsize=self.itemsize,
         )
 
@@ -166,10 +173,11 @@ def explanation_memory(
     Measured against it in docs/reliability.md (``scripts/bench_memory.py``)."""
     g = geometry
     n, layers, size = g.n_tokens, g.layers, g.itemsize
-    # The cache's keys and values (the position graph's prefix) and, while one layer runs, its scores and their
-    # masked copy before the softmax keeps its weights.
+    # The cache's keys and values (the position graph's prefix); the attention masks transformers builds once per
+    # pass (a full and a sliding one at most, kept by every layer's frozen attention); and, while one product runs
+    # through a layer, one block of its recomputed softmax weights with the scores and masked copy behind it.
     cache = layers * n * 2 * g.kv_width * size
-    scores = 2 * g.heads * n * n * size
+    scores = 2 * n * n * size + 3 * BLOCK_ELEMENTS * size
     # The served model's own prediction pass (no graph: one layer's activations at a time) and the logits it and
     # the decoding of singular vectors take over the vocabulary, in float32 and the explanation's precision.
     prediction = g.layer() + 8 * g.vocab * max(size, 4)

@@ -44,6 +44,7 @@ from linlens.contract import GateMode
 from linlens.engine.capture import install_capture_hooks
 from linlens.engine.families import Family, UnsupportedArchitectureError, family_of
 from linlens.engine.freeze import CoefficientTape, frozen, is_replaying, recording, replaying
+from linlens.engine.frozen_attention import FrozenScores, frozen_attention, keeps_whole
 from linlens.engine.linear_modules import (
     LinearizedGatedMLP,
     LinearizedLayerNorm,
@@ -79,31 +80,72 @@ def linear_attention(
     dropout: float = 0.0,
     softcap: float | None = None,
     **_: Any,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Eager softmax attention whose weights are frozen coefficients when the module is marked to detach.
 
     Queries and keys only feed the softmax weights (rotary embeddings, QK-norms and soft-capping act on them alone),
-    so freezing the weights (:func:`~linlens.engine.freeze.frozen`: detached, and recorded or replayed on a
-    coefficient tape) leaves the values their linear path. Forward-mode AD also works here, unlike CPU
-    scaled_dot_product_attention. Modules without grouped-query attention (GPT-2, GPT-NeoX) have one group.
+    so freezing the weights leaves the values their linear path (:func:`_frozen_attention`: frozen whole while they
+    are few, through q and k beyond that). Forward-mode AD works too, unlike CPU scaled_dot_product_attention.
+    Modules without grouped-query attention (GPT-2, GPT-NeoX) have one group. The weights are not returned (None, as
+    transformers' SDPA attention returns): nothing reads them.
+
+    Unfrozen (an ordinary twin, for contrast), the same weights are computed whole and differentiated through.
     """
-    detach = bool(getattr(module, "linlens_detach", True))
+    if getattr(module, "linlens_detach", True):
+        return _frozen_attention(module, query, key, value, attention_mask, False, scaling, softcap), None
     groups = int(getattr(module, "num_key_value_groups", 1))
     v = _repeat_kv(value, groups)
+    live = FrozenScores(
+        query=query,
+        key=_repeat_kv(key, groups),
+        mask=attention_mask,
+        causal=False,
+        scale=scaling if scaling is not None else query.shape[-1] ** -0.5,
+        softcap=softcap,
+        softmax_dtype=compute_dtype(query.dtype),
+    )
+    weights = live.weights(slice(None), v.dtype)
+    return torch.matmul(weights, v).transpose(1, 2).contiguous(), weights
 
-    def softmax_weights() -> torch.Tensor:
-        k = _repeat_kv(key, groups)
-        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        scores = torch.matmul(query, k.transpose(2, 3)) * scale
-        if softcap is not None:
-            scores = torch.tanh(scores / softcap) * softcap
-        if attention_mask is not None:
-            scores = scores + attention_mask[:, :, :, : k.shape[-2]]
-        return torch.softmax(scores, dim=-1, dtype=compute_dtype(scores.dtype)).to(v.dtype)
 
-    weights = frozen(module, softmax_weights) if detach else softmax_weights()
-    output = torch.matmul(weights, v).transpose(1, 2).contiguous()
-    return output, weights
+def _frozen_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    causal: bool,
+    scaling: float | None,
+    softcap: float | None,
+) -> torch.Tensor:
+    """A v with A frozen; ``attention_mask`` additive or boolean, ``causal`` where it is None and the queries see
+    only earlier keys. Returns (batch, queries, heads, head_dim), as transformers expects.
+
+    A call whose weights are few (:func:`~linlens.engine.frozen_attention.keeps_whole`: short prompts, the
+    last position's own graph, generation steps) freezes A itself and keeps it, which costs nothing per product. A
+    larger one freezes q and k (recorded or replayed on the tape) and recomputes A by blocks in every product
+    (:mod:`linlens.engine.frozen_attention`), so that its memory stays linear in the prompt."""
+    groups = int(getattr(module, "num_key_value_groups", 1))
+    values = _repeat_kv(value, groups)
+
+    def scores(q: torch.Tensor, k: torch.Tensor) -> FrozenScores:
+        return FrozenScores(
+            query=q,
+            key=_repeat_kv(k, groups),
+            mask=attention_mask,
+            causal=causal,
+            scale=scaling if scaling is not None else query.shape[-1] ** -0.5,
+            softcap=softcap,
+            softmax_dtype=compute_dtype(query.dtype),
+        )
+
+    if keeps_whole(query.shape[1], query.shape[-2], key.shape[-2]):
+        whole = scores(query.detach(), key.detach())
+        weights = frozen(module, lambda: whole.weights(slice(None), values.dtype))
+        output = torch.matmul(weights, values)
+    else:
+        output = frozen_attention(values, scores(frozen(module, lambda: query), frozen(module, lambda: key)))
+    return output.transpose(1, 2).contiguous()
 
 
 def _additive_mask(attention_mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor | None:
@@ -129,7 +171,7 @@ def served_sdpa_linear_attention(
     value: torch.Tensor,
     attention_mask: torch.Tensor | None,
     **kwargs: Any,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`linear_attention` for a model served with transformers' SDPA attention: the values its forward
     computes are SDPA's own, bit for bit, and its gradient path is the frozen eager softmax's.
 
@@ -147,13 +189,17 @@ def served_sdpa_linear_attention(
     eager values). Only the twin of the served precision runs it (:func:`build_twin`'s ``served``): elsewhere it
     could share nothing.
     """
-    mask = _additive_mask(attention_mask, query, key)
     detach = bool(getattr(module, "linlens_detach", True))
     if not detach or kwargs.get("softcap") is not None or is_replaying():
-        return linear_attention(module, query, key, value, mask, **kwargs)
+        return linear_attention(module, query, key, value, _additive_mask(attention_mask, query, key), **kwargs)
     served, _ = sdpa_attention_forward(module, query.detach(), key.detach(), value.detach(), attention_mask, **kwargs)
-    path, weights = linear_attention(module, query, key, value - value.detach(), mask, **kwargs)
-    return served + path, weights
+    # The mask as SDPA got it (boolean, or None for a causal pattern): the frozen weights build their rows of it block
+    # by block, where an additive copy would be a queries x keys tensor kept for every layer's products.
+    causal = attention_mask is None and query.shape[-2] > 1
+    path = _frozen_attention(
+        module, query, key, value - value.detach(), attention_mask, causal, kwargs.get("scaling"), None
+    )
+    return served + path, None
 
 
 AttentionInterface.register(ATTENTION_IMPLEMENTATION, linear_attention)
