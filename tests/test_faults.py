@@ -117,7 +117,7 @@ def capped_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     env["LINLENS_CONFIG"] = ""
     with open(log, "w") as stderr:
         process = subprocess.Popen(
-            [sys.executable, "-c", OOM_SERVER, str(port), "1024"],
+            [sys.executable, "-c", OOM_SERVER, str(port), "2048"],
             env=env,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -143,13 +143,16 @@ def test_out_of_memory_inside_a_job_is_resource_exhausted_and_the_server_keeps_s
     target, log = capped_server
     try:
         with Client(target, retry=NO_RETRY, timeout=300) as client:
-            # 6,000 tokens: the first layer's frozen softmax weights alone (6,000² x 9 heads in float32, 1.3 GB) are
-            # more than the 1 GiB the process may still map. The request fails on that one allocation, far from the
-            # cap: a request that crept up to the cap instead would leave every other allocation in the process
-            # (gRPC's own, the BLAS library's) to fail with it, and gRPC's C core aborts when its allocation fails.
+            # 1,200 tokens with the raw Jacobians: after a forward graph of well under 1 GiB, the engine allocates
+            # J (576 x 1,200 x 576 floats, 1.6 GB) in one piece, more than the 2 GiB the process may map can still
+            # hold. The request fails on that one allocation, away from the cap. A request that crept up to the cap
+            # instead would leave every other allocation in the process to fail with it: gRPC's C core aborts when
+            # one of its own fails, and a new thread's stack cannot be mapped (seen in CI and here).
             with pytest.raises(ResourceExhaustedError, match="ran out of memory") as caught:
                 client.explain(
-                    token_ids=[504] * 6000, options=ExplainOptions(top_k=1), metadata={"x-request-id": "oom-1"}
+                    token_ids=[504] * 1200,
+                    options=ExplainOptions(top_k=1, include_jacobians=True),
+                    metadata={"x-request-id": "oom-1"},
                 )
             assert "fewer tokens" in caught.value.details
             assert client.health() is HealthStatus.SERVING
