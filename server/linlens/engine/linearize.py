@@ -93,19 +93,32 @@ def linear_attention(
     """
     if getattr(module, "linlens_detach", True):
         return _frozen_attention(module, query, key, value, attention_mask, False, scaling, softcap), None
-    groups = int(getattr(module, "num_key_value_groups", 1))
-    v = _repeat_kv(value, groups)
-    live = FrozenScores(
+    v = _repeat_kv(value, int(getattr(module, "num_key_value_groups", 1)))
+    live = _scores(module, query, key, attention_mask, False, scaling, softcap)
+    weights = live.weights(slice(None), v.dtype)
+    return torch.matmul(weights, v).transpose(1, 2).contiguous(), weights
+
+
+def _scores(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    causal: bool,
+    scaling: float | None,
+    softcap: float | None,
+) -> FrozenScores:
+    """The inputs of one attention call's softmax weights: ``query`` and ``key`` (frozen, or live in the ordinary
+    twin), the keys expanded to the query heads, with the call's mask, scale and soft-cap."""
+    return FrozenScores(
         query=query,
-        key=_repeat_kv(key, groups),
+        key=_repeat_kv(key, int(getattr(module, "num_key_value_groups", 1))),
         mask=attention_mask,
-        causal=False,
+        causal=causal,
         scale=scaling if scaling is not None else query.shape[-1] ** -0.5,
         softcap=softcap,
         softmax_dtype=compute_dtype(query.dtype),
     )
-    weights = live.weights(slice(None), v.dtype)
-    return torch.matmul(weights, v).transpose(1, 2).contiguous(), weights
 
 
 def _frozen_attention(
@@ -125,19 +138,10 @@ def _frozen_attention(
     last position's own graph, generation steps) freezes A itself and keeps it, which costs nothing per product. A
     larger one freezes q and k (recorded or replayed on the tape) and recomputes A by blocks in every product
     (:mod:`linlens.engine.frozen_attention`), so that its memory stays linear in the prompt."""
-    groups = int(getattr(module, "num_key_value_groups", 1))
-    values = _repeat_kv(value, groups)
+    values = _repeat_kv(value, int(getattr(module, "num_key_value_groups", 1)))
 
     def scores(q: torch.Tensor, k: torch.Tensor) -> FrozenScores:
-        return FrozenScores(
-            query=q,
-            key=_repeat_kv(k, groups),
-            mask=attention_mask,
-            causal=causal,
-            scale=scaling if scaling is not None else query.shape[-1] ** -0.5,
-            softcap=softcap,
-            softmax_dtype=compute_dtype(query.dtype),
-        )
+        return _scores(module, q, k, attention_mask, causal, scaling, softcap)
 
     if keeps_whole(query.shape[1], query.shape[-2], key.shape[-2]):
         whole = scores(query.detach(), key.detach())
