@@ -71,12 +71,12 @@ class FrozenScores:
         if self.mask is not None:
             mask = (self.mask[:, :, rows] if self.mask.shape[2] > 1 else self.mask)[..., :keys]
             if mask.dtype == torch.bool:
-                mask = _additive(mask, scores.dtype)
+                mask = additive(mask, scores.dtype)
             scores = scores + mask
         elif self.causal:
             first = (rows.start or 0) + keys - self.query.shape[-2]
             query_at = torch.arange(first, first + scores.shape[-2], device=scores.device)
-            scores = scores + _additive(query_at[:, None] >= torch.arange(keys, device=scores.device), scores.dtype)
+            scores = scores + additive(query_at[:, None] >= torch.arange(keys, device=scores.device), scores.dtype)
         return torch.softmax(scores, dim=-1, dtype=self.softmax_dtype).to(dtype)
 
     def blocks(self) -> list[slice]:
@@ -106,9 +106,9 @@ class FrozenScores:
         return total
 
 
-def _additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The additive mask of a boolean one: 0 where it attends, the dtype's lowest value elsewhere (as transformers
-    and the twin's own ``_additive_mask`` make it, so that the weights are the same bit for bit)."""
+    make it; the one home of that conversion, for the twin's masks too)."""
     return torch.zeros((), dtype=dtype, device=visible.device).masked_fill(~visible, torch.finfo(dtype).min)
 
 
@@ -152,4 +152,4 @@ def frozen_attention(values: torch.Tensor, scores: FrozenScores) -> torch.Tensor
     return result
 
 
-__all__ = ["BLOCK_ELEMENTS", "KEEP_WHOLE_ELEMENTS", "FrozenScores", "frozen_attention", "keeps_whole"]
+__all__ = ["BLOCK_ELEMENTS", "KEEP_WHOLE_ELEMENTS", "FrozenScores", "additive", "frozen_attention", "keeps_whole"]

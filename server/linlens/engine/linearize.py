@@ -44,7 +44,7 @@ from linlens.contract import GateMode
 from linlens.engine.capture import install_capture_hooks
 from linlens.engine.families import Family, UnsupportedArchitectureError, family_of
 from linlens.engine.freeze import CoefficientTape, frozen, is_replaying, recording, replaying
-from linlens.engine.frozen_attention import FrozenScores, frozen_attention, keeps_whole
+from linlens.engine.frozen_attention import FrozenScores, additive, frozen_attention, keeps_whole
 from linlens.engine.linear_modules import (
     LinearizedGatedMLP,
     LinearizedLayerNorm,
@@ -157,15 +157,14 @@ def _additive_mask(attention_mask: torch.Tensor | None, query: torch.Tensor, key
     transformers left causality to SDPA's ``is_causal`` (a square causal pattern, or one query that sees every key)."""
     if attention_mask is not None and attention_mask.dtype != torch.bool:
         return attention_mask
-    lowest = torch.finfo(query.dtype).min
     if attention_mask is not None:
-        return torch.zeros((), dtype=query.dtype, device=query.device).masked_fill(~attention_mask, lowest)
+        return additive(attention_mask, query.dtype)
     q_length, kv_length = query.shape[-2], key.shape[-2]
     if q_length == 1:
         return None
     rows = torch.arange(q_length, device=query.device)[:, None] + (kv_length - q_length)
     visible = rows >= torch.arange(kv_length, device=query.device)[None, :]
-    return torch.zeros((), dtype=query.dtype, device=query.device).masked_fill(~visible, lowest)[None, None]
+    return additive(visible, query.dtype)[None, None]
 
 
 def served_sdpa_linear_attention(
